@@ -1,0 +1,32 @@
+# circuitlab: `make demo` traces a prompt on the embedded model; `make test` runs everything.
+PY      := .venv/bin/python
+STAMP   := .venv/.setup-done
+PROMPT  ?= The opposite of "small" is "
+OUT     ?= out/demo
+
+.PHONY: setup demo test bench lab clean
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m circuitlab trace '$(PROMPT)' --out $(OUT)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) -m circuitlab.bench
+
+lab: setup
+	$(PY) -m jupyter lab notebooks/
+
+clean:
+	rm -rf out .pytest_cache

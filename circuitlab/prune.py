@@ -1,0 +1,125 @@
+"""Influence, pruning, and the replacement and completeness scores.
+
+All three work on the normalized absolute adjacency ``A``: each target's row of ``|edges|``
+divided by its sum, so ``A[t, s]`` is the share of ``t``'s input that comes from ``s``.
+The influence of a node is the weight of all paths from it to the logit targets,
+``w (A + A^2 + ...)``, with ``w`` the targets' normalized probabilities; the series is finite
+because the graph is acyclic (sources sit at earlier layers or positions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .graph import Graph
+
+
+def normalized(adjacency: torch.Tensor) -> torch.Tensor:
+    """``|adjacency|`` with each row divided by its sum (zero rows stay zero)."""
+    a = adjacency.abs()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def influence(A: torch.Tensor, weights: torch.Tensor, max_depth: int = 1000) -> torch.Tensor:
+    """``weights (A + A^2 + ...)``: the total path weight from each node to the weighted nodes."""
+    total = torch.zeros_like(weights)
+    current = weights
+    for _ in range(max_depth):
+        current = current @ A
+        if not current.any():
+            break
+        total = total + current
+    return total
+
+
+def node_influence(graph: Graph) -> torch.Tensor:
+    """Each node's influence on the logit targets (logits get their own weight)."""
+    w = graph.logit_weights
+    return influence(normalized(graph.adjacency), w) + w
+
+
+def _cumulative_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The smallest set of entries whose scores reach ``threshold`` of the total."""
+    flat = scores.flatten()
+    order = torch.argsort(flat, descending=True)
+    cum = torch.cumsum(flat[order], 0)
+    total = cum[-1] if len(cum) else torch.tensor(0.0)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    if total <= 0:
+        return keep.view(scores.shape)
+    n = int((cum < threshold * total).sum()) + 1
+    keep[order[:n]] = True
+    return keep.view(scores.shape)
+
+
+def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
+    """Keep the nodes and edges that carry the given cumulative share of influence.
+
+    Feature nodes are kept by cumulative node influence until ``node_threshold`` of the
+    total feature influence is covered; embeddings, error nodes and logits are kept while
+    they have edges. Edges are then scored by their share of the target's input times the
+    target's influence and kept until ``edge_threshold`` of the total edge score is covered.
+    Features left without a path to a logit are dropped.
+
+    Returns:
+        A new ``Graph`` with the kept nodes, their kept edges and influence recomputed.
+    """
+    if not (0 < node_threshold <= 1 and 0 < edge_threshold <= 1):
+        raise ValueError(
+            f"Thresholds must lie in (0, 1]; got node_threshold={node_threshold}, "
+            f"edge_threshold={edge_threshold}.")
+    inf = node_influence(graph)
+    feature = graph.mask("feature")
+    keep = ~feature
+    keep[feature] = _cumulative_mask(inf[feature], node_threshold)
+    adj = graph.adjacency * keep[:, None] * keep[None, :]
+    A = normalized(adj)
+    target_inf = influence(A, graph.logit_weights) + graph.logit_weights
+    edge_scores = A * target_inf[:, None]
+    adj = adj * _cumulative_mask(edge_scores, edge_threshold)
+    # Drop nodes that lost their path to the logits (features/errors/embeddings with no out-edge).
+    logit = graph.mask("logit")
+    while True:
+        has_out = (adj != 0).any(0)
+        drop = keep & ~logit & ~has_out
+        if not drop.any():
+            break
+        keep &= ~drop
+        adj = adj * keep[:, None] * keep[None, :]
+    pruned = graph.subgraph(keep, adjacency=adj, node_threshold=node_threshold,
+                            edge_threshold=edge_threshold, pruned=True)
+    pruned.nodes["influence"] = node_influence(pruned).numpy()
+    return pruned
+
+
+def scores(graph: Graph, nodes: torch.Tensor | None = None) -> dict:
+    """Replacement and completeness scores.
+
+    * replacement: of all influence that reaches the logits from the graph's sources
+      (tokens and error nodes), the share that starts at token embeddings, i.e. that passes
+      through features rather than error nodes.
+    * completeness: the share of each node's input edge weight that does not come from error
+      nodes, averaged over nodes weighted by their influence on the logits.
+
+    Args:
+        graph: the graph.
+        nodes: optional boolean mask of a subgraph (e.g. the pinned nodes plus logits);
+            edges from nodes outside it count as unexplained, like errors.
+    """
+    adj = graph.adjacency
+    error = graph.mask("error")
+    token = graph.mask("embedding")
+    if nodes is not None:
+        outside = ~nodes
+        error = error | (outside & ~token)
+        adj = adj * (nodes | token | error)[None, :]
+    A = normalized(adj)
+    w = graph.logit_weights
+    inf = influence(A, w)
+    token_inf, error_inf = inf[token].sum(), inf[error].sum()
+    replacement = token_inf / (token_inf + error_inf).clamp_min(1e-30)
+    non_error = 1 - A[:, error].sum(1)
+    has_input = adj.abs().sum(1) > 0
+    out_inf = (inf + w) * has_input
+    completeness = (non_error * out_inf).sum() / out_inf.sum().clamp_min(1e-30)
+    return {"replacement": float(replacement), "completeness": float(completeness)}

@@ -1,0 +1,1 @@
+"""Training: corpus building, activation streaming, transcoder training and evaluation."""

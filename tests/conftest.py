@@ -1,0 +1,103 @@
+"""Tiny random models and transcoders, built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from sae_lens import SAE
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'\"\nABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer that prepends BOS (id 1), saved and reloaded so
+    TransformerLens can rebuild it."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    vocab.update({c: i + 4 for i, c in enumerate(CHARS)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    folder = tempfile.mkdtemp(prefix="circuitlab-chartok-")
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, add_bos_token=True)
+
+
+TINY_KINDS = {
+    # Gemma 3-like: RMS sandwich norms, GQA, qk-norm, local/global rotary bases.
+    "gemma3": dict(normalization_type="RMS", use_normalization_before_and_after=True,
+                   n_key_value_heads=2, use_qk_norm=True, gated_mlp=True,
+                   act_fn="gelu_pytorch_tanh", positional_embedding_type="rotary", rotary_dim=8,
+                   use_local_attn=True, attn_types=["local", "global", "local"], window_size=6,
+                   rotary_base=1000000, rotary_base_local=10000,
+                   original_architecture="Gemma3ForCausalLM", final_rms=True),
+    # GPT-2-like: LayerNorm with centering and biases, learned positions.
+    "gpt2": dict(normalization_type="LN", act_fn="gelu", positional_embedding_type="standard",
+                 original_architecture="GPT2LMHeadModel"),
+}
+
+
+def tiny_model(kind: str = "gemma3", seed: int = 0) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(CHARS) + 4,
+        n_ctx=64, seed=seed, dtype=torch.float32, default_prepend_bos=True, **TINY_KINDS[kind],
+    )
+    model = HookedTransformer(cfg, tokenizer=char_tokenizer())
+    # Random nonzero biases and norm weights so the constant part is exercised.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".w", "b_O", "b_V", "b_U", ".b")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def tiny_transcoders(model: HookedTransformer, arch: str, d_sae: int = 48, seed: int = 0):
+    """Random SAE-Lens transcoders of architecture ``arch`` for every layer of ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    d = model.cfg.d_model
+    out = []
+    for layer in range(model.cfg.n_layers):
+        tc = SAE.from_dict({
+            "architecture": arch, "d_in": d, "d_sae": d_sae, "d_out": d, "dtype": "float32",
+            "device": "cpu", "apply_b_dec_to_input": False,
+            "metadata": {"hook_name": f"blocks.{layer}.hook_mlp_in",
+                         "hook_name_out": f"blocks.{layer}.hook_mlp_out"},
+        })
+        with torch.no_grad():
+            tc.W_enc.copy_(torch.randn(d, d_sae, generator=g) / d ** 0.5)
+            tc.W_dec.copy_(torch.randn(d_sae, d, generator=g) / d_sae ** 0.5)
+            tc.b_enc.copy_(0.1 * torch.randn(d_sae, generator=g))
+            tc.b_dec.copy_(0.1 * torch.randn(d, generator=g))
+            if hasattr(tc, "threshold"):
+                tc.threshold.copy_(0.2 * torch.rand(d_sae, generator=g))
+            if hasattr(tc, "W_skip"):
+                tc.W_skip.copy_(0.3 * torch.randn(d, d, generator=g) / d ** 0.5)
+        out.append(tc)
+    return out
+
+
+ARCHS = ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_model("gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny):
+    from circuitlab.replacement import ReplacementModel
+
+    return ReplacementModel(tiny, tiny_transcoders(tiny, "jumprelu_skip_transcoder"), name="tiny")
