@@ -48,7 +48,9 @@ class Graph:
         nodes = pd.DataFrame(rows)
         if "influence" not in nodes:
             nodes["influence"] = float("nan")
-        self.nodes = nodes[NODE_COLUMNS].reset_index(drop=True)
+        self.nodes = nodes[NODE_COLUMNS].reset_index(drop=True).astype(
+            {"layer": "int64", "pos": "int64", "feature": "int64", "activation": "float64",
+             "prob": "float64", "influence": "float64"})
         self.adjacency = adjacency
         self.inputs = inputs
         self.constants = constants

@@ -163,11 +163,12 @@ def _load_embedded(device: str, dtype: torch.dtype, rebuild: bool) -> HookedTran
         _build_embedded_cache(folder)
     verify_manifest(folder, "the cached gemma-3-270m weights", fix)
     cfg_dict = json.loads((folder / "tl_config.json").read_text())
-    cfg = HookedTransformerConfig(**{**cfg_dict, "dtype": dtype, "device": device})
+    cfg = HookedTransformerConfig(**{**cfg_dict, "dtype": dtype, "device": device,
+                                     "init_weights": False})
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     state = load_file(folder / "model.safetensors", device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     return model.to(device).eval()
 
 

@@ -38,6 +38,12 @@ def node_influence(graph: Graph) -> torch.Tensor:
     return influence(normalized(graph.adjacency), w) + w
 
 
+def annotate_influence(graph: Graph) -> Graph:
+    """Fill ``graph.nodes["influence"]`` with ``node_influence`` and return the graph."""
+    graph.nodes["influence"] = node_influence(graph).double().numpy()
+    return graph
+
+
 def _cumulative_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """The smallest set of entries whose scores reach ``threshold`` of the total."""
     flat = scores.flatten()
@@ -88,8 +94,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
         adj = adj * keep[:, None] * keep[None, :]
     pruned = graph.subgraph(keep, adjacency=adj, node_threshold=node_threshold,
                             edge_threshold=edge_threshold, pruned=True)
-    pruned.nodes["influence"] = node_influence(pruned).numpy()
-    return pruned
+    return annotate_influence(pruned)
 
 
 def scores(graph: Graph, nodes: torch.Tensor | None = None) -> dict:

@@ -221,10 +221,11 @@ class ReplacementModel:
                 f"The prompt is empty or whitespace ({prompt!r}); pass some text to trace, "
                 'e.g. \'The opposite of "small" is "\'.'
             )
-        tokens = self.model.to_tokens(prompt, prepend_bos=True)[0]
-        if len(tokens) > MAX_PROMPT_TOKENS:
+        tokens = self.model.to_tokens(prompt, prepend_bos=True, truncate=False)[0]
+        limit = min(MAX_PROMPT_TOKENS, self.cfg.n_ctx)
+        if len(tokens) > limit:
             raise CircuitlabError(
-                f"The prompt has {len(tokens)} tokens; the limit is {MAX_PROMPT_TOKENS}. "
+                f"The prompt has {len(tokens)} tokens; the limit is {limit}. "
                 "Shorten it to the part that matters for the behaviour you trace."
             )
         return tokens

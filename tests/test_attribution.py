@@ -71,14 +71,14 @@ def check_edges_brute_force(rm, graph, n_sources=12, seed=0):
 def test_edges_match_brute_force(arch):
     model = tiny_model("gemma3")
     rm = ReplacementModel(model, tiny_transcoders(model, arch))
-    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False)
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False, dtype=torch.float32)
     check_edges_brute_force(rm, graph)
 
 
 def test_edges_match_brute_force_layernorm_model():
     model = tiny_model("gpt2")
     rm = ReplacementModel(model, tiny_transcoders(model, "skip_transcoder"))
-    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False)
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False, dtype=torch.float32)
     check_edges_brute_force(rm, graph)
 
 
@@ -87,7 +87,7 @@ def test_edges_match_brute_force_layernorm_model():
 def test_edges_plus_constant_equal_inputs(arch, max_nodes):
     model = tiny_model("gemma3", seed=1)
     rm = ReplacementModel(model, tiny_transcoders(model, arch, seed=1))
-    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=max_nodes, progress=False)
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=max_nodes, progress=False, dtype=torch.float32)
     targets = torch.tensor(graph.nodes["kind"].isin(["feature", "logit"]).to_numpy())
     total = graph.adjacency.sum(1) + graph.constants
     assert torch.allclose(total[targets], graph.inputs[targets], atol=1e-5)
@@ -101,8 +101,8 @@ def test_truncated_graph_keeps_most_influential():
     """With a node budget, kept features carry more influence than the ones left out."""
     model = tiny_model("gemma3", seed=2)
     rm = ReplacementModel(model, tiny_transcoders(model, "jumprelu_skip_transcoder", seed=2))
-    full = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False)
-    part = circuitlab.attribute(rm, PROMPT, max_feature_nodes=200, progress=False)
+    full = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False, dtype=torch.float32)
+    part = circuitlab.attribute(rm, PROMPT, max_feature_nodes=200, progress=False, dtype=torch.float32)
     feats = full.nodes[full.nodes["kind"] == "feature"]
     kept = set(part.nodes.loc[part.nodes["kind"] == "feature", "node_id"])
     inf_kept = feats.loc[feats["node_id"].isin(kept), "influence"].sum()
@@ -121,10 +121,10 @@ def test_replacement_with_errors_reproduces_logits(tiny_rm):
 
 def test_logit_target_kinds(tiny_rm):
     direction = torch.randn(tiny_rm.d_model)
-    graph = circuitlab.attribute(tiny_rm, PROMPT, logit_targets=["a", 5, ("b", "c"), direction],
-                                 max_feature_nodes=50, progress=False)
+    graph = circuitlab.attribute(tiny_rm, PROMPT, logit_targets=["x", 5, ("b", "c"), direction],
+                                 max_feature_nodes=50, progress=False, dtype=torch.float32)
     logits = graph.nodes[graph.nodes["kind"] == "logit"]
-    assert list(logits["token"])[:3] == ["a", tiny_rm.tokenizer.decode([5]), "b - c"]
+    assert list(logits["token"])[:3] == ["x", tiny_rm.tokenizer.decode([5]), "b - c"]
     assert logits["node_id"].is_unique
     targets = torch.tensor(graph.nodes["kind"].isin(["feature", "logit"]).to_numpy())
     total = graph.adjacency.sum(1) + graph.constants
@@ -138,13 +138,13 @@ def test_logit_target_kinds(tiny_rm):
 
 def test_default_logit_targets_cover_probability(tiny_rm):
     graph = circuitlab.attribute(tiny_rm, PROMPT, logit_prob=0.5, max_logits=20,
-                                 max_feature_nodes=20, progress=False)
+                                 max_feature_nodes=20, progress=False, dtype=torch.float32)
     probs = graph.nodes.loc[graph.nodes["kind"] == "logit", "prob"]
     assert probs.sum() >= 0.5 and probs.sum() - probs.min() < 0.5
 
 
 def test_bfloat16_backward_close_to_float32(tiny_rm):
-    g32 = circuitlab.attribute(tiny_rm, PROMPT, max_feature_nodes=None, progress=False)
+    g32 = circuitlab.attribute(tiny_rm, PROMPT, max_feature_nodes=None, progress=False, dtype=torch.float32)
     g16 = circuitlab.attribute(tiny_rm, PROMPT, max_feature_nodes=None, progress=False,
                                dtype=torch.bfloat16)
     scale = g32.adjacency.abs().max()

@@ -112,5 +112,6 @@ def test_failed_download_names_command(tmp_path):
 def test_helpers():
     assert list(_pack(["a" * 5, "b" * 5, "c"], size=8)) == ["a" * 5 + "\n\n" + "b" * 5, "c"]
     assert [len(p) for p in _chunks("word " * 10, size=12)] == [9, 9, 9, 9, 9]
+    assert list(_chunks("abc = 1\n    b = 2\n", size=14)) == ["abc = 1", "    b = 2"]  # indentation survives
     wiki = "'''Cat''' is a [[mammal|small mammal]]{{cite|x}}.<ref>r</ref> [[File:C.jpg|thumb|a [[cat]]]]\n==References==\nx"
     assert _strip_wikitext(wiki) == "Cat is a small mammal."

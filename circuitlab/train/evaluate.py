@@ -1,0 +1,149 @@
+"""Evaluate transcoders on held-out text: per-layer FVU, L0 and dead features, and the
+next-token loss of the model with every MLP replaced by its transcoder.
+
+Example::
+
+    from circuitlab.train.evaluate import evaluate_transcoders, format_table
+    df = evaluate_transcoders(model, transcoders, "~/.cache/circuitlab/corpus")
+    print(format_table(df))
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+
+from circuitlab.replacement import ReplacementModel, mlp_input
+from circuitlab.train.trainer import TokenRows
+
+EVAL_BATCH_TOKENS = 512  # tokens per forward (the logits of a large vocabulary are big)
+
+
+class _LayerStats:
+    """Running sums for one layer's FVU, L0 and feature use (BOS positions excluded)."""
+
+    def __init__(self, d_sae: int, d_out: int, device):
+        self.sse = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_y = torch.zeros(d_out, dtype=torch.float64, device=device)
+        self.sum_y2 = torch.zeros((), dtype=torch.float64, device=device)
+        self.active = torch.zeros((), dtype=torch.float64, device=device)
+        self.fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
+        self.n = 0
+
+    def add(self, acts: torch.Tensor, pred: torch.Tensor, y: torch.Tensor) -> None:
+        """Add tokens: feature activations ``[N, d_sae]``, prediction and target ``[N, d]``."""
+        y = y.double()
+        self.sse += (pred.double() - y).pow(2).sum()
+        self.sum_y += y.sum(0)
+        self.sum_y2 += y.pow(2).sum()
+        self.active += (acts != 0).sum()
+        self.fired |= (acts != 0).any(0)
+        self.n += len(y)
+
+    def row(self) -> dict:
+        variance = self.sum_y2 - self.sum_y.pow(2).sum() / self.n
+        return {"fvu": float(self.sse / variance), "l0": float(self.active / self.n),
+                "dead": float(1 - self.fired.double().mean())}
+
+
+def evaluate_transcoders(
+    model: HookedTransformer,
+    transcoders: list[SAE],
+    corpus,
+    *,
+    tokens: int = 50_000,
+    context: int = 128,
+    split: str = "heldout",
+    device: str = "cpu",
+) -> pd.DataFrame:
+    """Per-layer FVU, L0 and dead share, and the cross-entropy cost of splicing.
+
+    Text is packed into rows of ``context`` tokens that start with BOS (as in training);
+    BOS positions are left out of the statistics. The spliced model replaces every MLP
+    output by its transcoder's (no error terms), except at BOS, which keeps the model's
+    own MLP output (transcoders are not trained there).
+
+    Args:
+        model: the HookedTransformer, on ``device``.
+        transcoders: one SAE-Lens transcoder per layer, in layer order, on ``device``.
+        corpus: text for ``iter_documents``.
+        tokens: about how many tokens to evaluate (whole rows).
+        context: row length, BOS included.
+        split: corpus split ("heldout" needs a corpus built by ``build_corpus``).
+        device: where to put the tokens.
+
+    Returns:
+        One row per layer with columns ``layer``, ``fvu`` (squared error over the total
+        variance of ``hook_mlp_out`` around its mean), ``l0`` (active features per token)
+        and ``dead`` (share of features never active). ``df.attrs`` holds ``ce_clean``,
+        ``ce_spliced``, ``ce_increase`` (nats per token) and ``tokens``.
+    """
+    rm = ReplacementModel(model, transcoders)
+    rows = TokenRows(model.tokenizer, corpus, context, split=split).take(
+        max(1, -(-tokens // (context - 1))))
+    stats = [_LayerStats(tc.cfg.d_sae, tc.cfg.d_out, device) for tc in rm.transcoders]
+    ce_clean = ce_spliced = 0.0
+    for batch in rows.to(device).split(max(1, EVAL_BATCH_TOKENS // context)):
+        clean, spliced = _run(rm, batch, stats)
+        ce_clean += _next_token_loss(clean, batch) * len(batch)
+        ce_spliced += _next_token_loss(spliced, batch) * len(batch)
+    df = pd.DataFrame([{"layer": l, **s.row()} for l, s in enumerate(stats)])
+    ce_clean, ce_spliced = ce_clean / len(rows), ce_spliced / len(rows)
+    df.attrs.update(ce_clean=ce_clean, ce_spliced=ce_spliced, ce_increase=ce_spliced - ce_clean,
+                    tokens=len(rows) * (context - 1))
+    return df
+
+
+def _run(rm: ReplacementModel, tokens: torch.Tensor, stats: list[_LayerStats]):
+    """Clean and spliced logits ``[B, P, vocab]`` of ``tokens [B, P]``; accumulates ``stats``
+    from the clean run's MLP inputs and outputs."""
+    xs: dict[int, torch.Tensor] = {}
+
+    def grab_in(act, hook):
+        layer = int(hook.name.split(".")[1])
+        xs[layer] = mlp_input(rm.model, layer, act)
+
+    def measure(act, hook):
+        layer = int(hook.name.split(".")[1])
+        acts, pred = _transcode(rm, layer, xs[layer])
+        stats[layer].add(acts[:, 1:].flatten(0, 1), pred[:, 1:].flatten(0, 1),
+                         act[:, 1:].flatten(0, 1))
+
+    def splice(act, hook):
+        layer = int(hook.name.split(".")[1])
+        pred = _transcode(rm, layer, xs[layer])[1]
+        return torch.cat([act[:, :1], pred[:, 1:]], dim=1)
+
+    grab = (lambda n: n.endswith("ln2.hook_normalized"), grab_in)
+    is_out = lambda n: n.endswith("hook_mlp_out")  # noqa: E731
+    with torch.no_grad():
+        clean = rm.model.run_with_hooks(tokens, fwd_hooks=[grab, (is_out, measure)])
+        spliced = rm.model.run_with_hooks(tokens, fwd_hooks=[grab, (is_out, splice)])
+    return clean, spliced
+
+
+def _transcode(rm: ReplacementModel, layer: int, x: torch.Tensor):
+    """Feature activations and the transcoder's output for MLP inputs ``x``."""
+    acts = rm.transcoders[layer].encode(x)
+    return acts, rm.decode(layer, acts, x)
+
+
+def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Mean cross-entropy of predicting ``tokens[:, 1:]``."""
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()))
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """A markdown table of ``evaluate_transcoders`` output, with the mean and the CE line."""
+    lines = ["| layer | FVU | L0 | dead |", "|---:|---:|---:|---:|"]
+    lines += [f"| {int(r.layer)} | {r.fvu:.3f} | {r.l0:.1f} | {r.dead:.1%} |"
+              for r in df.itertuples()]
+    lines.append(f"| mean | {df.fvu.mean():.3f} | {df.l0.mean():.1f} | {df.dead.mean():.1%} |")
+    a = df.attrs
+    if "ce_clean" in a:
+        lines.append(f"\nNext-token CE over {a['tokens']} tokens: clean {a['ce_clean']:.3f}, "
+                     f"all MLPs spliced {a['ce_spliced']:.3f} (+{a['ce_increase']:.3f} nats).")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""Tests for transcoder training and evaluation on the tiny random Gemma-3-like model."""
+
+import errno
+import json
+import math
+import random
+import re
+
+import pytest
+import torch
+from conftest import tiny_model
+from sae_lens import SAE
+
+from circuitlab.loading import CircuitlabError, load_transcoders, sha256, verify_manifest
+from circuitlab.replacement import ReplacementModel
+from circuitlab.train import trainer
+from circuitlab.train.evaluate import evaluate_transcoders, format_table
+from circuitlab.train.trainer import train_transcoders
+
+SMALL = dict(width=64, k=4, context=64, batch_tokens=512, buffer_tokens=2048, aux_k=16,
+             dead_tokens=2048, progress=False)
+WORDS = ("the cat sat on a mat and the dog ran to the big red house while a small bird sang "
+         "of rain Rain fell. Why? 'Yes,' she said, \"no\" 42 times!").split()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("gemma3")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(600)]
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(model, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tc"
+    return train_transcoders(model, corpus, out, tokens=20_000, **SMALL)
+
+
+def weights_sha(out):
+    return {p.parent.name: sha256(p) for p in sorted(out.glob("layer_*/sae_weights.safetensors"))}
+
+
+def test_train_writes_loadable_sae_lens_folders(model, trained):
+    manifest = json.loads((trained / "manifest.json").read_text())
+    verify_manifest(trained, "trained transcoders", "retrain")
+    assert manifest["tokens_seen"] >= 20_000 and manifest["stopped"] == "tokens"
+    assert "train_transcoders(" in manifest["command"]
+    for layer in range(3):
+        sae = SAE.load_from_disk(trained / f"layer_{layer:02d}")
+        assert type(sae).__name__ == "JumpReLUSkipTranscoder"
+        assert sae.W_enc.dtype == torch.float32 and sae.W_enc.shape == (32, 64)
+        assert sae.W_skip.shape == (32, 32) and (sae.threshold >= 0).all()
+        meta = sae.cfg.metadata
+        assert meta.hook_name == f"blocks.{layer}.hook_mlp_in"
+        assert meta.hook_name_out == f"blocks.{layer}.hook_mlp_out"
+        assert meta.hf_hook_name == f"model.layers.{layer}.pre_feedforward_layernorm.output"
+        cal = manifest["calibration"][str(layer)]
+        assert cal["fvu_topk"] < 0.8
+        assert abs(cal["fvu_jumprelu"] - cal["fvu_topk"]) < 0.05
+        assert abs(cal["l0_jumprelu"] - 4) < 1
+    rm = ReplacementModel(model, load_transcoders(trained, None, 3))
+    assert torch.isfinite(rm.forward(rm.tokenize("the cat sat"))).all()
+
+
+def test_evaluate_trained_beats_skip_only(model, corpus, trained):
+    transcoders = load_transcoders(trained, None, 3)
+    df = evaluate_transcoders(model, transcoders, corpus, tokens=2_000, context=64, split="train")
+    assert list(df.columns) == ["layer", "fvu", "l0", "dead"] and len(df) == 3
+    assert ((df.fvu >= 0) & (df.fvu < 0.8)).all()
+    assert ((df.dead >= 0) & (df.dead <= 1)).all() and (df.l0 > 0).all()
+    assert math.isfinite(df.attrs["ce_clean"]) and math.isfinite(df.attrs["ce_spliced"])
+    assert df.attrs["ce_increase"] == pytest.approx(df.attrs["ce_spliced"] - df.attrs["ce_clean"])
+    for tc in transcoders:  # without features only the affine skip is left
+        tc.W_dec.data.zero_()
+    skip_only = evaluate_transcoders(model, transcoders, corpus, tokens=2_000, context=64,
+                                     split="train")
+    assert (df.fvu < skip_only.fvu).all()
+    table = format_table(df)
+    assert table.startswith("| layer |") and "| mean |" in table and "spliced" in table
+
+
+def test_same_seed_same_weights(model, corpus, tmp_path):
+    first = train_transcoders(model, corpus, tmp_path / "a", tokens=3_000, **SMALL)
+    second = train_transcoders(model, corpus, tmp_path / "b", tokens=3_000, **SMALL)
+    assert weights_sha(first) == weights_sha(second)
+
+
+def test_resume_after_time_and_token_stops(model, corpus, tmp_path):
+    out = tmp_path / "tc"
+    train_transcoders(model, corpus, out, tokens=3_000, time_budget=0.0, **SMALL)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stopped"] == "time" and manifest["tokens_seen"] == 0
+    train_transcoders(model, corpus, out, tokens=1_024, **SMALL)
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["stopped"] == "tokens" and first["tokens_seen"] == 1_024
+    train_transcoders(model, corpus, out, tokens=5_000, **SMALL)
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert resumed["tokens_seen"] >= 5_000 and resumed["steps"] == resumed["tokens_seen"] // 512
+    assert resumed["seconds"] >= first["seconds"]
+    state = json.loads((out / "checkpoint" / "settings.json").read_text())
+    assert state["docs_done"] > 0 and state["buffers"] >= 2
+
+
+def test_resume_with_other_settings_raises(model, corpus, tmp_path):
+    train_transcoders(model, corpus, tmp_path, tokens=512, **SMALL)
+    with pytest.raises(CircuitlabError, match=r"width: checkpoint 64, now 32.*resume=False"):
+        train_transcoders(model, corpus, tmp_path, tokens=1_024, **{**SMALL, "width": 32})
+    train_transcoders(model, corpus, tmp_path, tokens=512, resume=False, **{**SMALL, "width": 32})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layers": [3]}, r"layers=\[3\].*0\.\.2"),
+    ({"k": 64}, "1 <= k < width"),
+    ({"width": 0}, "width >= 2"),
+    ({"context": 1000}, "n_ctx"),
+])
+def test_bad_arguments(model, corpus, tmp_path, kwargs, message):
+    with pytest.raises(CircuitlabError, match=message):
+        train_transcoders(model, corpus, tmp_path, tokens=512, **{**SMALL, **kwargs})
+
+
+def test_corpus_without_text(model, tmp_path):
+    (tmp_path / "empty.txt").write_text(" \n\n ", encoding="utf-8")
+    with pytest.raises(CircuitlabError, match="no usable text"):
+        train_transcoders(model, tmp_path / "empty.txt", tmp_path / "out", **SMALL)
+    (tmp_path / "short.txt").write_text("too short", encoding="utf-8")
+    with pytest.raises(CircuitlabError, match="fewer than 63 tokens"):
+        train_transcoders(model, tmp_path / "short.txt", tmp_path / "out", **SMALL)
+
+
+def test_full_disk_keeps_the_old_checkpoint(model, corpus, tmp_path, monkeypatch):
+    train_transcoders(model, corpus, tmp_path, tokens=512, **SMALL)
+    checkpoint = tmp_path / "checkpoint" / trainer.CHECKPOINT_FILE
+    before = sha256(checkpoint)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer, "save_file", full)
+    with pytest.raises(CircuitlabError, match=f"No space left.*{re.escape(str(checkpoint))}.*intact"):
+        train_transcoders(model, corpus, tmp_path, tokens=1_024, **SMALL)
+    assert sha256(checkpoint) == before
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["settings.json", checkpoint.name]
