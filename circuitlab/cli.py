@@ -60,12 +60,17 @@ def _train(args) -> None:
     from .loading import load_model
     from .train.trainer import train_transcoders
 
-    model = load_model(args.model, device=args.device)
+    import torch
+
+    model = load_model(args.model, device=args.device, dtype=getattr(torch, args.model_dtype))
     kwargs = {k: getattr(args, k) for k in ("width", "k", "tokens", "time_budget", "context",
-                                             "lr", "seed", "device") if getattr(args, k) is not None}
+                                             "batch_tokens", "buffer_tokens", "lr", "seed", "device")
+              if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]
-    print(train_transcoders(model, args.corpus, args.out, resume=not args.fresh, **kwargs))
+    command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    print(train_transcoders(model, args.corpus, args.out, resume=not args.fresh,
+                            command=command, **kwargs))
 
 
 def _eval(args) -> None:
@@ -113,9 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int)
     p.add_argument("--time-budget", type=float, help="seconds")
     p.add_argument("--context", type=int)
+    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step")
+    p.add_argument("--buffer-tokens", type=int, help="size of the shuffled activation buffer")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the model that produces the activations (bf16 is ~2.5x faster on CPU)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.set_defaults(func=_train)
 
@@ -128,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_eval)
 
     args = parser.parse_args(argv)
+    args.argv = argv
     from .loading import CircuitlabError
 
     try:

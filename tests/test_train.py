@@ -69,9 +69,11 @@ def test_train_writes_loadable_sae_lens_folders(model, trained):
     assert torch.isfinite(rm.forward(rm.tokenize("the cat sat"))).all()
 
 
-def test_evaluate_trained_beats_skip_only(model, corpus, trained):
+def test_evaluate_trained_beats_skip_only(model, corpus, trained, tmp_path):
     transcoders = load_transcoders(trained, None, 3)
-    df = evaluate_transcoders(model, transcoders, corpus, tokens=2_000, context=64, split="train")
+    lines = [json.dumps({"text": doc}) for doc in corpus.read_text().split("\n\n")[:200]]
+    (tmp_path / "heldout.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    df = evaluate_transcoders(model, transcoders, tmp_path, tokens=2_000, context=64)
     assert list(df.columns) == ["layer", "fvu", "l0", "dead"] and len(df) == 3
     assert ((df.fvu >= 0) & (df.fvu < 0.8)).all()
     assert ((df.dead >= 0) & (df.dead <= 1)).all() and (df.l0 > 0).all()
@@ -79,8 +81,7 @@ def test_evaluate_trained_beats_skip_only(model, corpus, trained):
     assert df.attrs["ce_increase"] == pytest.approx(df.attrs["ce_spliced"] - df.attrs["ce_clean"])
     for tc in transcoders:  # without features only the affine skip is left
         tc.W_dec.data.zero_()
-    skip_only = evaluate_transcoders(model, transcoders, corpus, tokens=2_000, context=64,
-                                     split="train")
+    skip_only = evaluate_transcoders(model, transcoders, tmp_path, tokens=2_000, context=64)
     assert (df.fvu < skip_only.fvu).all()
     table = format_table(df)
     assert table.startswith("| layer |") and "| mean |" in table and "spliced" in table
@@ -118,7 +119,7 @@ def test_resume_with_other_settings_raises(model, corpus, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"layers": [3]}, r"layers=\[3\].*0\.\.2"),
     ({"k": 64}, "1 <= k < width"),
-    ({"width": 0}, "width >= 2"),
+    ({"width": 0}, "width=0, k=4: need 1 <= k < width"),
     ({"context": 1000}, "n_ctx"),
 ])
 def test_bad_arguments(model, corpus, tmp_path, kwargs, message):
@@ -144,7 +145,27 @@ def test_full_disk_keeps_the_old_checkpoint(model, corpus, tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(trainer, "save_file", full)
-    with pytest.raises(CircuitlabError, match=f"No space left.*{re.escape(str(checkpoint))}.*intact"):
+    message = f"No space left.*{re.escape(str(checkpoint))}.*intact"
+    with pytest.raises(CircuitlabError, match=message):
         train_transcoders(model, corpus, tmp_path, tokens=1_024, **SMALL)
     assert sha256(checkpoint) == before
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["settings.json", checkpoint.name]
+
+
+def test_jumprelu_export_matches_topk_counts():
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(1, 4096, 16, generator=g) + 1
+    y = 5 * torch.tanh(x @ torch.randn(16, 16, generator=g))
+    state = trainer.TopKTranscoders.init(x, y, width=48, k=6, lr=1e-3, seed=0)
+    sae, stats = trainer.to_jumprelu(state, 0, x[0], y[0], 6, {"hook_name": "blocks.0.hook_mlp_in"})
+    pre = x[0] @ sae.W_enc + sae.b_enc
+    vals, idx = pre.topk(6)
+    counts = torch.bincount(idx[vals > 0], minlength=48)
+    with torch.no_grad():
+        acts = sae.encode(x[0])
+        pred = sae(x[0])
+    fired = (acts > 0).sum(0)
+    assert (fired >= counts).all() and (fired <= 1.02 * counts + 1).all()
+    assert stats["l0_jumprelu"] == pytest.approx(float((acts > 0).sum(1).float().mean()))
+    fvu = (pred - y[0]).pow(2).sum() / (y[0] - y[0].mean(0)).pow(2).sum()
+    assert stats["fvu_jumprelu"] == pytest.approx(float(fvu), rel=1e-4)

@@ -19,7 +19,10 @@ never written to disk.
 At every checkpoint and at the end, each layer is converted to an SAE-Lens
 ``JumpReLUSkipTranscoder``: feature ``f``'s threshold is set so that, on a calibration
 sample, the JumpReLU fires on exactly as many tokens as the TopK selected ``f``
-(per-feature quantile matching). Folders ``out_dir/layer_XX/`` hold ``cfg.json`` and
+(per-feature quantile matching). A JumpReLU lets the number of active features vary
+from token to token, which costs a TopK-trained model some FVU, so the last
+``jumprelu_share`` of training already runs these JumpReLUs (thresholds re-matched on
+every buffer) and the weights adapt to them. Folders ``out_dir/layer_XX/`` hold ``cfg.json`` and
 ``sae_weights.safetensors`` (matrices in bfloat16, vectors in float32; SAE-Lens casts to
 the cfg's float32 on load) and ``out_dir/manifest.json`` lists their sha256.
 
@@ -44,6 +47,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -79,6 +83,7 @@ class Settings:
     batch_tokens: int
     buffer_tokens: int
     lr: float
+    jumprelu_share: float
     bf16: bool
     seed: int
     corpus: str
@@ -151,29 +156,58 @@ def activation_buffer(model: HookedTransformer, tokens: torch.Tensor, layers: li
 # --------------------------------------------------------------------------- sparse kernels
 
 
-def _decode(idx: torch.Tensor, acts: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """``sum_j acts[t, j] W_dec[idx[t, j]]`` for each token ``t``: ``[B, d]``."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
+class Active(NamedTuple):
+    """The active (token, feature) pairs of a batch, in token-major (CSR) order.
 
-
-def _gather_dot(idx: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``W[idx[t, j]] . g[t]`` for each token ``t`` and slot ``j``: ``[B, k]``.
-
-    ``idx`` must be sorted along its rows (CSR column order).
+    Attributes:
+        crow: ``[B + 1]`` where each token's pairs start.
+        toks, feats: ``[n]`` token and feature of each pair.
+        pre: ``[n]`` their pre-activations (float32).
     """
-    B, k = idx.shape
-    crow = torch.arange(0, B * k + 1, k, device=idx.device)
-    mask = _csr(crow, idx.reshape(-1), torch.zeros(B * k, device=idx.device), (B, W.shape[0]))
-    return torch.sparse.sampled_addmm(mask, g, W.T).values().view(B, k)
+
+    crow: torch.Tensor
+    toks: torch.Tensor
+    feats: torch.Tensor
+    pre: torch.Tensor
+
+
+def topk_active(pre: torch.Tensor, k: int) -> Active:
+    """The ``k`` largest pre-activations of each row of ``pre [B, F]``."""
+    vals, idx = pre.topk(k, dim=1, sorted=False)
+    idx, order = idx.sort(dim=1, stable=True)
+    B = len(pre)
+    return Active(torch.arange(0, B * k + 1, k, device=pre.device),
+                  torch.arange(B, device=pre.device).repeat_interleave(k), idx.reshape(-1),
+                  vals.gather(1, order).reshape(-1).float())
+
+
+def jump_active(pre: torch.Tensor, threshold: torch.Tensor) -> Active:
+    """The pre-activations ``pre [B, F]`` above their feature's ``threshold [F]``."""
+    toks, feats = (pre > threshold).nonzero(as_tuple=True)
+    crow = torch.zeros(len(pre) + 1, dtype=torch.long, device=pre.device)
+    crow[1:] = torch.bincount(toks, minlength=len(pre)).cumsum(0)
+    return Active(crow, toks, feats, pre[toks, feats].float())
+
+
+def _decode(a: Active, acts: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Per token, the sum of ``acts * W_dec[feat]`` over its pairs: ``[B, d]``."""
+    return F.embedding_bag(a.feats, W_dec, a.crow[:-1], per_sample_weights=acts, mode="sum")
+
+
+def _gather_dot(a: Active, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``W[feat] . g[tok]`` for each pair: ``[n]`` (a sampled dense-dense product)."""
+    mask = _csr(a.crow, a.feats, torch.zeros_like(a.pre), (len(g), len(W)))
+    return torch.sparse.sampled_addmm(mask, g, W.T).values()
 
 
 def _scatter_rows(feats: torch.Tensor, toks: torch.Tensor, weights: torch.Tensor,
                   rows: torch.Tensor, n_out: int) -> torch.Tensor:
     """``out[f] = sum of weights[i] * rows[toks[i]] over i with feats[i] == f``: ``[n_out, d]``."""
-    order = feats.argsort(stable=True)
+    # Feature-major, tokens sorted within each feature; a stable sort is much faster on CPU.
+    order = (feats * len(rows) + toks).argsort(stable=True)
     crow = torch.zeros(n_out + 1, dtype=torch.long, device=feats.device)
     crow[1:] = torch.bincount(feats, minlength=n_out).cumsum(0)
-    return _csr(crow, toks[order], weights[order], (n_out, rows.shape[0])) @ rows
+    return _csr(crow, toks[order], weights[order], (n_out, len(rows))) @ rows
 
 
 def _csr(crow, col, values, size) -> torch.Tensor:
@@ -182,11 +216,32 @@ def _csr(crow, col, values, size) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
-def _topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k values (float32) and indices of each row, indices sorted within each row."""
-    vals, idx = pre.topk(k, dim=1, sorted=False)
-    idx, order = idx.sort(dim=1, stable=True)
-    return vals.gather(1, order).float(), idx
+def matching_thresholds(pre: torch.Tensor, k: int, bins: int = 2048) -> tuple[torch.Tensor, Active]:
+    """JumpReLU thresholds ``[F]`` that reproduce the TopK firing counts on ``pre [N, F]``.
+
+    Feature ``f`` gets a threshold just below the ``c_f``-th largest value of
+    ``pre[:, f]``, where ``c_f`` counts the tokens on which the TopK selected ``f`` with a
+    positive value, so the JumpReLU fires on about as many of these tokens. The rank is
+    found in a per-feature histogram of ``bins`` bins between 0 and the feature's
+    largest value (several times faster than a sort on CPU); the values in the same bin
+    may add a few firings (about 0.3% in all). Features never selected get their largest
+    value (they never fire on ``pre``).
+
+    Returns:
+        The thresholds and the TopK's active pairs.
+    """
+    a = topk_active(pre, k)
+    n_feats = pre.shape[1]
+    counts = torch.bincount(a.feats[a.pre > 0], minlength=n_feats)
+    top = pre.max(0).values.float().clamp(min=0)
+    width = top.clamp(min=1e-30) / bins
+    # Slot 0 holds the negative values, slots 1..bins the bins, slot bins + 1 the maximum.
+    slot = (pre / width).floor_().clamp_(-1, bins).long() + 1
+    slot += torch.arange(n_feats, device=pre.device) * (bins + 2)
+    hist = torch.bincount(slot.view(-1), minlength=n_feats * (bins + 2)).view(n_feats, bins + 2)
+    at_or_above = hist.flip(1).cumsum(1).flip(1)
+    s = ((at_or_above >= counts[:, None]).sum(1) - 1).clamp(1, bins)
+    return torch.where(counts > 0, (s - 1) * width, top), a
 
 
 # --------------------------------------------------------------------------- model state
@@ -210,39 +265,46 @@ class TopKTranscoders:
     def __init__(self, params: dict, scale_in, scale_out, since_fired, lr: float):
         self.params = {n: torch.nn.Parameter(params[n]) for n in PARAMS}
         self.scale_in, self.scale_out, self.since_fired = scale_in, scale_out, since_fired
+        self.threshold = None
         self.opt = torch.optim.Adam(self.params.values(), lr=lr)
 
     @classmethod
     def init(cls, x: torch.Tensor, y: torch.Tensor, width: int, k: int, lr: float,
              seed: int) -> "TopKTranscoders":
-        """Initialize from a first buffer ``x, y [L, N, d]``.
+        """Initialize from a first buffer ``x, y [L, N, d]`` (exemplar initialization).
 
-        ``W_skip, b_dec``: ridge fit of ``y`` on ``x``. ``W_dec``: random unit rows;
-        ``W_enc = W_dec``, scaled so that the initial reconstruction of the skip residual
-        is least-squares optimal; ``b_enc`` centers the input.
+        ``W_skip, b_dec``: ridge fit of ``y`` on ``x``. Each feature starts from a random
+        token ``t`` of the buffer: its encoder row is the direction of ``x_t`` minus the
+        mean input (``b_enc`` centers the input), its decoder row the direction of the
+        skip's residual at ``t``. The encoder is then scaled so the initial
+        reconstruction of the residual is least-squares optimal. (Random tied
+        encoder/decoder directions, as for SAEs, start with many dead features and learn
+        slower, because a transcoder's input and output spaces differ.)
         """
         x, y = x.float(), y.float()
-        L, N, d = x.shape
+        N = x.shape[1]
         scale_in = x.pow(2).mean((1, 2)).sqrt()
         scale_out = (y - y.mean(1, keepdim=True)).pow(2).mean((1, 2)).sqrt()
         x, y = x / scale_in[:, None, None], y / scale_out[:, None, None]
         W_skip, b_dec = _ridge(x, y)
         resid = y - x @ W_skip.transpose(1, 2) - b_dec[:, None]
         gen = torch.Generator().manual_seed(seed)
-        W_dec = F.normalize(torch.randn(L, width, d, generator=gen), dim=-1).to(x.device)
-        b_enc = -torch.einsum("ld,lfd->lf", x.mean(1), W_dec)
-        state = cls({"W_enc": W_dec.clone(), "b_enc": b_enc, "W_dec": W_dec,
-                     "W_skip": W_skip, "b_dec": b_dec},
-                    scale_in, scale_out,
-                    torch.zeros(L, width, dtype=torch.long, device=x.device), lr)
-        with torch.no_grad():
-            for l in range(L):
-                vals, idx = _topk(state.pre(l, x[l], torch.float32), k)
-                recon = _decode(idx, vals.relu(), W_dec[l])
-                gain = (recon * resid[l]).sum() / recon.pow(2).sum().clamp(min=1e-12)
-                state.params["W_enc"][l] *= gain.clamp(min=1e-2)
-                state.params["b_enc"][l] *= gain.clamp(min=1e-2)
-        return state
+        pick = (torch.randperm(N, generator=gen)[:width] if N >= width
+                else torch.randint(N, (width,), generator=gen)).to(x.device)
+        noise = 0.1 * F.normalize(torch.randn(len(x), width, x.shape[2], generator=gen), dim=-1)
+        x_mean = x.mean(1)
+        W_enc = F.normalize(F.normalize(x[:, pick] - x_mean[:, None], dim=-1) + noise.to(x.device),
+                            dim=-1)
+        W_dec = F.normalize(resid[:, pick], dim=-1)
+        for l in range(len(x)):
+            a = topk_active(torch.addmm(-W_enc[l] @ x_mean[l], x[l], W_enc[l].T), k)
+            recon = _decode(a, a.pre.relu(), W_dec[l])
+            gain = (recon * resid[l]).sum() / recon.pow(2).sum().clamp(min=1e-12)
+            W_enc[l] *= gain.clamp(min=1e-3)
+        b_enc = -torch.einsum("ld,lfd->lf", x_mean, W_enc)
+        return cls({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "W_skip": W_skip,
+                    "b_dec": b_dec}, scale_in, scale_out,
+                   torch.zeros(len(x), width, dtype=torch.long, device=x.device), lr)
 
     @property
     def n_layers(self) -> int:
@@ -278,40 +340,44 @@ class TopKTranscoders:
         W_dec = p["W_dec"][l]
         B, d = y.shape
         pre = self.pre(l, x, dtype)
-        vals, idx = _topk(pre, k)
-        acts = vals.relu()
+        a = topk_active(pre, k) if self.threshold is None else jump_active(pre, self.threshold[l])
+        acts = a.pre.relu()
         x_c = x.to(dtype)
         skip = (x_c @ p["W_skip"][l].to(dtype).T).float()
-        err = _decode(idx, acts, W_dec) + skip + p["b_dec"][l] - y
+        err = _decode(a, acts, W_dec) + skip + p["b_dec"][l] - y
         grad_out = err * (2 / (B * d))
-        grad_acts = _gather_dot(idx, grad_out, W_dec) * (vals > 0)
-        toks = torch.arange(B, device=x.device).repeat_interleave(k)
-        feats, enc_toks, dec_toks = idx.reshape(-1), toks, toks
-        enc_w, dec_w, dec_rows = grad_acts.reshape(-1), acts.reshape(-1), grad_out
+        # Per group of pairs: pairs, activations, d(loss)/d(activation), d(loss)/d(output).
+        groups = [(a, acts, _gather_dot(a, grad_out, W_dec) * (acts > 0), grad_out)]
         n_aux = min(aux_k, int(dead.sum()))
         if n_aux:
-            aux_vals, aux_idx = _topk(pre.masked_fill(~dead, -math.inf), n_aux)
-            aux_acts = aux_vals.relu()
-            target = -err
-            denom = (target - target.mean(0)).pow(2).sum().clamp(min=1e-12)
-            aux_grad_out = (_decode(aux_idx, aux_acts, W_dec) - target) * (2 * AUX_COEF / denom)
-            aux_grad_acts = _gather_dot(aux_idx, aux_grad_out, W_dec) * (aux_vals > 0)
-            aux_toks = torch.arange(B, device=x.device).repeat_interleave(n_aux)
-            feats = torch.cat([feats, aux_idx.reshape(-1)])
-            enc_toks = torch.cat([enc_toks, aux_toks])
-            dec_toks = torch.cat([dec_toks, aux_toks + B])
-            enc_w = torch.cat([enc_w, aux_grad_acts.reshape(-1)])
-            dec_w = torch.cat([dec_w, aux_acts.reshape(-1)])
-            dec_rows = torch.cat([dec_rows, aux_grad_out])
-        width = W_dec.shape[0]
-        p["W_enc"].grad[l] = _scatter_rows(feats, enc_toks, enc_w, x, width)
-        p["b_enc"].grad[l] = torch.bincount(feats, enc_w, minlength=width)
-        p["W_dec"].grad[l] = _scatter_rows(feats, dec_toks, dec_w, dec_rows, width)
+            aux = topk_active(pre.masked_fill(~dead, -math.inf), n_aux)
+            aux_acts = aux.pre.relu()
+            denom = (err - err.mean(0)).pow(2).sum().clamp(min=1e-12)
+            aux_grad_out = (_decode(aux, aux_acts, W_dec) + err) * (2 * AUX_COEF / denom)
+            groups.append((aux, aux_acts, _gather_dot(aux, aux_grad_out, W_dec) * (aux_acts > 0),
+                           aux_grad_out))
+        feats = torch.cat([g[0].feats for g in groups])
+        width = len(W_dec)
+        grad_acts = torch.cat([g[2] for g in groups])
+        p["W_enc"].grad[l] = _scatter_rows(feats, torch.cat([g[0].toks for g in groups]),
+                                           grad_acts, x, width)
+        p["b_enc"].grad[l] = torch.bincount(feats, grad_acts, minlength=width)
+        p["W_dec"].grad[l] = _scatter_rows(
+            feats, torch.cat([g[0].toks + i * B for i, g in enumerate(groups)]),
+            torch.cat([g[1] for g in groups]), torch.cat([g[3] for g in groups]), width)
         p["W_skip"].grad[l] = (grad_out.T.to(dtype) @ x_c).float()
         p["b_dec"].grad[l] = grad_out.sum(0)
         self.since_fired[l] += B
-        self.since_fired[l, idx[vals > 0]] = 0
+        self.since_fired[l, a.feats[acts > 0]] = 0
         return float(err.pow(2).sum() / (B * d))
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, k: int, dtype: torch.dtype) -> None:
+        """Switch to JumpReLU activations, with ``matching_thresholds`` on raw inputs
+        ``x [L, N, d]``."""
+        self.threshold = torch.stack([
+            matching_thresholds(self.pre(l, x[l].float() / self.scale_in[l], dtype), k)[0]
+            for l in range(self.n_layers)])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters, Adam moments and counters, for a checkpoint."""
@@ -363,55 +429,33 @@ def to_jumprelu(state: TopKTranscoders, i: int, x: torch.Tensor, y: torch.Tensor
 
     Returns:
         The transcoder and calibration stats: ``fvu_topk``, ``fvu_jumprelu``,
-        ``l0_jumprelu``, ``dead_share`` (features the TopK never selected).
+        ``l0_jumprelu``, ``dead_share`` (features the JumpReLU never fires on the sample).
     """
     p = {n: v[i].detach().float().cpu() for n, v in state.params.items()}
     s_in, s_out = float(state.scale_in[i]), float(state.scale_out[i])
     # Real space, activations scaled by s_out so decoder rows keep unit norm.
-    weights = {"W_enc": p["W_enc"].T * (s_out / s_in), "b_enc": p["b_enc"] * s_out,
-               "W_dec": p["W_dec"], "W_skip": p["W_skip"] * (s_out / s_in),
-               "b_dec": p["b_dec"] * s_out}
-    weights = {n: _bf16_round(w) if w.ndim == 2 else w for n, w in weights.items()}
-    d_sae, d = weights["W_dec"].shape
+    w = {"W_enc": p["W_enc"].T * (s_out / s_in), "b_enc": p["b_enc"] * s_out,
+         "W_dec": p["W_dec"], "W_skip": p["W_skip"] * (s_out / s_in), "b_dec": p["b_dec"] * s_out}
+    w = {n: v.to(torch.bfloat16).float() if v.ndim == 2 else v for n, v in w.items()}
+    x, y = x.float().cpu(), y.float().cpu()
+    pre = x @ w["W_enc"] + w["b_enc"]
+    w["threshold"], topk = matching_thresholds(pre, k)
+    jump = jump_active(pre, w["threshold"])
+    base = x @ w["W_skip"].T + w["b_dec"] - y
+    variance = (y - y.mean(0)).pow(2).sum()
+
+    def fvu(a: Active) -> float:
+        return float((_decode(a, a.pre.relu(), w["W_dec"]) + base).pow(2).sum() / variance)
+
+    d_sae, d = w["W_dec"].shape
     sae = SAE.from_dict({"architecture": "jumprelu_skip_transcoder", "d_in": d, "d_sae": d_sae,
                          "d_out": d, "dtype": "float32", "device": "cpu",
                          "apply_b_dec_to_input": False, "metadata": metadata})
-    x, y = x.float().cpu(), y.float().cpu()
-    pre = x @ weights["W_enc"] + weights["b_enc"]
-    vals, idx = _topk(pre, k)
-    acts = torch.zeros_like(pre).scatter_(1, idx, vals.relu())
-    counts = torch.bincount(idx[vals > 0], minlength=d_sae)
-    weights["threshold"] = _matching_thresholds(pre, counts)
-    sae.load_state_dict({n: w.contiguous() for n, w in weights.items()})
-    with torch.no_grad():
-        jr_acts = sae.encode(x)
-        fvu_topk = _fvu(sae.decode(acts) + x @ sae.W_skip.T, y)
-        fvu_jr = _fvu(sae.decode(jr_acts) + x @ sae.W_skip.T, y)
-    stats = {"fvu_topk": fvu_topk, "fvu_jumprelu": fvu_jr,
-             "l0_jumprelu": float((jr_acts > 0).sum(1).float().mean()),
-             "dead_share": float((counts == 0).float().mean())}
+    sae.load_state_dict({n: v.contiguous() for n, v in w.items()})
+    stats = {"fvu_topk": fvu(topk), "fvu_jumprelu": fvu(jump),
+             "l0_jumprelu": len(jump.feats) / len(x),
+             "dead_share": 1 - len(jump.feats.unique()) / d_sae}
     return sae, stats
-
-
-def _bf16_round(w: torch.Tensor) -> torch.Tensor:
-    return w.to(torch.bfloat16).float()
-
-
-def _matching_thresholds(pre: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per feature, a threshold that ``counts[f]`` of the values ``pre[:, f]`` exceed.
-
-    It lies halfway between the ``counts[f]``-th and the next largest value; features
-    never selected get the largest value (they do not fire on the sample). Clamped at 0.
-    """
-    desc = pre.sort(dim=0, descending=True).values
-    n = pre.shape[0]
-    upper = desc.gather(0, (counts - 1).clamp(min=0)[None])[0]
-    lower = desc.gather(0, counts.clamp(max=n - 1)[None])[0]
-    return torch.where(counts > 0, (upper + lower) / 2, desc[0]).clamp(min=0)
-
-
-def _fvu(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float((pred - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
 
 def save_transcoder(sae: SAE, folder: Path) -> None:
@@ -497,15 +541,18 @@ def load_checkpoint(folder: Path, settings: Settings, device: str):
 
 
 def _check_args(model: HookedTransformer, layers: list[int], width: int, k: int, aux_k: int,
-                tokens: int, context: int, batch_tokens: int, buffer_tokens: int) -> None:
+                jumprelu_share: float, tokens: int, context: int, batch_tokens: int,
+                buffer_tokens: int) -> None:
     n = model.cfg.n_layers
     problems = []
     if not layers or any(not 0 <= l < n for l in layers) or len(set(layers)) != len(layers):
         problems.append(f"layers={layers} must be distinct layers of the model, 0..{n - 1}")
-    if width < 1 or not 1 <= k < width:
-        problems.append(f"width={width}, k={k}: need width >= 2 and 1 <= k < width")
+    if not 1 <= k < width:
+        problems.append(f"width={width}, k={k}: need 1 <= k < width")
     if aux_k < 0:
         problems.append(f"aux_k={aux_k} must be >= 0")
+    if not 0 <= jumprelu_share <= 1:
+        problems.append(f"jumprelu_share={jumprelu_share} must be in [0, 1]")
     if tokens < 1:
         problems.append(f"tokens={tokens} must be >= 1")
     if not 2 <= context <= model.cfg.n_ctx:
@@ -535,9 +582,10 @@ def train_transcoders(
     context: int = 128,
     batch_tokens: int = 4096,
     buffer_tokens: int = 65_536,
-    lr: float = 1e-3,
-    aux_k: int = 256,
+    lr: float = 3e-3,
+    aux_k: int = 64,
     dead_tokens: int = 50_000,
+    jumprelu_share: float = 0.1,
     device: str = "cpu",
     bf16: bool = True,
     seed: int = 0,
@@ -564,6 +612,10 @@ def train_transcoders(
         lr: peak Adam learning rate.
         aux_k: dead features used by the AuxK loss per token (0 disables it).
         dead_tokens: a feature not selected in this many tokens counts as dead.
+        jumprelu_share: the last share of training (by tokens or time, whichever is
+            further along) runs the JumpReLU that will be exported instead of the TopK,
+            with thresholds re-matched to the TopK firing counts on every buffer, so the
+            weights adapt to its variable number of active features per token.
         device: where the transcoders train ("cpu", "cuda", ...).
         bf16: run the dense encoder and skip products in bfloat16 and keep the
             activation buffer in bfloat16 (master weights stay float32).
@@ -584,14 +636,16 @@ def train_transcoders(
             with other settings, or a full disk.
     """
     layers = list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers]
-    _check_args(model, layers, width, k, aux_k, tokens, context, batch_tokens, buffer_tokens)
+    _check_args(model, layers, width, k, aux_k, jumprelu_share, tokens, context, batch_tokens,
+                buffer_tokens)
     out_dir = Path(out_dir).expanduser()
     ckpt_dir = out_dir / "checkpoint" if checkpoint_dir is None else Path(checkpoint_dir)
     settings = Settings(
         model_name=model.cfg.model_name, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
         layers=tuple(layers), width=width, k=k, aux_k=aux_k, dead_tokens=dead_tokens,
         context=context, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, lr=lr,
-        bf16=bf16, seed=seed, corpus=str(Path(corpus).expanduser().resolve()))
+        jumprelu_share=jumprelu_share, bf16=bf16, seed=seed,
+        corpus=str(Path(corpus).expanduser().resolve()))
     command = command or (
         f"train_transcoders({settings.model_name!r}, {settings.corpus!r}, {str(out_dir)!r}, "
         f"tokens={tokens}, time_budget={time_budget}, device={device!r}, "
@@ -686,6 +740,8 @@ class _Run:
         c.update(docs_done=self.rows.docs_done, pending=self.rows.pending, buffers=c["buffers"] + 1)
         if self.state is None:
             self.state = TopKTranscoders.init(x, y, s.width, s.k, s.lr, s.seed)
+        if self.progress() >= 1 - s.jumprelu_share:
+            self.state.calibrate(self.sample[0], s.k, self.dtype)
         size = min(s.batch_tokens, len(perm))
         for start in range(0, len(perm) - size + 1, size):
             if self.budget_reached():
@@ -713,6 +769,8 @@ class _Run:
         s, c = self.s, self.counters
         x, y = self.sample
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.out_dir.glob(".layer_*"):  # left by an interrupted export
+            shutil.rmtree(stale)
         files, stats = {}, {}
         for i, layer in enumerate(s.layers):
             meta = {"model_name": s.model_name,

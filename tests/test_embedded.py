@@ -1,0 +1,102 @@
+"""The real embedded model (gemma-3-270m from the GGUF package) with the bundled transcoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attribution import check_edges_brute_force
+
+import circuitlab
+from circuitlab.loading import embedded_hf_model
+
+pytestmark = pytest.mark.slow
+
+PROMPT = 'The opposite of "small" is "'
+
+
+@pytest.fixture(scope="module")
+def rm():
+    return circuitlab.load("gemma-3-270m")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return embedded_hf_model()
+
+
+def test_tl_logits_and_hook_points_match_hf(rm, hf):
+    """TL reproduces HF's logits, and the hooks we splice at carry HF's tensors: the MLP input
+    is pre_feedforward_layernorm's output and hook_mlp_out post_feedforward_layernorm's."""
+    hf_model, tokenizer = hf
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    assert ids.tolist() == [rm.tokenize(PROMPT).tolist()]
+    grabbed = {}
+    layer = hf_model.model.layers[7]
+    handles = [layer.pre_feedforward_layernorm.register_forward_hook(
+                   lambda m, i, o: grabbed.__setitem__("pre", o)),
+               layer.post_feedforward_layernorm.register_forward_hook(
+                   lambda m, i, o: grabbed.__setitem__("post", o))]
+    with torch.no_grad():
+        hf_logits = hf_model(ids).logits[0]
+    for h in handles:
+        h.remove()
+    trace = rm.run(ids[0])
+    assert (trace.logits - hf_logits).abs().max() < 1e-4
+    assert (trace.mlp_in[7] - grabbed["pre"][0]).abs().max() < 5e-5
+    assert (trace.mlp_out[7] - grabbed["post"][0]).abs().max() < 5e-5
+
+
+def test_model_knows_the_antonym(rm):
+    trace = rm.run(rm.tokenize(PROMPT))
+    top = rm.tokenizer.decode([int(trace.logits[-1].argmax())])
+    assert top.strip() in {"large", "big"}
+
+
+def test_replacement_reproduces_logits(rm):
+    tokens = rm.tokenize(PROMPT)
+    trace = rm.run(tokens)
+    assert (rm.forward(tokens, errors=trace.errors) - trace.logits).abs().max() < 1e-4
+
+
+def test_attribution_exact_on_real_model(rm):
+    graph = circuitlab.attribute(rm, "Dallas is a city in", max_feature_nodes=None,
+                                 progress=False, dtype=torch.float32)
+    targets = torch.tensor(graph.nodes["kind"].isin(["feature", "logit"]).to_numpy())
+    total = graph.adjacency.sum(1) + graph.constants
+    scale = graph.inputs[targets].abs().max()
+    assert ((total - graph.inputs)[targets].abs().max()) < 1e-4 * scale
+    check_edges_brute_force(rm, graph, n_sources=4)
+
+
+def test_default_graph_and_pruning(rm):
+    graph = circuitlab.attribute(rm, PROMPT, progress=False)
+    logits = graph.nodes[graph.nodes["kind"] == "logit"]
+    assert logits["token"].str.strip().isin(["large", "big"]).any()
+    targets = torch.tensor(graph.nodes["kind"].isin(["feature", "logit"]).to_numpy())
+    total = graph.adjacency.sum(1) + graph.constants
+    # bf16 backward by default on this CPU: sums hold to about a percent.
+    assert ((total - graph.inputs)[targets].abs().max()) < 0.03 * graph.inputs[targets].abs().max()
+    pruned = graph.prune()
+    s = pruned.scores()
+    assert 0 < s["replacement"] <= 1 and 0 < s["completeness"] <= 1
+
+
+def test_trace_command_writes_graphs(tmp_path, capsys):
+    from circuitlab.cli import main
+
+    assert main(["trace", PROMPT, "--out", str(tmp_path), "--max-feature-nodes", "2048"]) == 0
+    printed = capsys.readouterr().out
+    for expected in ("Logit targets:", "replacement", "completeness", "Most influential features"):
+        assert expected in printed
+    graph = circuitlab.Graph.load(tmp_path / "graph")
+    pruned = circuitlab.Graph.load(tmp_path / "pruned")
+    assert (graph.nodes["kind"] == "feature").sum() == 2048
+    assert len(pruned.nodes) < len(graph.nodes)
+    assert (tmp_path / "neuronpedia.json").exists()
+
+
+def test_trace_command_reports_bad_input(capsys):
+    from circuitlab.cli import main
+
+    assert main(["trace", "   "]) == 2
+    assert "empty or whitespace" in capsys.readouterr().err
