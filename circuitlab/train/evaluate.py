@@ -114,7 +114,7 @@ def _run(rm: ReplacementModel, tokens: torch.Tensor, stats: list[_LayerStats]):
 
     def splice(act, hook):
         layer = int(hook.name.split(".")[1])
-        pred = _transcode(rm, layer, xs[layer])[1]
+        pred = _transcode(rm, layer, xs[layer])[1].to(act.dtype)
         return torch.cat([act[:, :1], pred[:, 1:]], dim=1)
 
     grab = (lambda n: n.endswith("ln2.hook_normalized"), grab_in)
@@ -126,7 +126,9 @@ def _run(rm: ReplacementModel, tokens: torch.Tensor, stats: list[_LayerStats]):
 
 
 def _transcode(rm: ReplacementModel, layer: int, x: torch.Tensor):
-    """Feature activations and the transcoder's output for MLP inputs ``x``."""
+    """Feature activations and the transcoder's output for MLP inputs ``x`` (in the
+    transcoder's dtype, whatever the model's)."""
+    x = x.to(rm.transcoders[layer].W_enc.dtype)
     acts = rm.transcoders[layer].encode(x)
     return acts, rm.decode(layer, acts, x)
 
