@@ -5,7 +5,7 @@ a markdown table: seconds, feature nodes, edges and peak RSS. Uses the bundled t
 or random JumpReLU skip transcoders of the same shape (calibrated to fire ``k`` features
 per token) when no bundle exists.
 
-    python -m circuitlab.bench [--dtype bfloat16] [--random]
+    python -m circuitlab.bench [--dtype auto|float32|bfloat16] [--random]
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import torch
 
 BASE = ("The quick brown fox jumps over the lazy dog while the farmer counts sheep in the "
         "green valley near the old stone bridge, and children sing songs about rivers, "
-        "mountains, cities and the long roads that connect them across the wide land")
+        "mountains, cities and the long roads that connect them across the wide land. In the "
+        "evening the lights of the town come on one by one, the bakery closes its doors, and "
+        "travellers stop at the inn to rest before the next day of their journey north")
 CONFIGS = [(10, 8192), (30, 8192), (60, 8192), (10, None)]
 
 
@@ -72,7 +74,7 @@ def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> d
     circuitlab.attribute(rm, prompt[:20], max_feature_nodes=64, progress=False)  # warm-up
     start = time.perf_counter()
     graph = circuitlab.attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False,
-                                 dtype=getattr(torch, dtype))
+                                 dtype=None if dtype == "auto" else getattr(torch, dtype))
     seconds = time.perf_counter() - start
     return {"tokens": len(graph.tokens), "max_feature_nodes": max_nodes, "seconds": round(seconds, 2),
             "active_features": graph.metadata["n_active_features"],
@@ -83,7 +85,8 @@ def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> d
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="backward dtype; auto is attribute()'s default")
     parser.add_argument("--random", action="store_true", help="random transcoders, even with a bundle")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

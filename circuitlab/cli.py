@@ -82,7 +82,8 @@ def _eval(args) -> None:
     table = evaluate_transcoders(model, tcs, args.corpus, tokens=args.tokens)
     print(format_table(table))
     if args.json:
-        Path(args.json).write_text(json.dumps(table.to_dict("records"), indent=1))
+        doc = {"layers": table.to_dict("records"), **table.attrs}
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=float))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -330,7 +330,7 @@ def _layer_of(sae: SAE) -> int:
 def _load_sae_lens_dir(path: Path, device: str) -> list[SAE]:
     if (path / "manifest.json").exists():
         verify_manifest(path, f"the transcoders in {path}", "Restore it from git or retrain it.")
-    folders = sorted(p.parent for p in path.glob("*/cfg.json"))
+    folders = sorted(p.parent for p in path.glob("*/cfg.json") if not p.parent.name.startswith("."))
     if not folders:
         raise CircuitlabError(
             f"{path} holds no transcoders: expected SAE-Lens save_model folders (each with "
