@@ -30,7 +30,6 @@ from typing import Any, Sequence
 
 import torch
 from sae_lens import SAE
-from sae_lens.saes.sae import SAEMetadata
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -396,8 +395,3 @@ def _resolve_uri(uri: str, base: Path) -> Path:
         raise CircuitlabError(f"{base}/config.yaml lists {uri}, which does not exist.")
     return file
 
-
-def metadata_dict(sae: SAE) -> dict:
-    """A transcoder's SAE-Lens metadata as a plain dict."""
-    meta = sae.cfg.metadata
-    return meta.to_dict() if isinstance(meta, SAEMetadata) else dict(meta)
