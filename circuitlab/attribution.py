@@ -365,6 +365,7 @@ def attribute(
             visited[ids] = True
             bar.update(len(ids))
     bar.close()
+    del shares  # free the selection matrix before the adjacency is built
     return _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt)
 
 
@@ -399,14 +400,15 @@ def _feature_influence(direct: torch.Tensor, shares: torch.Tensor, order: torch.
 
 
 def _columns(rows: torch.Tensor, src: _Sources, kept: torch.Tensor, dropped: torch.Tensor,
-             out: torch.Tensor, chunk: int = 1024) -> None:
-    """Write ``rows`` restricted to the graph's sources into ``out`` (float32): kept features,
-    then errors with the dropped features' columns folded into their ``(layer, pos)``, then
-    embeddings. Done in chunks of rows to bound the temporary memory."""
+             out: torch.Tensor, order: torch.Tensor | None = None, chunk: int = 1024) -> None:
+    """Write ``rows`` (taken in ``order``) restricted to the graph's sources into ``out``
+    (float32): kept features, then errors with the dropped features' columns folded into
+    their ``(layer, pos)``, then embeddings. Done in chunks of rows to bound memory."""
     K = len(kept)
     err_idx = src.layer[dropped] * src.P + src.pos[dropped]
+    order = torch.arange(len(rows)) if order is None else order
     for i in range(0, len(rows), chunk):
-        r = rows[i:i + chunk]
+        r = rows[order[i:i + chunk]]
         out[i:i + chunk, :K] = r[:, kept].float()
         tail = r[:, src.error_offset:].float().T.contiguous()                # [(L+1)P, b]
         tail.index_add_(0, err_idx, r[:, dropped].float().T.contiguous())
@@ -435,7 +437,7 @@ def _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt) -> 
     n_src = K + (L + 1) * P
     n = n_src + len(targets)
     adjacency = torch.zeros(n, n)
-    _columns(feat_rows[rank], src, kept, dropped, adjacency[:K, :n_src])
+    _columns(feat_rows, src, kept, dropped, adjacency[:K, :n_src], order=rank)
     _columns(logit_rows, src, kept, dropped, adjacency[n_src:, :n_src])
 
     # Errors with the dropped features folded in, for the error nodes' activations.

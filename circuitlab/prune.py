@@ -17,7 +17,7 @@ from .graph import Graph
 def normalized(adjacency: torch.Tensor) -> torch.Tensor:
     """``|adjacency|`` with each row divided by its sum (zero rows stay zero)."""
     a = adjacency.abs()
-    return a / a.sum(1, keepdim=True).clamp_min(1e-30)
+    return a.div_(a.sum(1, keepdim=True).clamp_min(1e-30))
 
 
 def influence(A: torch.Tensor, weights: torch.Tensor, max_depth: int = 1000) -> torch.Tensor:
