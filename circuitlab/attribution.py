@@ -204,13 +204,14 @@ def _rows(bw: _Backward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: 
 
 def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[LogitTarget]:
     W_U, b_U = rm.model.W_U.detach(), rm.model.b_U.detach()
+    W_U_mean, b_U_mean = W_U.mean(1), b_U.mean()
     probs = torch.softmax(trace.logits[-1].double(), -1).float()
     tok_str = lambda t: rm.tokenizer.decode([t])  # noqa: E731
 
     def token_target(t: int) -> LogitTarget:
         if not 0 <= t < W_U.shape[1]:
             raise CircuitlabError(f"Logit target id {t} is outside the vocabulary (0..{W_U.shape[1] - 1}).")
-        return LogitTarget(tok_str(t), W_U[:, t] - W_U.mean(1), float(b_U[t] - b_U.mean()),
+        return LogitTarget(tok_str(t), W_U[:, t] - W_U_mean, float(b_U[t] - b_U_mean),
                            t, float(probs[t]))
 
     def token_id(text: str) -> int:

@@ -26,6 +26,9 @@ from transformer_lens import HookedTransformer
 
 from .loading import MLP_IN_HOOKS, MLP_OUT_HOOKS, CircuitlabError
 
+#: Norm denominators frozen for attribution (q/k norms only shape the frozen patterns).
+FROZEN_SCALES = ("ln1.hook_scale", "ln1_post.hook_scale", "ln2.hook_scale", "ln_final.hook_scale")
+
 #: Longest prompt (in tokens, BOS included) that ``tokenize`` accepts.
 MAX_PROMPT_TOKENS = 256
 
@@ -273,8 +276,8 @@ class ReplacementModel:
         def keep(act, hook):
             cache[hook.name] = act[0].detach()
 
-        names = lambda n: n.endswith(("hook_scale", "hook_pattern", "ln2.hook_normalized",  # noqa: E731
-                                      "hook_mlp_out")) or n in (
+        names = lambda n: n.endswith(FROZEN_SCALES + (  # noqa: E731
+            "attn.hook_pattern", "ln2.hook_normalized", "hook_mlp_out")) or n in (
             "blocks.0.hook_resid_pre", f"blocks.{self.n_layers - 1}.hook_resid_post")
         with torch.no_grad():
             logits = self.model.run_with_hooks(tokens[None], fwd_hooks=[(names, keep)])[0]
@@ -334,7 +337,7 @@ class ReplacementModel:
             layer = int(hook.name.split(".")[1])
             return mlp_out_fn(layer, xs[layer])[None]
 
-        hooks = [(lambda n: n.endswith(("hook_scale", "attn.hook_pattern")), frozen),
+        hooks = [(lambda n: n.endswith(FROZEN_SCALES + ("attn.hook_pattern",)), frozen),
                  (lambda n: n.endswith("ln2.hook_normalized"), grab_in),
                  (lambda n: n.endswith("hook_mlp_out"), mlp_out)]
         if embed is not None:
