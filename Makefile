@@ -6,7 +6,11 @@ OUT     ?= out/demo
 
 .PHONY: setup demo test bench lab clean
 
-setup: $(STAMP)
+setup: $(STAMP) /usr/bin/chromium
+
+# Headless Chromium for the browser tests (Playwright cannot download browsers offline).
+/usr/bin/chromium:
+	apt-get update && apt-get install -y chromium
 
 # torch first and pinned: an unpinned torch pulls GBs of CUDA wheels.
 $(STAMP): pyproject.toml
