@@ -2,10 +2,12 @@
 
 from .attribution import attribute
 from .graph import Graph
+from .interventions import ablate, add, scale, set_to, swap
 from .loading import CircuitlabError, load_model, load_transcoders
 from .replacement import ReplacementModel
 
-__all__ = ["load", "attribute", "Graph", "ReplacementModel", "CircuitlabError"]
+__all__ = ["load", "attribute", "Graph", "ReplacementModel", "CircuitlabError",
+           "swap", "set_to", "scale", "ablate", "add"]
 
 
 def load(model="gemma-3-270m", transcoders=None, *, device: str = "cpu", rebuild: bool = False):

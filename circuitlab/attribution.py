@@ -209,18 +209,9 @@ def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[Log
     tok_str = lambda t: rm.tokenizer.decode([t])  # noqa: E731
 
     def token_target(t: int) -> LogitTarget:
-        if not 0 <= t < W_U.shape[1]:
-            raise CircuitlabError(f"Logit target id {t} is outside the vocabulary (0..{W_U.shape[1] - 1}).")
+        t = rm.token_id(t)
         return LogitTarget(tok_str(t), W_U[:, t] - W_U_mean, float(b_U[t] - b_U_mean),
                            t, float(probs[t]))
-
-    def token_id(text: str) -> int:
-        ids = rm.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) != 1:
-            raise CircuitlabError(
-                f"Logit target {text!r} is {len(ids)} tokens ({ids}); a target must be one token. "
-                "Try it with or without a leading space, or pass a token id.")
-        return ids[0]
 
     if logit_targets is None:
         order = torch.argsort(probs, descending=True)[:max_logits]
@@ -229,12 +220,10 @@ def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[Log
         return [token_target(int(t)) for t in order[:min(n, max_logits)]]
     targets = []
     for spec in logit_targets:
-        if isinstance(spec, int):
+        if isinstance(spec, (int, str)):
             targets.append(token_target(spec))
-        elif isinstance(spec, str):
-            targets.append(token_target(token_id(spec)))
         elif isinstance(spec, tuple) and len(spec) == 2:  # logit difference (a, b)
-            a, b = (token_target(s if isinstance(s, int) else token_id(s)) for s in spec)
+            a, b = (token_target(s) for s in spec)
             targets.append(LogitTarget(f"{a.label} - {b.label}", a.direction - b.direction,
                                        a.bias - b.bias, None, a.prob))
         elif isinstance(spec, torch.Tensor) and spec.shape == (rm.d_model,):

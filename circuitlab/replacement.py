@@ -233,6 +233,24 @@ class ReplacementModel:
             )
         return tokens
 
+    def token_id(self, text: str | int) -> int:
+        """The id of a single-token string (ids pass through, range-checked).
+
+        Raises:
+            CircuitlabError: if ``text`` is not exactly one token or an id is out of range.
+        """
+        if isinstance(text, int):
+            if not 0 <= text < self.cfg.d_vocab:
+                raise CircuitlabError(
+                    f"Token id {text} is outside the vocabulary (0..{self.cfg.d_vocab - 1}).")
+            return text
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise CircuitlabError(
+                f"{text!r} is {len(ids)} tokens ({ids}); a target must be one token. "
+                "Try it with or without a leading space, or pass a token id.")
+        return ids[0]
+
     # ------------------------------------------------------------------ hooks
 
     def mlp_input(self, layer: int, normalized: torch.Tensor) -> torch.Tensor:
@@ -391,3 +409,23 @@ class ReplacementModel:
             return self.model.run_with_hooks(
                 tokens[None], fwd_hooks=[(lambda n: n.endswith("ln2.hook_normalized"), grab_in),
                                          (lambda n: n.endswith("hook_mlp_out"), replace)])[0]
+
+    # ------------------------------------------------------------------ interventions
+
+    def intervene(self, prompt: str, interventions, mode: str = "free", **kwargs):
+        """See ``circuitlab.interventions.intervene``."""
+        from .interventions import intervene
+
+        return intervene(self, prompt, interventions, mode, **kwargs)
+
+    def generate(self, prompt: str, interventions=(), max_new_tokens: int = 20, **kwargs) -> str:
+        """See ``circuitlab.interventions.generate``."""
+        from .interventions import generate
+
+        return generate(self, prompt, interventions, max_new_tokens, **kwargs)
+
+    def sweep(self, prompt: str, features, values, **kwargs):
+        """See ``circuitlab.interventions.sweep``."""
+        from .interventions import sweep
+
+        return sweep(self, prompt, features, values, **kwargs)
