@@ -127,6 +127,12 @@ class Graph:
 
         return scores(self)
 
+    def validate(self, rm, n: int = 20, seed: int = 0):
+        """See ``circuitlab.interventions.validate``."""
+        from .interventions import validate
+
+        return validate(self, rm, n, seed)
+
     # ------------------------------------------------------------------ I/O
 
     def save(self, path: str | os.PathLike) -> Path:
