@@ -4,6 +4,7 @@
     circuitlab corpus --out DIR              build the offline training corpus
     circuitlab train --out DIR ...           train transcoders
     circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text
+    circuitlab cards ...                     precompute feature-card examples over held-out text
 """
 
 from __future__ import annotations
@@ -86,6 +87,23 @@ def _eval(args) -> None:
         Path(args.json).write_text(json.dumps(doc, indent=1, default=float))
 
 
+def _cards(args) -> None:
+    import torch
+
+    import circuitlab
+    from .features import build_examples
+    from .loading import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(args.model, dtype=getattr(torch, args.model_dtype))
+    rm = circuitlab.load(model, args.transcoders)
+    command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    path = build_examples(rm, args.corpus, tokens=args.tokens, context=args.context,
+                          batch_size=args.batch_size, out=args.out, command=command)
+    size = path.stat().st_size / 1e6
+    print(f"Wrote {path} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``circuitlab`` command."""
     parser = argparse.ArgumentParser(prog="circuitlab", description=__doc__,
@@ -136,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=50_000)
     p.add_argument("--json", default=None)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("cards", help="precompute feature-card examples over held-out text")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--transcoders", default=None, help="default: the bundled set")
+    p.add_argument("--corpus", default=None, help="corpus dir (default: the built corpus)")
+    p.add_argument("--tokens", type=int, default=200_000, help="held-out tokens to scan")
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="default: beside a bundle, else the cache dir")
+    p.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.set_defaults(func=_cards)
 
     args = parser.parse_args(argv)
     args.argv = argv
