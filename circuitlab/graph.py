@@ -39,6 +39,11 @@ class Graph:
         inputs: each target's input (feature pre-activation or demeaned logit); 0 otherwise.
         constants: each target's constant part: ``adjacency[t].sum() + constants[t] == inputs[t]``.
         metadata: model, transcoders and attribution settings.
+        labels: node_id -> user label.
+        supernodes: name -> node ids grouped under it.
+        pinned: node ids pinned in the explorer.
+        path: the folder the graph was loaded from or saved to (its ``labels.json``
+            sidecar keeps labels, supernodes and pins), or ``None``.
     """
 
     def __init__(self, prompt, tokens, token_strs, rows, adjacency, inputs, constants, metadata):
@@ -55,6 +60,10 @@ class Graph:
         self.inputs = inputs
         self.constants = constants
         self.metadata = dict(metadata)
+        self.labels: dict[str, str] = {}
+        self.supernodes: dict[str, list[str]] = {}
+        self.pinned: list[str] = []
+        self.path: Path | None = None
 
     def __repr__(self) -> str:
         counts = self.nodes["kind"].value_counts().to_dict()
@@ -109,9 +118,46 @@ class Graph:
         idx = keep.nonzero()[:, 0]
         adj = self.adjacency if adjacency is None else adjacency
         nodes = self.nodes.iloc[idx.numpy()].to_dict("records")
-        return Graph(self.prompt, self.tokens, self.token_strs, nodes, adj[idx][:, idx].clone(),
-                     self.inputs[idx].clone(), self.constants[idx].clone(),
-                     {**self.metadata, **metadata})
+        sub = Graph(self.prompt, self.tokens, self.token_strs, nodes, adj[idx][:, idx].clone(),
+                    self.inputs[idx].clone(), self.constants[idx].clone(),
+                    {**self.metadata, **metadata})
+        sub.annotate(self.annotations())
+        sub.path = self.path
+        return sub
+
+    # ------------------------------------------------------------------ annotations and viewing
+
+    def annotations(self) -> dict:
+        """Copies of ``labels``, ``supernodes`` and ``pinned`` (the sidecar's content)."""
+        return {"labels": dict(self.labels), "pinned": list(self.pinned),
+                "supernodes": {k: list(v) for k, v in self.supernodes.items()}}
+
+    def annotate(self, annotations: dict) -> "Graph":
+        """Set ``labels``, ``supernodes`` and ``pinned`` from a dict like ``annotations()``."""
+        from .viz.sidecar import check
+
+        doc = check(annotations, "the annotations")
+        self.labels, self.supernodes, self.pinned = doc["labels"], doc["supernodes"], doc["pinned"]
+        return self
+
+    def show(self, rm=None, **kwargs):
+        """The interactive explorer; see ``circuitlab.viz.explore``."""
+        from .viz import explore
+
+        return explore(self, rm, **kwargs)
+
+    def to_html(self, path: str | os.PathLike, rm=None, **kwargs) -> Path:
+        """A self-contained offline HTML viewer; see ``circuitlab.viz.to_html``."""
+        from .viz import to_html
+
+        return to_html(self, path, rm, **kwargs)
+
+    @classmethod
+    def from_neuronpedia(cls, doc: dict | str | os.PathLike) -> "Graph":
+        """A graph from Neuronpedia graph JSON; see ``circuitlab.viz.from_neuronpedia``."""
+        from .viz import from_neuronpedia
+
+        return from_neuronpedia(doc)
 
     # ------------------------------------------------------------------ pruning and scores
 
@@ -137,6 +183,8 @@ class Graph:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save to folder ``path`` (``graph.safetensors`` + ``graph.json``), atomically."""
+        from .viz.sidecar import write as write_sidecar
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -150,6 +198,8 @@ class Graph:
             (tmp / "graph.json").write_text(json.dumps(doc, default=float))
             for sidecar in path.glob("labels.json") if path.exists() else []:
                 shutil.copy2(sidecar, tmp / sidecar.name)  # keep the user's labels
+            if any(self.annotations().values()):
+                write_sidecar(tmp, self.annotations(), merge=True)
             if path.exists():
                 old = path.with_name(f".{path.name}.old")
                 os.replace(path, old)
@@ -160,11 +210,15 @@ class Graph:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
+        self.path = path
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Graph":
-        """Load a graph saved with ``save``."""
+        """Load a graph saved with ``save``, with the labels, supernodes and pins of its
+        ``labels.json`` sidecar."""
+        from .viz import sidecar
+
         path = Path(path)
         if not (path / "graph.json").exists() or not (path / "graph.safetensors").exists():
             raise CircuitlabError(
@@ -174,8 +228,11 @@ class Graph:
         tensors = load_file(path / "graph.safetensors")
         rows = [{k: (float("nan") if v is None and k in ("prob", "influence") else v)
                  for k, v in r.items()} for r in doc["nodes"]]
-        return cls(doc["prompt"], doc["tokens"], doc["token_strs"], rows, tensors["adjacency"],
-                   tensors["inputs"], tensors["constants"], doc["metadata"])
+        graph = cls(doc["prompt"], doc["tokens"], doc["token_strs"], rows, tensors["adjacency"],
+                    tensors["inputs"], tensors["constants"], doc["metadata"])
+        graph.annotate(sidecar.read(path))
+        graph.path = path
+        return graph
 
     def to_neuronpedia(self, path: str | os.PathLike | None = None, *, slug: str | None = None,
                        labels: dict | None = None, supernodes: list | None = None,
@@ -185,13 +242,16 @@ class Graph:
         Args:
             path: where to write the JSON (atomically); ``None`` only returns it.
             slug: the graph's slug (default derived from the prompt).
-            labels: node_id -> label ("clerp").
-            supernodes: ``[[name, node_id, ...], ...]``.
-            pinned: node ids to pin.
+            labels: node_id -> label ("clerp"); default ``self.labels``.
+            supernodes: ``[[name, node_id, ...], ...]``; default ``self.supernodes``.
+            pinned: node ids to pin; default ``self.pinned``.
         """
         from .loading import atomic_write_text
 
-        labels = labels or {}
+        labels = self.labels if labels is None else labels
+        if supernodes is None:
+            supernodes = [[name, *ids] for name, ids in self.supernodes.items()]
+        pinned = self.pinned if pinned is None else pinned
         n_layers = int(self.metadata.get("n_layers", self.nodes["layer"].max()))
         slug = slug or "-".join(self.prompt.lower().split())[:60] or "graph"
         P = len(self.tokens)

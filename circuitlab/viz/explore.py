@@ -1,0 +1,74 @@
+"""``explore``: the widget explorer where widgets work, a static figure where not."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from ..graph import Graph
+from ..loading import CircuitlabError
+
+
+def widgets_unavailable() -> str | None:
+    """Why the widget explorer cannot run here, or ``None`` if it can."""
+    try:
+        import anywidget  # noqa: F401 - Plotly's FigureWidget needs it
+        import ipywidgets  # noqa: F401
+    except ImportError as e:
+        return f"{e.name} is not installed (pip install ipywidgets anywidget)"
+    return None
+
+
+def enable_colab() -> bool:
+    """On Colab, enable the custom widget manager that Plotly's widgets need."""
+    try:
+        from google.colab import output
+    except ImportError:
+        return False
+    output.enable_custom_widget_manager()
+    return True
+
+
+def as_graph(graph) -> Graph:
+    """A ``Graph`` from a graph, a saved-graph folder or a Neuronpedia JSON file or dict."""
+    if isinstance(graph, Graph):
+        return graph
+    if isinstance(graph, dict) or str(graph).endswith(".json"):
+        return Graph.from_neuronpedia(graph)
+    if isinstance(graph, (str, os.PathLike)) and Path(graph).is_dir():
+        return Graph.load(graph)
+    raise CircuitlabError(f"Cannot explore {graph!r}: pass a Graph, a saved-graph folder or a "
+                          "Neuronpedia graph JSON file.")
+
+
+def explore(graph, rm=None, *, prune: bool = True, height: int = 560):
+    """Explore an attribution graph in the notebook.
+
+    Args:
+        graph: a ``Graph``, a saved-graph folder or a Neuronpedia graph JSON (path or dict).
+        rm: optional ``ReplacementModel``: top output tokens in hovers and feature cards.
+        prune: prune an unpruned graph once for display (``graph.prune()`` defaults);
+            the explorer's sliders prune that display graph further.
+        height: plot height in pixels.
+
+    Returns:
+        An ``Explorer`` widget (``view.selected``, ``view.pin(ids)``, ``view.group(ids,
+        name)``, ``view.label(id, text)``, ...), or, where widgets are unavailable, a
+        static Plotly figure whose title says so.
+    """
+    graph = as_graph(graph)
+    why = widgets_unavailable()
+    if why is None:
+        enable_colab()
+        from .explorer import Explorer
+
+        return Explorer(graph, rm, prune=prune, height=height)
+    from .figure import graph_figure
+    from .state import ViewState
+
+    message = f"static figure: interactive widgets unavailable ({why})"
+    warnings.warn(message, stacklevel=2)
+    fig = graph_figure(ViewState(graph, prune, rm), height=height)
+    fig.update_layout(title={"text": message, "font": {"size": 13}}, margin={"t": 40})
+    return fig

@@ -1,0 +1,292 @@
+"""What the explorer shows, without any widget: the display graph, selection, pins,
+supernodes, labels, links, connections and scores.
+
+Annotations (labels, supernodes, pins) live on the source graph (``graph.labels``,
+``graph.supernodes``, ``graph.pinned``) and are written to its ``labels.json`` sidecar
+after every change when the graph has a folder (``graph.path``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..graph import Graph
+from ..loading import CircuitlabError
+from ..prune import scores
+from . import sidecar
+from .layout import layout, visible
+from .links import shares
+
+LINK_TYPES = ("input", "output", "both")
+
+
+def node_name(row: dict, labels: dict) -> str:
+    """A node's short name: its label, else ``L{layer}/F{feature}`` and the like."""
+    if labels.get(row["node_id"]):
+        return labels[row["node_id"]]
+    return {"feature": f"L{row['layer']}/F{row['feature']}",
+            "error": f"Error L{row['layer']}",
+            "embedding": f"Emb {visible(str(row['token']))}",
+            "logit": f"Logit {visible(str(row['token']))}"}[row["kind"]]
+
+
+def output_tokens(rm, nodes: pd.DataFrame, k: int = 3, chunk: int = 128) -> dict:
+    """Per feature node id, the ``k`` tokens its decoder direction raises most (through the
+    unembedding, as on the feature card), batched over features."""
+    from ..features import unembedding
+
+    out = {}
+    feats = nodes[nodes["kind"] == "feature"]
+    W_U = unembedding(rm).detach().float()
+    for layer, group in feats.groupby("layer"):
+        W_dec = rm.transcoders[int(layer)].W_dec.detach().float()
+        for start in range(0, len(group), chunk):
+            part = group.iloc[start:start + chunk]
+            top = (W_dec[torch.tensor(part["feature"].to_numpy())] @ W_U).topk(k).indices
+            for node_id, ids in zip(part["node_id"], top.tolist()):
+                out[node_id] = [rm.tokenizer.decode([i]) for i in ids]
+    return out
+
+
+class ViewState:
+    """The explorer's state and logic.
+
+    Args:
+        graph: the graph to show (its annotations are edited in place).
+        prune: prune an unpruned graph once for display (default thresholds); the
+            thresholds then prune this display base further.
+        rm: optional ``ReplacementModel`` for top output tokens and feature cards.
+    """
+
+    def __init__(self, graph: Graph, prune: bool = True, rm=None):
+        self.source = graph
+        self.rm = rm
+        self.base = graph.prune() if prune and not graph.metadata.get("pruned") else graph
+        self.link_type = "both"
+        self.selected: str | None = None
+        self.outputs = output_tokens(rm, self.base.nodes) if rm is not None else {}
+        self.set_thresholds(1.0, 1.0)
+
+    # ------------------------------------------------------------------ display graph
+
+    def set_thresholds(self, node_threshold: float, edge_threshold: float) -> None:
+        """Prune the display base to these thresholds (1 and 1 show all of it)."""
+        self.node_threshold, self.edge_threshold = float(node_threshold), float(edge_threshold)
+        full = self.node_threshold >= 1 and self.edge_threshold >= 1
+        self.shown = self.base if full else self.base.prune(self.node_threshold, self.edge_threshold)
+        self.ids = self.shown.nodes["node_id"].tolist()
+        self.row = {n: i for i, n in enumerate(self.ids)}
+        n_layers = int(self.shown.metadata.get("n_layers", self.shown.nodes["layer"].max()))
+        self.layout = layout(self.shown.nodes, self.shown.token_strs, n_layers)
+        self.share = shares(self.shown.adjacency)
+        if self.selected not in self.row:
+            self.selected = None
+
+    def counts(self) -> dict:
+        """Nodes and edges shown and in the display base."""
+        return {"nodes": len(self.ids), "edges": self.shown.n_edges,
+                "base_nodes": len(self.base.nodes), "base_edges": self.base.n_edges}
+
+    def scores(self) -> dict:
+        """Replacement and completeness of the shown graph and of the pinned subgraph
+        (pinned nodes plus logits; ``None`` without pins)."""
+        out = {"graph": scores(self.shown), "pinned": None}
+        pinned = [self.row[n] for n in self.pinned if n in self.row]
+        if pinned:
+            mask = self.shown.mask("logit").clone()
+            mask[pinned] = True
+            out["pinned"] = scores(self.shown, nodes=mask)
+        return out
+
+    # ------------------------------------------------------------------ selection and pins
+
+    def check_ids(self, ids) -> list[str]:
+        """``ids`` (one id or several) as a list, each a node of the source graph."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        known = set(self.source.nodes["node_id"])
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise CircuitlabError(f"Unknown node id(s) {unknown}; see graph.nodes.node_id.")
+        return ids
+
+    def select(self, node_id: str | None) -> None:
+        """Select a shown node (``None`` clears the selection)."""
+        if node_id is not None and node_id not in self.row:
+            self.check_ids(node_id)
+            raise CircuitlabError(
+                f"Node {node_id!r} is pruned away at these thresholds; raise the node and edge "
+                "thresholds to show it.")
+        self.selected = node_id
+
+    @property
+    def pinned(self) -> list[str]:
+        return self.source.pinned
+
+    def pin(self, ids) -> None:
+        """Pin nodes (they join the subgraph and show their links)."""
+        self.source.pinned.extend(i for i in self.check_ids(ids) if i not in self.source.pinned)
+        self.save()
+
+    def unpin(self, ids) -> None:
+        """Unpin nodes."""
+        drop = set(self.check_ids(ids))
+        self.source.pinned[:] = [i for i in self.source.pinned if i not in drop]
+        self.save()
+
+    # ------------------------------------------------------------------ supernodes and labels
+
+    @property
+    def supernodes(self) -> dict:
+        return self.source.supernodes
+
+    @property
+    def labels(self) -> dict:
+        return self.source.labels
+
+    def group(self, ids, name: str) -> None:
+        """Group nodes into the supernode ``name`` (they are pinned too)."""
+        ids = list(dict.fromkeys(self.check_ids(ids)))
+        if not ids:
+            raise CircuitlabError("A supernode needs at least one node; pin some and group them.")
+        if not isinstance(name, str) or not name.strip():
+            raise CircuitlabError("A supernode needs a non-empty name.")
+        if name in self.supernodes:
+            raise CircuitlabError(f"A supernode {name!r} exists already; pick another name or "
+                                  "ungroup it first.")
+        taken = {i: s for s, members in self.supernodes.items() for i in members}
+        if any(i in taken for i in ids):
+            clash = {i: taken[i] for i in ids if i in taken}
+            raise CircuitlabError(f"Nodes already in a supernode: {clash}; ungroup those first.")
+        self.supernodes[name] = ids
+        self.pin(ids)
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename supernode ``old`` to ``new``."""
+        members = self.ungroup(old)
+        try:
+            self.group(members, new)
+        except CircuitlabError:
+            self.supernodes[old] = members
+            self.save()
+            raise
+
+    def ungroup(self, name: str) -> list[str]:
+        """Dissolve supernode ``name`` (its nodes stay pinned); returns its members."""
+        if name not in self.supernodes:
+            raise CircuitlabError(f"No supernode {name!r}; supernodes: {sorted(self.supernodes)}.")
+        members = self.supernodes.pop(name)
+        self.save()
+        return members
+
+    def label(self, node_id: str, text: str) -> None:
+        """Label a node (an empty text removes the label)."""
+        self.check_ids(node_id)
+        if text.strip():
+            self.labels[node_id] = text.strip()
+        else:
+            self.labels.pop(node_id, None)
+        self.save()
+
+    def save(self) -> None:
+        """Write the sidecar if the graph has a folder."""
+        if self.source.path is not None:
+            sidecar.write(self.source.path, self.source.annotations())
+
+    # ------------------------------------------------------------------ links and connections
+
+    def names(self) -> list[str]:
+        """Short names of the shown nodes."""
+        return [node_name(r, self.labels) for r in self.shown.nodes.to_dict("records")]
+
+    def focus(self) -> list[int]:
+        """Rows of the selected and pinned shown nodes."""
+        ids = ([self.selected] if self.selected else []) + self.pinned
+        return sorted({self.row[i] for i in ids if i in self.row})
+
+    def links(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(sources, targets, shares)`` of the links of the focused nodes (by link type)."""
+        focus = torch.zeros(len(self.ids), dtype=torch.bool)
+        focus[self.focus()] = True
+        adj = self.shown.adjacency != 0
+        keep = torch.zeros_like(adj)
+        if self.link_type in ("input", "both"):
+            keep |= adj & focus[:, None]
+        if self.link_type in ("output", "both"):
+            keep |= adj & focus[None, :]
+        t, s = keep.nonzero(as_tuple=True)
+        return s.numpy(), t.numpy(), self.share[t, s].numpy()
+
+    def neighbour_shares(self) -> dict[int, float]:
+        """Row -> share of its link with the selected node (inputs, then outputs win)."""
+        if self.selected is None:
+            return {}
+        i = self.row[self.selected]
+        out = {}
+        for j in self.shown.adjacency[i].nonzero()[:, 0].tolist():
+            out[j] = float(self.share[i, j])
+        for j in self.shown.adjacency[:, i].nonzero()[:, 0].tolist():
+            out[j] = float(self.share[j, i])
+        return out
+
+    def connections(self, node_id: str, limit: int = 25) -> dict:
+        """The inputs and outputs of ``node_id``, each split into positive and negative.
+
+        Returns:
+            ``{"input": {"positive": rows, "negative": rows}, "output": {...}}``; rows are
+            dicts ``node_id, name, layer, weight, other_pos`` sorted by ``|weight|``.
+        """
+        i = self.row[node_id]
+        nodes = self.shown.nodes
+        names = self.names()
+        out = {}
+        for side, weights in (("input", self.shown.adjacency[i]),
+                              ("output", self.shown.adjacency[:, i])):
+            idx = weights.nonzero()[:, 0]
+            w = weights[idx]
+            order = torch.argsort(w.abs(), descending=True)
+            rows = [{"node_id": self.ids[j], "name": names[j], "layer": int(nodes["layer"][j]),
+                     "weight": float(v), "other_pos": int(nodes["pos"][j]) != int(nodes["pos"][i])}
+                    for j, v in zip(idx[order].tolist(), w[order].tolist())]
+            out[side] = {"positive": [r for r in rows if r["weight"] > 0][:limit],
+                         "negative": [r for r in rows if r["weight"] < 0][:limit]}
+        return out
+
+    # ------------------------------------------------------------------ subgraph
+
+    def units(self) -> list[tuple[str, list[int]]]:
+        """The subgraph's units: supernodes (shown members) and other pinned shown nodes."""
+        grouped = {i for members in self.supernodes.values() for i in members}
+        out = [(name, [self.row[i] for i in members if i in self.row])
+               for name, members in self.supernodes.items()]
+        out += [(i, [self.row[i]]) for i in self.pinned if i in self.row and i not in grouped]
+        return [(name, rows) for name, rows in out if rows]
+
+    def subgraph(self) -> tuple[list[dict], list[dict]]:
+        """Pinned nodes with supernodes merged, and the aggregated edges between them.
+
+        Returns:
+            ``(units, edges)``: units are dicts ``name, members, x, y, supernode``; edges
+            are dicts ``source, target`` (unit indices), ``weight`` (the sum of member
+            edges) and ``share`` (of the target members' total absolute input).
+        """
+        adj = self.shown.adjacency
+        total = adj.abs().sum(1)
+        names = self.names()
+        units, edges = [], []
+        for name, rows in self.units():
+            units.append({"name": name if name in self.supernodes else names[rows[0]],
+                          "node_id": None if name in self.supernodes else name,
+                          "members": [self.ids[r] for r in rows],
+                          "x": float(np.mean(self.layout.x[rows])),
+                          "y": float(np.mean(self.layout.y[rows])),
+                          "supernode": name in self.supernodes})
+        groups = [torch.tensor(rows) for _, rows in self.units()]
+        for t, tg in enumerate(groups):
+            for s, sg in enumerate(groups):
+                w = float(adj[tg][:, sg].sum())
+                if s != t and w != 0:
+                    edges.append({"source": s, "target": t, "weight": w,
+                                  "share": w / max(float(total[tg].sum()), 1e-30)})
+        return units, edges
