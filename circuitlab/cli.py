@@ -99,7 +99,8 @@ def _cards(args) -> None:
     rm = circuitlab.load(model, args.transcoders)
     command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     path = build_examples(rm, args.corpus, tokens=args.tokens, context=args.context,
-                          batch_size=args.batch_size, out=args.out, command=command)
+                          batch_size=args.batch_size, out=args.out, n_top=args.top,
+                          per_band=args.per_band, command=command)
     size = path.stat().st_size / 1e6
     print(f"Wrote {path} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s")
 
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=200_000, help="held-out tokens to scan")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--top", type=int, default=10, help="top contexts per feature")
+    p.add_argument("--per-band", type=int, default=2,
+                   help="contexts sampled per lower activation band")
     p.add_argument("--out", default=None, help="default: beside a bundle, else the cache dir")
     p.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.set_defaults(func=_cards)

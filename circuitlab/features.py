@@ -33,8 +33,11 @@ from .replacement import mlp_io
 
 #: Context window stored per example: tokens before the max, the max, tokens after.
 LEFT, RIGHT = 11, 4
-#: Top contexts per feature, then ``PER_BAND`` sampled from each band of its max activation.
+#: Top contexts per feature, then ``PER_BAND`` sampled from each band of its max activation
+#: (the defaults of ``build_examples``).
 N_TOP, PER_BAND = 10, 2
+#: Size budget of a cards file stored beside a bundled transcoder set in ``data/``.
+BUNDLED_MAX_BYTES = 12_000_000
 BANDS = ((0.5, 0.75), (0.25, 0.5), (0.0, 0.25))
 #: Bins of the activation histogram (equal width from 0 to the feature's max).
 N_BINS = 12
@@ -134,8 +137,9 @@ class Examples:
         tokens: ``[N]`` token ids of the held-out sequences, back to back (BOS first in each).
         starts: ``[S + 1]`` offsets of the sequences in ``tokens``.
         centers: ``[L, F, K]`` index into ``tokens`` of each context's max (-1: none).
-        acts: ``[L, F, K, LEFT + 1 + RIGHT]`` the feature's activations around each center,
-            in units of ``max_act / 255``.
+        acts: ``[L, F, K, W]`` the feature's activations in the window of ``W`` tokens
+            around each center (``meta["window"]`` before and after it), in units of
+            ``max_act / 255``.
         max_act, total: ``[L, F]`` largest and summed activation on held-out text.
         hist: ``[L, F, N_BINS]`` counts of nonzero activations in equal bins of ``[0, max_act]``.
         meta: the build's metadata (keys, command, corpus, token count, vocabulary).
@@ -177,14 +181,15 @@ class Examples:
         if center < 0:
             return None
         seq = int(torch.searchsorted(self.starts, center, right=True)) - 1
-        lo = max(center - LEFT, int(self.starts[seq]) + 1)
-        hi = min(center + RIGHT + 1, int(self.starts[seq + 1]))
+        left, right = self.meta["window"]
+        lo = max(center - left, int(self.starts[seq]) + 1)
+        hi = min(center + right + 1, int(self.starts[seq + 1]))
         scale = float(self.max_act[layer, feature]) / 255
-        q = self.acts[layer, feature, slot, lo - center + LEFT: hi - center + LEFT]
+        q = self.acts[layer, feature, slot, lo - center + left: hi - center + left]
         return {"quantile": self.groups()[slot],
                 "tokens": [self.token_str(t) for t in self.tokens[lo:hi].tolist()],
                 "acts": [v * scale for v in q.tolist()],
-                "max": int(self.acts[layer, feature, slot, LEFT]) * scale,
+                "max": int(self.acts[layer, feature, slot, left]) * scale,
                 "center": center - lo}
 
     def contexts(self, layer: int, feature: int) -> list[dict]:
@@ -311,7 +316,8 @@ def _first_per_group(keys: torch.Tensor, n: int) -> torch.Tensor:
     return order[_rank_in_group(keys[order]) < n]
 
 
-def _summarize_layer(idx, feat, act, n_features: int, n_tokens: int, seed: int) -> dict:
+def _summarize_layer(idx, feat, act, n_features: int, n_tokens: int, seed: int, n_top: int,
+                     per_band: int) -> dict:
     """Max, sum, histogram and selected contexts of every feature of one layer."""
     feat, act, idx = feat.long(), act.float(), idx.long()
     max_act = torch.zeros(n_features).scatter_reduce(0, feat, act, "amax")
@@ -324,7 +330,7 @@ def _summarize_layer(idx, feat, act, n_features: int, n_tokens: int, seed: int) 
     by_act = torch.argsort(act, descending=True, stable=True)
     cand = by_act[_first_per_group(feat[by_act] * (n_tokens // width + 1) + idx[by_act] // width, 1)]
     cand = cand[torch.argsort(act[cand], descending=True, stable=True)]
-    top = _first_per_group(feat[cand], N_TOP)
+    top = _first_per_group(feat[cand], n_top)
     picks = [(feat[cand[top]], cand[top], 0)]
     rest = torch.ones(len(act), dtype=torch.bool)
     rest[cand[top]] = False
@@ -332,17 +338,17 @@ def _summarize_layer(idx, feat, act, n_features: int, n_tokens: int, seed: int) 
     for b, (lo, hi) in enumerate(BANDS):
         pool = cand[rest[cand] & (rel[cand] >= lo) & (rel[cand] < hi)]
         pool = pool[torch.randperm(len(pool), generator=g)]
-        chosen = pool[_first_per_group(feat[pool], PER_BAND)]
-        picks.append((feat[chosen], chosen, N_TOP + b * PER_BAND))
+        chosen = pool[_first_per_group(feat[pool], per_band)]
+        picks.append((feat[chosen], chosen, n_top + b * per_band))
+    K = n_top + per_band * len(BANDS)
     return {"max_act": max_act, "total": total, "hist": hist.int(),
-            **_windows(picks, idx, feat, act, max_act, n_features, n_tokens)}
+            **_windows(picks, idx, feat, act, max_act, (n_features, K), n_tokens)}
 
 
-def _windows(picks, idx, feat, act, max_act, n_features: int, n_tokens: int) -> dict:
+def _windows(picks, idx, feat, act, max_act, shape: tuple[int, int], n_tokens: int) -> dict:
     """Centers ``[F, K]`` and quantised activation windows ``[F, K, W]`` of the picks."""
-    K, W = N_TOP + PER_BAND * len(BANDS), LEFT + 1 + RIGHT
-    centers = torch.full((n_features, K), -1, dtype=torch.int32)
-    windows = torch.zeros(n_features, K, W, dtype=torch.uint8)
+    centers = torch.full(shape, -1, dtype=torch.int32)
+    windows = torch.zeros(*shape, LEFT + 1 + RIGHT, dtype=torch.uint8)
     key = feat * n_tokens + idx
     order = torch.argsort(key)
     sorted_key = key[order]
@@ -358,17 +364,27 @@ def _windows(picks, idx, feat, act, max_act, n_features: int, n_tokens: int) -> 
     return {"centers": centers, "acts": windows}
 
 
+def estimate_bytes(rm, tokens: int, n_top: int = N_TOP, per_band: int = PER_BAND) -> int:
+    """Roughly how large ``build_examples`` output is (the vocabulary text estimated)."""
+    K = n_top + per_band * len(BANDS)
+    per_feature = K * (4 + LEFT + 1 + RIGHT) + 4 * N_BINS + 8
+    return sum(rm.d_sae(l) for l in range(rm.n_layers)) * per_feature + 6 * tokens
+
+
 def build_examples(rm, corpus=None, *, tokens: int = 200_000, context: int = 128,
-                   batch_size: int = 16, out: str | os.PathLike | None = None, seed: int = 0,
-                   command: str | None = None, progress: bool = True) -> Path:
+                   batch_size: int = 16, out: str | os.PathLike | None = None,
+                   n_top: int = N_TOP, per_band: int = PER_BAND, seed: int = 0,
+                   max_bytes: int | None = None, command: str | None = None,
+                   progress: bool = True) -> Path:
     """Precompute feature-card examples over held-out text and write them atomically.
 
     Runs the model over the held-out split of ``corpus`` (stopping after the last
-    transcoder layer) and stores, per feature: the ``N_TOP`` top-activating contexts, then
-    ``PER_BAND`` contexts sampled from each band of ``BANDS`` (shares of its max
-    activation), each ``LEFT + 1 + RIGHT`` tokens around its max with the feature's
-    activations quantised to uint8; a histogram of its nonzero activations; its max and
-    summed activation. Token ids are stored once, with the text of each distinct id.
+    transcoder layer) and stores, per feature: its ``n_top`` top-activating contexts (one
+    per window-sized chunk of text), then ``per_band`` contexts sampled from each band of
+    ``BANDS`` (shares of its max activation), each ``LEFT + 1 + RIGHT`` tokens around its
+    max with the feature's activations quantised to uint8; a histogram of its nonzero
+    activations; its max and summed activation. Token ids are stored once, with the text
+    of each distinct id.
 
     Args:
         rm: the ``ReplacementModel`` (a bf16 model is fine; activations are encoded in the
@@ -378,7 +394,10 @@ def build_examples(rm, corpus=None, *, tokens: int = 200_000, context: int = 128
         context: sequence length (BOS included).
         batch_size: sequences per forward pass.
         out: the file to write (default ``cards_path(rm)``).
+        n_top, per_band: contexts per feature (see above).
         seed: seed of the band sampling.
+        max_bytes: refuse settings whose output would be larger (default
+            ``BUNDLED_MAX_BYTES`` for a file in ``data/``, else no limit).
         command: the command line to record.
         progress: show a progress bar.
 
@@ -386,35 +405,51 @@ def build_examples(rm, corpus=None, *, tokens: int = 200_000, context: int = 128
         The path written.
     """
     corpus = Path(corpus) if corpus is not None else cache_dir() / "corpus"
-    if tokens < 1 or context < 2:
-        raise CircuitlabError(f"Need tokens >= 1 and context >= 2 (got {tokens}, {context}).")
+    out = Path(out) if out is not None else cards_path(rm)
+    if tokens < 1 or context < 2 or n_top < 1 or per_band < 0:
+        raise CircuitlabError(f"Need tokens >= 1, context >= 2, n_top >= 1 and per_band >= 0 "
+                              f"(got {tokens}, {context}, {n_top}, {per_band}).")
+    _check_budget(rm, out, tokens, n_top, per_band, max_bytes)
     t0 = time.perf_counter()
     seqs = held_out_sequences(rm.tokenizer, corpus, tokens, context)
     found = _collect(rm, seqs, batch_size, progress)
     flat = torch.cat(seqs)
-    parts = [_summarize_layer(*layer_found, rm.d_sae(layer), len(flat), seed + layer)
+    parts = [_summarize_layer(*layer_found, rm.d_sae(layer), len(flat), seed + layer, n_top, per_band)
              for layer, layer_found in enumerate(found)]
     tensors = {k: torch.stack([p[k] for p in parts]).contiguous() for k in parts[0]}
     tensors["tokens"] = flat.int()
     tensors["starts"] = torch.cumsum(torch.tensor([0] + [len(s) for s in seqs]), 0).int()
-    meta = _metadata(rm, corpus, seqs, flat, seed, command, time.perf_counter() - t0)
-    out = Path(out) if out is not None else cards_path(rm)
-    _atomic_save(tensors, meta, out)
+    settings = {"seed": seed, "n_top": n_top, "per_band": per_band, "context": context}
+    _atomic_save(tensors, _metadata(rm, corpus, seqs, settings, command, time.perf_counter() - t0), out)
     return out
 
 
-def _metadata(rm, corpus: Path, seqs, flat: torch.Tensor, seed: int, command, seconds: float) -> dict:
+def _check_budget(rm, out: Path, tokens: int, n_top: int, per_band: int, max_bytes) -> None:
+    """Refuse settings whose output would exceed ``max_bytes`` (default: the ``data/`` budget
+    for files stored there)."""
+    in_data = out.resolve().is_relative_to(BUNDLE_DIR.parent.resolve())
+    limit = max_bytes or (BUNDLED_MAX_BYTES if in_data else None)
+    size = estimate_bytes(rm, tokens, n_top, per_band)
+    if limit is not None and size > limit:
+        raise CircuitlabError(
+            f"The cards file would take about {size / 1e6:.1f} MB, over the {limit / 1e6:.0f} MB "
+            "budget; lower --tokens, --top or --per-band, or write it elsewhere with --out.")
+
+
+def _metadata(rm, corpus: Path, seqs, settings: dict, command, seconds: float) -> dict:
     """The JSON header of an examples file."""
     bundle = _bundle_name(rm)
     manifest = corpus / "manifest.json"
-    groups = ["top"] * N_TOP + [f"{lo:.2f}-{hi:.2f} of max" for lo, hi in BANDS for _ in range(PER_BAND)]
+    flat = torch.cat(seqs)
+    groups = ["top"] * settings["n_top"] + [
+        f"{lo:.2f}-{hi:.2f} of max" for lo, hi in BANDS for _ in range(settings["per_band"])]
     return {
         "format": FORMAT, "model": rm.name, "transcoders": str(rm.transcoder_source),
         "transcoder_sha256": transcoder_key(rm),
         "manifest_sha256": manifest_key(bundle) if bundle else None,
         "command": command, "corpus": str(corpus), "split": "heldout",
         "corpus_manifest_sha256": sha256(manifest) if manifest.exists() else None,
-        "n_tokens": int(len(flat) - len(seqs)), "n_sequences": len(seqs), "seed": seed,
+        "n_tokens": int(len(flat) - len(seqs)), "n_sequences": len(seqs), **settings,
         "window": [LEFT, RIGHT], "groups": groups, "bands": BANDS, "seconds": round(seconds, 1),
         "vocab": {str(t): rm.tokenizer.decode([t]) for t in torch.unique(flat).tolist()},
     }
@@ -651,12 +686,29 @@ def features_for(rm, prompt, token_or_text: str | None = None, layer=None, pos=N
     return df
 
 
+_UNEMBED_STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _unembed_stats(rm, norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_U, mean, cov)``: the (norm-scaled) unembedding, the mean of its columns and
+    their covariance ``[d, d]``, cached per model."""
+    stats = _UNEMBED_STATS.setdefault(rm, {})
+    if norm not in stats:
+        U = unembedding(rm, norm).detach().float()
+        mean = U.mean(1)
+        stats[norm] = (U, mean, U @ U.T / U.shape[1] - torch.outer(mean, mean))
+    return stats[norm]
+
+
 def features_by_output(rm, token, layer=None, top: int = 20, norm: bool = True) -> pd.DataFrame:
     """The features whose decoder direction most raises a token's logit.
 
-    The score is the direct effect per unit activation, ``W_dec[f] @ W_U[:, token]`` (with
-    ``W_U`` scaled by the final norm's weight when ``norm``); effects through later layers
-    are not included.
+    A feature's direct effect on the logits per unit activation is ``W_dec[f] @ W_U`` (with
+    ``W_U`` scaled by the final norm's weight when ``norm``; paths through later layers are
+    not included). Features are ranked by how far the token's effect stands above the
+    feature's mean effect over the vocabulary, in standard deviations of that effect: a
+    scale-free score, so large decoder norms (early layers) do not dominate, and a feature
+    whose top output token is ``token`` ranks high.
 
     Args:
         rm: the ``ReplacementModel``.
@@ -666,15 +718,19 @@ def features_by_output(rm, token, layer=None, top: int = 20, norm: bool = True) 
         norm: apply the final norm's weight.
 
     Returns:
-        DataFrame ``layer, feature, score, token`` (plus ``frequency, max_activation`` when
-        examples are cached), best first.
+        DataFrame ``layer, feature, score, token, logit_effect`` (``score`` is the
+        standardized effect, ``logit_effect`` the raw one; plus ``frequency,
+        max_activation`` when examples are cached), best first.
     """
     t = token_id(rm, token)
     layers = _layers(rm, layer)
-    u = unembedding(rm, norm)[:, t]
-    score = torch.stack([rm.transcoders[l].W_dec.detach() @ u.to(rm.transcoders[l].W_dec.dtype)
-                         for l in layers])
-    df = _ranked(rm, layers, score, top)
+    U, mean, cov = _unembed_stats(rm, norm)
+    effect, z = [], []
+    for l in layers:
+        d = rm.transcoders[l].W_dec.detach().float()
+        effect.append(d @ U[:, t])
+        z.append((effect[-1] - d @ mean) / ((d @ cov) * d).sum(1).clamp_min(1e-30).sqrt())
+    df = _ranked(rm, layers, torch.stack(z), top, logit_effect=torch.stack(effect))
     df.insert(3, "token", rm.tokenizer.decode([t]))
     return df
 

@@ -117,14 +117,17 @@ def test_output_tokens_brute_force(tiny_rm):
 
 def test_features_by_output_brute_force(tiny_rm, no_cache):
     t = tiny_rm.tokenizer.encode("q", add_special_tokens=False)[0]
-    u = tiny_rm.model.W_U[:, t] * tiny_rm.model.ln_final.w
-    scores = torch.stack([tc.W_dec @ u for tc in tiny_rm.transcoders])
+    W_U = tiny_rm.model.W_U * tiny_rm.model.ln_final.w[:, None]
+    effects = torch.stack([tc.W_dec @ W_U for tc in tiny_rm.transcoders])  # [L, F, vocab]
+    z = (effects[..., t] - effects.mean(-1)) / effects.std(-1, unbiased=False)
     df = F.features_by_output(tiny_rm, "q", top=7)
-    best = scores.flatten().topk(7)
-    assert list(zip(df.layer, df.feature)) == [divmod(int(i), scores.shape[1]) for i in best.indices]
-    assert df.score.tolist() == pytest.approx(best.values.tolist(), rel=1e-5)
+    best = z.flatten().topk(7)
+    assert list(zip(df.layer, df.feature)) == [divmod(int(i), z.shape[1]) for i in best.indices]
+    assert df.score.tolist() == pytest.approx(best.values.tolist(), rel=1e-4)
+    assert df.logit_effect.tolist() == pytest.approx(
+        [float(effects[l, f, t]) for l, f in zip(df.layer, df.feature)], rel=1e-5)
     one = F.features_by_output(tiny_rm, t, layer=2, top=3)
-    assert set(one.layer) == {2} and one.score.iloc[0] == pytest.approx(float(scores[2].max()), rel=1e-5)
+    assert set(one.layer) == {2} and one.score.iloc[0] == pytest.approx(float(z[2].max()), rel=1e-4)
 
 
 def test_features_for_matches_encode(tiny_rm, no_cache):
@@ -181,6 +184,18 @@ def test_bad_inputs(tiny_rm, no_cache):
             call()
 
 
+def test_build_settings_and_budget(tiny_rm, corpus, tmp_path):
+    out = tmp_path / "small.safetensors"
+    F.build_examples(tiny_rm, corpus, tokens=100, context=16, out=out, n_top=3, per_band=1, progress=False)
+    examples = F.read_examples(out)
+    assert examples.centers.shape[-1] == 6 and examples.groups()[:4] == ["top"] * 3 + ["0.50-0.75 of max"]
+    assert examples.n_tokens == 100 and examples.meta["context"] == 16
+    with pytest.raises(circuitlab.CircuitlabError, match="budget"):
+        F.build_examples(tiny_rm, corpus, out=out, max_bytes=1000)
+    with pytest.raises(circuitlab.CircuitlabError, match="heldout"):
+        F.build_examples(tiny_rm, tmp_path / "nowhere", out=out)
+
+
 def test_card_without_cache_never_fails(tiny_rm, no_cache):
     card = F.feature_card(tiny_rm, 0, 3)
     assert card.message == F.NO_EXAMPLES and card.contexts == [] and len(card.top_tokens) == 10
@@ -220,3 +235,61 @@ def test_suggest_supernodes(tiny_rm, graphs):
     everything = F.suggest_supernodes(graph, top=12, threshold=-1.0)
     assert len(everything) == 1 and len(next(iter(everything.values()))) == 12
     assert F.suggest_supernodes(graph, tiny_rm, top=12, threshold=1.01) == {}
+
+
+# ----------------------------------------------------------------------------- embedded model
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return circuitlab.load("gemma-3-270m")
+
+
+@pytest.mark.slow
+def test_bundled_cards_are_fresh_and_small(gemma):
+    path = F.cards_path(gemma)
+    assert path.parent == F.BUNDLE_DIR and path.stat().st_size <= 12_000_000
+    examples, why = F.find_examples(gemma)
+    assert why is None, "rebuild the bundled cards with `circuitlab cards`"
+    assert examples.meta["command"].startswith("circuitlab cards") and examples.n_tokens >= 100_000
+    layer, feature = 9, int(examples.frequency()[9].argmax())
+    card = F.feature_card(gemma, layer, feature, tokens="I live in Dallas")
+    assert card.message is None and len(card.contexts) >= F.N_TOP and card.prompt_activation is not None
+    cached_only = F.feature_card(None, layer, feature)
+    assert cached_only.contexts == card.contexts and cached_only.top_tokens == []
+
+
+@pytest.mark.slow
+def test_search_on_embedded(gemma):
+    df = F.features_for(gemma, "I moved to Dallas last year", " Dallas", layer=range(4, 14))
+    assert (df.token == " Dallas").all() and df.layer.between(4, 13).all() and len(df) == 20
+    out = F.features_by_output(gemma, " large", top=5)
+    assert len(out) == 5 and (out.score > 3).all()
+
+
+@pytest.fixture(scope="module")
+def sanity_report(gemma):
+    from circuitlab.train.sanity import sanity
+
+    return sanity(gemma)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("concept", ["texas", "small"])
+def test_interpretability_sanity(sanity_report, concept):
+    """Issue 3: a middle-layer feature, found by code, whose top held-out contexts are
+    mostly the concept's tokens (for "small": one shared by small/petit/pequeño)."""
+    result = sanity_report[concept]
+    best = result["best"]
+    assert result["passed"], f"no selective {concept} feature; best candidate: {best}"
+
+
+@pytest.mark.slow
+def test_cards_command(tmp_path, capsys):
+    from circuitlab.cli import main
+
+    out = tmp_path / "cards.safetensors"
+    assert main(["cards", "--tokens", "300", "--context", "64", "--out", str(out)]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    examples = F.read_examples(out)
+    assert examples.n_tokens == 300 and "--tokens 300" in examples.meta["command"]
