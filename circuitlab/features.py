@@ -272,33 +272,46 @@ def held_out_sequences(tokenizer, corpus, n_tokens: int, context: int) -> list[t
     return seqs
 
 
-def _collect(rm, seqs: list[torch.Tensor], batch_size: int, progress: bool) -> list[tuple]:
-    """Every nonzero activation on ``seqs``: per layer ``(token index, feature, act)``.
+#: How ``_collect`` spills each layer's nonzero activations to disk: name and dtype.
+SPILL = (("idx", np.int32), ("feat", np.int16), ("act", np.float16))
 
-    Token indices point into ``torch.cat(seqs)``; BOS positions and padding are skipped.
+
+def _collect(rm, seqs: list[torch.Tensor], batch_size: int, folder: Path, progress: bool) -> None:
+    """Write every nonzero activation on ``seqs`` to ``folder``: per layer, the token index
+    (into ``torch.cat(seqs)``), feature and activation, one file each (see ``SPILL``), so
+    memory stays flat however many tokens are scanned. BOS positions and padding are skipped.
     """
+    from contextlib import ExitStack
+
     from tqdm.auto import tqdm
 
     pad = rm.tokenizer.pad_token_id or 0
-    found = [[] for _ in range(rm.n_layers)]
     offset = 0
-    for i in tqdm(range(0, len(seqs), batch_size), desc="cards", disable=not progress):
-        batch = seqs[i:i + batch_size]
-        lens = torch.tensor([len(s) for s in batch])
-        tokens = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=pad)
-        valid = torch.arange(tokens.shape[1])[None] < lens[:, None]
-        valid[:, 0] = False
-        index = torch.cumsum(torch.cat([torch.tensor([0]), lens[:-1]]), 0)[:, None] + offset
-        index = (index + torch.arange(tokens.shape[1])[None])[valid].int()
-        mlp_in, _ = mlp_io(rm.model, tokens)
-        for layer in range(rm.n_layers):
-            tc = rm.transcoders[layer]
-            with torch.no_grad():
-                acts = rm.encode(layer, mlp_in[layer][valid].to(tc.W_enc.dtype))
-            row, feat = acts.nonzero(as_tuple=True)
-            found[layer].append((index[row], feat.short(), acts[row, feat].half()))
-        offset += int(lens.sum())
-    return [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in found]
+    with ExitStack() as stack:
+        sinks = [[stack.enter_context(open(folder / f"{l}.{name}", "wb")) for name, _ in SPILL]
+                 for l in range(rm.n_layers)]
+        for i in tqdm(range(0, len(seqs), batch_size), desc="cards", disable=not progress):
+            batch = seqs[i:i + batch_size]
+            lens = torch.tensor([len(s) for s in batch])
+            tokens = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=pad)
+            valid = torch.arange(tokens.shape[1])[None] < lens[:, None]
+            valid[:, 0] = False
+            index = torch.cumsum(torch.cat([torch.tensor([0]), lens[:-1]]), 0)[:, None] + offset
+            index = (index + torch.arange(tokens.shape[1])[None])[valid]
+            mlp_in, _ = mlp_io(rm.model, tokens)
+            for layer, files in enumerate(sinks):
+                with torch.no_grad():
+                    acts = rm.encode(layer, mlp_in[layer][valid].to(rm.transcoders[layer].W_enc.dtype))
+                row, feat = acts.nonzero(as_tuple=True)
+                for f, values, (_, dtype) in zip(files, (index[row], feat, acts[row, feat]), SPILL):
+                    f.write(values.numpy().astype(dtype).tobytes())
+            offset += int(lens.sum())
+
+
+def _spilled(folder: Path, layer: int) -> list[torch.Tensor]:
+    """One layer's ``(token index, feature, act)`` written by ``_collect``."""
+    return [torch.from_numpy(np.fromfile(folder / f"{layer}.{name}", dtype=dtype))
+            for name, dtype in SPILL]
 
 
 def _rank_in_group(keys: torch.Tensor) -> torch.Tensor:
@@ -412,10 +425,11 @@ def build_examples(rm, corpus=None, *, tokens: int = 200_000, context: int = 128
     _check_budget(rm, out, tokens, n_top, per_band, max_bytes)
     t0 = time.perf_counter()
     seqs = held_out_sequences(rm.tokenizer, corpus, tokens, context)
-    found = _collect(rm, seqs, batch_size, progress)
     flat = torch.cat(seqs)
-    parts = [_summarize_layer(*layer_found, rm.d_sae(layer), len(flat), seed + layer, n_top, per_band)
-             for layer, layer_found in enumerate(found)]
+    with tempfile.TemporaryDirectory(prefix="circuitlab-cards-") as tmp:
+        _collect(rm, seqs, batch_size, Path(tmp), progress)
+        parts = [_summarize_layer(*_spilled(Path(tmp), layer), rm.d_sae(layer), len(flat),
+                                  seed + layer, n_top, per_band) for layer in range(rm.n_layers)]
     tensors = {k: torch.stack([p[k] for p in parts]).contiguous() for k in parts[0]}
     tensors["tokens"] = flat.int()
     tensors["starts"] = torch.cumsum(torch.tensor([0] + [len(s) for s in seqs]), 0).int()

@@ -7,6 +7,7 @@ transcoders and their cached examples (including the interpretability sanity che
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -293,3 +294,17 @@ def test_cards_command(tmp_path, capsys):
     assert "Wrote" in capsys.readouterr().out
     examples = F.read_examples(out)
     assert examples.n_tokens == 300 and "--tokens 300" in examples.meta["command"]
+
+
+def test_sanity_helpers(tiny_rm, cached):
+    from circuitlab.train.sanity import middle_layers, occurrences, selectivity
+
+    layer, feature = divmod(int(cached.max_act.argmax()), tiny_rm.d_sae(0))
+    share, tokens = selectivity(cached, layer, feature, r".*")
+    assert share == 1.0 and len(tokens) == min(F.N_TOP, len(cached.contexts(layer, feature)))
+    first = tokens[0].strip()
+    share_first, _ = selectivity(cached, layer, feature, re.escape(first))
+    assert share_first == pytest.approx(sum(t.strip() == first for t in tokens) / len(tokens))
+    t_id = tiny_rm.tokenizer.encode("t", add_special_tokens=False)[0]
+    assert occurrences(cached, "t") == int((cached.tokens == t_id).sum())
+    assert middle_layers(18) == list(range(4, 14))

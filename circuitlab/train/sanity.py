@@ -66,13 +66,23 @@ def middle_layers(n_layers: int) -> list[int]:
     return list(range(n_layers // 4, (3 * n_layers + 3) // 4))
 
 
+def _matches(token: str, pattern: str) -> bool:
+    return bool(re.fullmatch(pattern, token.strip(), flags=re.I))
+
+
 def selectivity(examples, layer: int, feature: int, pattern: str) -> tuple[float, list[str]]:
     """Share of a feature's top held-out contexts whose max sits on a token matching
     ``pattern``, and those max tokens."""
     tops = [c for c in examples.contexts(layer, feature) if c["quantile"] == "top"]
     tokens = [c["tokens"][c["center"]] for c in tops]
-    hits = sum(bool(re.fullmatch(pattern, t.strip(), flags=re.I)) for t in tokens)
-    return (hits / len(tokens) if tokens else 0.0), tokens
+    return (sum(_matches(t, pattern) for t in tokens) / len(tokens) if tokens else 0.0), tokens
+
+
+def occurrences(examples, pattern: str) -> int:
+    """How many scanned held-out tokens match ``pattern`` (the most a feature could show)."""
+    ids = [int(t) for t, text in examples.meta["vocab"].items() if _matches(text, pattern)]
+    stream = examples.tokens[1:]  # BOS tokens never match
+    return int(sum((stream == i).sum() for i in ids))
 
 
 def concept_features(rm, concept: Concept, candidates: int = 20) -> pd.DataFrame:
@@ -107,15 +117,19 @@ def sanity(rm, threshold: float = 0.5, min_hits: int = 3) -> dict:
     contexts (up to ``N_TOP``) on the concept's tokens, and at least ``min_hits`` of them.
 
     Returns:
-        ``{name: {"passed": bool, "best": row dict or None, "candidates": DataFrame}}``.
+        ``{name: {"passed": bool, "best": row dict or None, "candidates": DataFrame,
+        "occurrences": int}}``; ``occurrences`` counts the concept's tokens in the scanned
+        held-out text.
     """
     report = {}
+    examples, _ = find_examples(rm)
     for name, concept in CONCEPTS.items():
         df = concept_features(rm, concept)
         hits = df["selectivity"] * df["top_tokens"].map(len)
         ok = df[(df["selectivity"] > threshold) & (hits >= min_hits)]
         best = (ok if len(ok) else df).head(1).to_dict("records")
-        report[name] = {"passed": bool(len(ok)), "best": best[0] if best else None, "candidates": df}
+        report[name] = {"passed": bool(len(ok)), "best": best[0] if best else None, "candidates": df,
+                        "occurrences": occurrences(examples, concept.pattern)}
     return report
 
 
@@ -126,10 +140,11 @@ def main() -> int:
     report = sanity(circuitlab.load("gemma-3-270m"))
     for name, result in report.items():
         best = result["best"]
-        print(f"{name}: {'PASS' if result['passed'] else 'FAIL'}")
+        print(f"{name}: {'PASS' if result['passed'] else 'FAIL'} "
+              f"({result['occurrences']} such tokens in the scanned held-out text)")
         if best is not None:
             print(f"  best L{best['layer']}/F{best['feature']}: selectivity {best['selectivity']:.2f} "
-                  f"over top {len(best['top_tokens'])} (of {N_TOP}) contexts, hits {best['hits']}, "
+                  f"over top {len(best['top_tokens'])} (of {N_TOP}) contexts, fires on {best['hits']} examples, "
                   f"top tokens {best['top_tokens']}")
         print(result["candidates"][["layer", "feature", "score", "hits", "selectivity"]].head(8).to_string())
     return 0 if all(r["passed"] for r in report.values()) else 1
