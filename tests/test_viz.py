@@ -130,7 +130,7 @@ def test_connections_panel(graph):
         assert [abs(r["weight"]) for r in pos] == sorted((abs(r["weight"]) for r in pos), reverse=True)
     first = conns["input"]["positive"][0]
     assert view.connections[0].options[0][1] == first["node_id"]
-    assert f"L{first['layer']}" in view.connections[0].options[0][0]
+    assert first["place"] in view.connections[0].options[0][0]
     view.connections[0].value = first["node_id"]  # clicking a row selects that node
     assert view.selected == first["node_id"]
     with pytest.raises(CircuitlabError, match="Unknown node"):

@@ -24,10 +24,11 @@ class Explorer(widgets.VBox):
     and prune with the sliders. Everything is also available from Python.
     """
 
-    def __init__(self, graph, rm=None, *, prune: bool = True, height: int = 560):
+    def __init__(self, graph, rm=None, *, prune: bool = True, height: int = 560, width: int = 820):
         self.state = ViewState(graph, prune, rm)
         self._filling = False
         self.figure = go.FigureWidget(graph_figure(self.state, height=height))
+        self.figure.layout.width = width
         for trace in self.figure.data[N_BINS:]:
             trace.on_click(self._on_click)
         self.subfigure = go.FigureWidget(subgraph_figure(self.state))
@@ -41,10 +42,10 @@ class Explorer(widgets.VBox):
         self.tabs = widgets.Tab([self._connections_panel(), self.card, self._subgraph_panel()])
         for i, title in enumerate(["Connections", "Feature", "Subgraph"]):
             self.tabs.set_title(i, title)
-        self.tabs.layout = {"width": "38%"}
-        self.figure.layout.autosize = True
-        plot = widgets.Box([self.figure], layout={"width": "62%"})
-        super().__init__([self.controls, self.status, widgets.HBox([plot, self.tabs])])
+        self.tabs.layout = {"width": "440px", "min_width": "440px"}
+        plot = widgets.Box([self.figure], layout={"width": f"{width + 10}px", "overflow": "hidden"})
+        main = widgets.HBox([plot, self.tabs], layout={"flex_flow": "row wrap"})  # panel wraps below
+        super().__init__([self.controls, self.status, main])
         self.add_class("circuitlab-explorer")
         self._refresh()
 
@@ -115,7 +116,7 @@ class Explorer(widgets.VBox):
         self.size_by = widgets.Dropdown(options=METRICS, description="size", layout={"width": "170px"})
         self.colour_by = widgets.Dropdown(options=METRICS, description="colour", layout={"width": "170px"})
         self.link_type = widgets.ToggleButtons(options=LINK_TYPES, value="both",
-                                               style={"button_width": "60px"})
+                                               style={"button_width": "70px"})
         slider = dict(min=0.05, max=1.0, step=0.01, value=1.0, continuous_update=False,
                       readout_format=".2f", style={"description_width": "90px"})
         self.node_slider = widgets.FloatSlider(description="node thresh.", **slider)
@@ -255,7 +256,7 @@ class Explorer(widgets.VBox):
         conns = self.state.connections(node_id)
         self._filling = True
         for (side, sign), sel in zip(SIDES, self.connections):
-            sel.options = [(f"{r['weight']:+.3f}  L{r['layer']}  {r['name']}"
+            sel.options = [(f"{r['weight']:+.3f}  {r['place']:<4} {r['name']}"
                             + ("  ↔pos" if r["other_pos"] else ""), r["node_id"])
                            for r in conns[side][sign]]
             sel.value = None

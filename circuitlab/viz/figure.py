@@ -18,6 +18,11 @@ SYMBOLS = {"feature": "circle", "error": "diamond", "embedding": "square", "logi
 FILL = {"error": "#b0b0b0", "embedding": "#7f9cc0", "logit": "#e0904a"}
 OPACITY = {"feature": 0.95, "error": 0.45, "embedding": 0.95, "logit": 0.95}
 SELECTED, PINNED = "#111111", "#d4a017"
+
+
+def plain(text: str) -> str:
+    """``text`` escaped for Plotly, which renders some HTML tags in texts (quotes are safe)."""
+    return html.escape(text, quote=False)
 METRICS = ("influence", "activation")
 
 
@@ -27,17 +32,17 @@ def hover_texts(state: ViewState) -> list[str]:
     member = {i: name for name, ids in state.supernodes.items() for i in ids}
     out = []
     for name, r in zip(state.names(), nodes.to_dict("records")):
-        lines = [f"<b>{html.escape(name)}</b>"]
+        lines = [f"<b>{plain(name)}</b>"]
         if state.labels.get(r["node_id"]) and r["kind"] == "feature":
             lines.append(f"L{r['layer']}/F{r['feature']}")
-        lines.append(f"{r['kind']} · pos {r['pos']} {html.escape(repr(str(r['token'])))}")
+        lines.append(f"{r['kind']} · pos {r['pos']} {plain(repr(str(r['token'])))}")
         lines.append(f"activation {r['activation']:.3g} · influence {r['influence']:.3g}")
         if r["kind"] == "logit":
             lines.append(f"probability {r['prob']:.3f}")
         if r["node_id"] in state.outputs:
-            lines.append("top tokens: " + html.escape(", ".join(map(repr, state.outputs[r["node_id"]]))))
+            lines.append("top tokens: " + plain(", ".join(map(repr, state.outputs[r["node_id"]]))))
         if r["node_id"] in member:
-            lines.append(f"supernode: {html.escape(member[r['node_id']])}")
+            lines.append(f"supernode: {plain(member[r['node_id']])}")
         out.append("<br>".join(lines))
     return out
 
@@ -120,7 +125,7 @@ def graph_figure(state: ViewState, size_by: str = "influence", colour_by: str = 
     fig.update_layout(
         height=height, margin={"l": 50, "r": 10, "t": 10, "b": 90}, plot_bgcolor="white",
         hovermode="closest", clickmode="event", dragmode="pan", shapes=shapes,
-        xaxis={"tickvals": lay.ticks.tolist(), "ticktext": [html.escape(t) for t in lay.tick_text],
+        xaxis={"tickvals": lay.ticks.tolist(), "ticktext": [plain(t) for t in lay.tick_text],
                "tickangle": -50, "showgrid": False, "zeroline": False, "range": [-0.5, right + 0.5]},
         yaxis={"tickvals": list(range(L + 2)), "ticktext": layer_text, "showgrid": True,
                "gridcolor": "#f4f4f4", "zeroline": False, "range": [-0.6, L + 1.6]})
@@ -144,9 +149,9 @@ def subgraph_figure(state: ViewState, height: int = 320) -> go.Figure:
                                             [e["target"] for e in edges], bins)):
             fig.data[b].x, fig.data[b].y = x, y
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="markers+text", text=[html.escape(u["name"]) for u in units],
+            x=xs, y=ys, mode="markers+text", text=[plain(u["name"]) for u in units],
             textposition="top center", hoverinfo="text", showlegend=False,
-            hovertext=[html.escape(f"{u['name']}: {len(u['members'])} node(s)") for u in units],
+            hovertext=[plain(f"{u['name']}: {len(u['members'])} node(s)") for u in units],
             marker={"size": [18 if u["supernode"] else 11 for u in units],
                     "symbol": ["hexagon" if u["supernode"] else "circle" for u in units],
                     "color": ["#8e6bbf" if u["supernode"] else "#e0904a" for u in units]}))

@@ -23,7 +23,7 @@ from plotly.utils import PlotlyJSONEncoder
 from ..loading import atomic_write_text
 from .figure import graph_figure
 from .links import N_BINS, bin_style, link_bin
-from .state import ViewState
+from .state import ViewState, place
 
 PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>%%TITLE%% · circuitlab</title>
@@ -65,10 +65,10 @@ def payload(state: ViewState) -> dict:
     w = shown.adjacency[t, s].numpy()
     nodes = shown.nodes
     return {
-        "figure": json.loads(graph_figure(state).to_json()),
+        "figure": json.loads(graph_figure(state).update_layout(height=None, autosize=True).to_json()),
         "n_bins": N_BINS, "bin_colours": [bin_style(b)[0] for b in range(N_BINS)],
-        "nodes": [{"id": i, "name": name, "layer": int(layer), "pos": int(pos)}
-                  for i, name, layer, pos in zip(state.ids, state.names(), nodes["layer"], nodes["pos"])],
+        "nodes": [{"id": i, "name": name, "place": place(kind, layer), "pos": int(pos)} for i, name, kind, layer, pos
+                  in zip(state.ids, state.names(), nodes["kind"], nodes["layer"], nodes["pos"])],
         "x": np.round(state.layout.x, 3).tolist(), "y": state.layout.y.tolist(),
         "links": {"s": s.tolist(), "t": t.tolist(), "w": [float(f"{v:.4g}") for v in w],
                   "b": link_bin(state.share[t, s].numpy()).tolist()},

@@ -32,6 +32,11 @@ def node_name(row: dict, labels: dict) -> str:
             "logit": f"Logit {visible(str(row['token']))}"}[row["kind"]]
 
 
+def place(kind: str, layer: int) -> str:
+    """Where a node sits, for lists: ``L{layer}``, ``Emb`` or ``Out``."""
+    return {"embedding": "Emb", "logit": "Out"}.get(kind, f"L{layer}")
+
+
 def output_tokens(rm, nodes: pd.DataFrame, k: int = 3, chunk: int = 128) -> dict:
     """Per feature node id, the ``k`` tokens its decoder direction raises most (through the
     unembedding, as on the feature card), batched over features."""
@@ -235,7 +240,7 @@ class ViewState:
 
         Returns:
             ``{"input": {"positive": rows, "negative": rows}, "output": {...}}``; rows are
-            dicts ``node_id, name, layer, weight, other_pos`` sorted by ``|weight|``.
+            dicts ``node_id, name, layer, place, weight, other_pos`` sorted by ``|weight|``.
         """
         i = self.row[node_id]
         nodes = self.shown.nodes
@@ -247,6 +252,7 @@ class ViewState:
             w = weights[idx]
             order = torch.argsort(w.abs(), descending=True)
             rows = [{"node_id": self.ids[j], "name": names[j], "layer": int(nodes["layer"][j]),
+                     "place": place(nodes["kind"][j], nodes["layer"][j]),
                      "weight": float(v), "other_pos": int(nodes["pos"][j]) != int(nodes["pos"][i])}
                     for j, v in zip(idx[order].tolist(), w[order].tolist())]
             out[side] = {"positive": [r for r in rows if r["weight"] > 0][:limit],

@@ -70,7 +70,7 @@
       .sort(function (a, b) { return Math.abs(L.w[b]) - Math.abs(L.w[a]); }).slice(0, 25);
     list.forEach(function (e) {
       var j = other(e), n = nodes[j];
-      var row = el("div", (L.w[e] > 0 ? "+" : "") + L.w[e].toFixed(3) + "  L" + n.layer + "  " + n.name +
+      var row = el("div", (L.w[e] > 0 ? "+" : "") + L.w[e].toFixed(3) + "  " + (n.place + "    ").slice(0, 5) + n.name +
         (n.pos !== nodes[state.selected].pos ? "  ↔pos" : ""), "cl-row");
       row.setAttribute("data-node", n.id);
       row.addEventListener("click", function () { select(j); });
