@@ -24,7 +24,6 @@ from circuitlab.viz import explore, from_neuronpedia, to_html
 from circuitlab.viz.card import fetch, render
 from circuitlab.viz.layout import MIN_WIDTH, layout, visible
 from circuitlab.viz.links import N_BINS, NEGATIVE, POSITIVE, bin_style, link_bin, segments, shares
-from circuitlab.viz.state import ViewState
 
 PROMPT = "the cat\nsat on"
 EVIL = '<script>x</script><!--\u2028'
@@ -99,7 +98,10 @@ def test_link_binning(graph):
 
 
 def test_explorer_draws_binned_traces(graph):
-    view = explore(graph, prune=False)
+    from circuitlab.viz.explorer import Explorer
+
+    view = graph.show(prune=False)  # the short form of explore(graph)
+    assert isinstance(view, Explorer)
     fig = view.figure
     assert isinstance(fig, go.FigureWidget)
     assert len(fig.data) == N_BINS + 4, "link bins plus one trace per node kind"
