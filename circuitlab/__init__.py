@@ -1,13 +1,14 @@
 """circuitlab: attribution graphs of transcoder features, inside Jupyter."""
 
 from .attribution import attribute
+from .features import compare
 from .graph import Graph
 from .interventions import ablate, add, scale, set_to, swap
 from .loading import CircuitlabError, load_model, load_transcoders
 from .replacement import ReplacementModel
 
 __all__ = ["load", "attribute", "Graph", "ReplacementModel", "CircuitlabError",
-           "swap", "set_to", "scale", "ablate", "add"]
+           "swap", "compare", "set_to", "scale", "ablate", "add"]
 
 
 def load(model="gemma-3-270m", transcoders=None, *, device: str = "cpu", rebuild: bool = False):

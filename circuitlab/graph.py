@@ -173,6 +173,12 @@ class Graph:
 
         return scores(self)
 
+    def suggest_supernodes(self, rm=None, **kwargs) -> dict:
+        """See ``circuitlab.features.suggest_supernodes``."""
+        from .features import suggest_supernodes
+
+        return suggest_supernodes(self, rm, **kwargs)
+
     def validate(self, rm, n: int = 20, seed: int = 0):
         """See ``circuitlab.interventions.validate``."""
         from .interventions import validate

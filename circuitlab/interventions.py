@@ -367,11 +367,15 @@ def compare_logits(rm, prompt: str, mode: str, clean: torch.Tensor, new: torch.T
 
 
 def _max_activation(rm):
-    """``(layer, feature) -> max activation`` from the feature cards (for relative="max")."""
+    """``(layer, feature) -> max activation`` on held-out text, from the feature cards."""
     def lookup(layer: int, feature: int) -> float:
-        from .features import max_activation
+        from .features import find_examples
 
-        return max_activation(rm, layer, feature)
+        examples, why = find_examples(rm)
+        if examples is None:
+            raise CircuitlabError(f"A value relative to a feature's maximum activation needs "
+                                  f"the feature cards: {why}")
+        return float(examples.max_act[layer, feature])
 
     return lookup
 
@@ -517,8 +521,9 @@ def swap(rm, prompt: str, remove, add, strength: float = 1.0, *, pos=None, mode:
          tokens=None, top: int = 5) -> InterventionResult:
     """Swap one concept for another: ablate ``remove`` and switch on ``add``.
 
-    The Texas -> California experiment in one call: ablate the Texas features where they
-    are active and set the California features (found on another prompt) to ``strength``
+    The Texas -> California experiment in one call: scale the Texas features by
+    ``1 - strength`` where they are active (``strength=1`` ablates them; more pushes them
+    negative) and set the California features (found on another prompt) to ``strength``
     times their reference activation.
 
     Args:
@@ -529,7 +534,7 @@ def swap(rm, prompt: str, remove, add, strength: float = 1.0, *, pos=None, mode:
         add: features or a supernode to switch on. Each needs a reference activation: the
             ``activation`` column of a search result (e.g. ``rm.features_for(other_prompt,
             "California")``), else its maximum activation from the feature cards.
-        strength: multiple of the reference activation to set ``add`` to.
+        strength: how far to swap: 1 replaces one concept by the other, 2 overshoots.
         pos: positions for ``add``; default every position where a removed feature is
             active on ``prompt``.
         mode, tokens, top: as for ``intervene``.
@@ -544,7 +549,8 @@ def swap(rm, prompt: str, remove, add, strength: float = 1.0, *, pos=None, mode:
     if not removed or not added:
         raise CircuitlabError("swap needs features to remove and features to add; both lists "
                               "must be non-empty.")
-    ivs = [Intervention(l, f, "all" if p is None else p, 0.0) for l, f, p, _ in removed]
+    ivs = [Intervention(l, f, "all" if p is None else p, 1.0 - strength, "scale")
+           for l, f, p, _ in removed]
     if pos is None:
         pos = sorted({p for iv in ivs for p in _positions(iv.pos, len(ids))
                       if clean_acts[iv.layer][p, iv.feature] != 0})

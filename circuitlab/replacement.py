@@ -429,3 +429,23 @@ class ReplacementModel:
         from .interventions import sweep
 
         return sweep(self, prompt, features, values, **kwargs)
+
+    # ------------------------------------------------------------------ finding features
+
+    def features_for(self, prompt, token_or_text=None, layer=None, pos=None, top: int = 20):
+        """See ``circuitlab.features.features_for``."""
+        from .features import features_for
+
+        return features_for(self, prompt, token_or_text, layer, pos, top)
+
+    def features_by_output(self, token, layer=None, top: int = 20, **kwargs):
+        """See ``circuitlab.features.features_by_output``."""
+        from .features import features_by_output
+
+        return features_by_output(self, token, layer, top, **kwargs)
+
+    def features_by_examples(self, examples, against=None, layer=None, top: int = 20):
+        """See ``circuitlab.features.features_by_examples``."""
+        from .features import features_by_examples
+
+        return features_by_examples(self, examples, against, layer, top)

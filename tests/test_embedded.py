@@ -100,3 +100,45 @@ def test_trace_command_reports_bad_input(capsys):
 
     assert main(["trace", "   "]) == 2
     assert "empty or whitespace" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- interventions
+
+
+def concept_swap(rm, prompt_a, word_a, prompt_b, word_b):
+    """Features found by code: those active on ``word_a`` in ``prompt_a`` but not on
+    ``word_b`` in ``prompt_b`` (to remove), and the reverse with their activations (to add)."""
+    a = rm.features_for(prompt_a, word_a, top=100_000)
+    b = rm.features_for(prompt_b, word_b, top=100_000)
+    key = lambda df: list(zip(df.layer, df.feature))  # noqa: E731
+    remove = a[[k not in set(key(b)) for k in key(a)]][["layer", "feature"]]
+    add = b[[k not in set(key(a)) for k in key(b)]][["layer", "feature", "activation"]]
+    assert len(remove) > 10 and len(add) > 10
+    return remove, add
+
+
+def test_empty_intervention_is_exact_on_the_real_model(rm):
+    for mode in ("free", "frozen-attention", "constrained"):
+        res = rm.intervene(PROMPT, [], mode=mode, tokens=[" large", "big"])
+        assert torch.allclose(res.logits, res.clean_logits, atol=1e-3 if mode == "constrained" else 1e-5)
+
+
+def test_swap_france_for_italy_moves_paris_to_rome(rm):
+    """A swap on a fact the model knows: the capital of France is Paris. Swapping the
+    France features (found by code) for Italy's lowers Paris and raises Rome by a margin."""
+    prompt = "The capital of France is the city of"
+    remove, add = concept_swap(rm, prompt, " France", "The capital of Italy is the city of", " Italy")
+    res = circuitlab.swap(rm, prompt, remove=remove, add=add, strength=2.0, tokens=[" Paris", " Rome"])
+    t = res.tokens.set_index("token")
+    assert res.before.token.iloc[0] == " Paris"
+    assert t.prob[" Paris"] < 0.6 * t.clean_prob[" Paris"]
+    assert t.prob[" Rome"] > 3 * t.clean_prob[" Rome"]
+    assert t.delta_logit[" Rome"] - t.delta_logit[" Paris"] > 1.5
+    # Not asserted, measured: random features added in place of Italy's raise Rome as much
+    # (see the closing note); at this scale the added features are not specific.
+
+
+def test_validate_on_the_real_model(rm):
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=512, dtype=torch.float32)
+    val = graph.validate(rm, n=10)
+    assert val.summary["constrained_agreement"] > 0.999
