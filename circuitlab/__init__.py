@@ -5,10 +5,11 @@ from .features import compare
 from .graph import Graph
 from .interventions import ablate, add, scale, set_to, swap
 from .loading import CircuitlabError, load_model, load_transcoders
+from .viz import explore
 from .replacement import ReplacementModel
 
 __all__ = ["load", "attribute", "Graph", "ReplacementModel", "CircuitlabError",
-           "swap", "compare", "set_to", "scale", "ablate", "add"]
+           "explore", "swap", "compare", "set_to", "scale", "ablate", "add"]
 
 
 def load(model="gemma-3-270m", transcoders=None, *, device: str = "cpu", rebuild: bool = False):
