@@ -31,6 +31,7 @@ def _trace(args) -> None:
     graph.save(out / "graph")
     pruned.save(out / "pruned")
     pruned.to_neuronpedia(out / "neuronpedia.json")
+    pruned.to_html(out / "graph.html", rm)
     print(f"\nPrompt: {args.prompt!r}  ({len(graph.tokens)} tokens)")
     print(f"Loaded {rm} in {t1 - t0:.1f} s; attribution took {t2 - t1:.1f} s.\n")
     logits = graph.nodes[graph.nodes["kind"] == "logit"]
@@ -48,7 +49,8 @@ def _trace(args) -> None:
     for r in feats.itertuples():
         print(f"  L{r.layer}/F{r.feature} @ {r.pos} {r.token!r:>12}  act={r.activation:7.2f}  "
               f"influence={r.influence:.4f}")
-    print(f"\nWrote {out}/graph, {out}/pruned and {out}/neuronpedia.json")
+    print(f"\nWrote {out}/graph, {out}/pruned, {out}/neuronpedia.json and {out}/graph.html "
+          "(open it in a browser: it works offline)")
 
 
 def _corpus(args) -> None:

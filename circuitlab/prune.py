@@ -45,16 +45,18 @@ def annotate_influence(graph: Graph) -> Graph:
 
 
 def _cumulative_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The smallest set of entries whose scores reach ``threshold`` of the total."""
+    """The smallest set of entries whose scores reach ``threshold`` of the total (scores
+    are nonnegative; only the nonzero ones are sorted)."""
     flat = scores.flatten()
-    order = torch.argsort(flat, descending=True)
-    cum = torch.cumsum(flat[order], 0)
-    total = cum[-1] if len(cum) else torch.tensor(0.0)
     keep = torch.zeros_like(flat, dtype=torch.bool)
-    if total <= 0:
+    nonzero = flat.nonzero()[:, 0]
+    values = flat[nonzero]
+    order = torch.argsort(values, descending=True)
+    cum = torch.cumsum(values[order], 0)
+    if not len(cum) or cum[-1] <= 0:
         return keep.view(scores.shape)
-    n = int((cum < threshold * total).sum()) + 1
-    keep[order[:n]] = True
+    n = int((cum < threshold * cum[-1]).sum()) + 1
+    keep[nonzero[order[:n]]] = True
     return keep.view(scores.shape)
 
 

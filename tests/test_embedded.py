@@ -93,6 +93,8 @@ def test_trace_command_writes_graphs(tmp_path, capsys):
     assert (graph.nodes["kind"] == "feature").sum() == 2048
     assert len(pruned.nodes) < len(graph.nodes)
     assert (tmp_path / "neuronpedia.json").exists()
+    html = (tmp_path / "graph.html").read_text()
+    assert 'src="http' not in html and len(html) > 1_000_000  # plotly.js inlined, nothing fetched
 
 
 def test_trace_command_reports_bad_input(capsys):

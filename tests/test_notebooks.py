@@ -1,0 +1,43 @@
+"""The guided notebooks: all present, a Colab badge and runtime up front, a papermill
+parameters cell, and no outputs in git. `make test` also executes each one (nbmake)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+EXPECTED = ["00_quickstart", "01_multihop_dallas_austin", "02_rhyme_planning",
+            "03_multilingual_concepts", "04_cot_backsolving", "05_probe_your_own_behaviour"]
+
+
+def test_the_six_notebooks_exist():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == EXPECTED
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_shape(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    assert f"colab.research.google.com/github/circuitlab/circuitlab/blob/main/notebooks/{name}.ipynb" in first.source
+    assert re.search(r"[Rr]untime", first.source)
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1 and params[0].cell_type == "code"
+    assert re.search(r"^MODEL\s*=", params[0].source, re.M)
+    assert re.search(r"^TRANSCODERS\s*=", params[0].source, re.M)
+    assert any("google.colab" in c.source for c in nb.cells if c.cell_type == "code")
+    assert any(re.search(r"^\s*assert ", c.source, re.M) for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_outputs_are_stripped(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, \
+                f"{name}: strip outputs before committing (cell {cell.source[:40]!r})"
