@@ -17,6 +17,7 @@ token embeddings to transcoder pre-activations and logits is then linear.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -233,22 +234,25 @@ class ReplacementModel:
             )
         return tokens
 
-    def token_id(self, text: str | int) -> int:
-        """The id of a single-token string (ids pass through, range-checked).
+    def token_id(self, token) -> int:
+        """The id of ``token``: an int id (range-checked), or a string that is exactly one token.
 
         Raises:
-            CircuitlabError: if ``text`` is not exactly one token or an id is out of range.
+            CircuitlabError: if the string is not a single token (the message shows how it
+                was tokenized) or the id is out of the vocabulary.
         """
-        if isinstance(text, int):
-            if not 0 <= text < self.cfg.d_vocab:
+        if isinstance(token, numbers.Integral) and not isinstance(token, bool):
+            if not 0 <= token < self.cfg.d_vocab:
                 raise CircuitlabError(
-                    f"Token id {text} is outside the vocabulary (0..{self.cfg.d_vocab - 1}).")
-            return text
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+                    f"Token id {token} is outside the vocabulary (0..{self.cfg.d_vocab - 1}).")
+            return int(token)
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
+            pieces = [self.tokenizer.decode([i]) for i in ids]
             raise CircuitlabError(
-                f"{text!r} is {len(ids)} tokens ({ids}); a target must be one token. "
-                "Try it with or without a leading space, or pass a token id.")
+                f"{token!r} is not a single token: it tokenizes as {pieces}. Pass one of those "
+                "pieces or a token id, and mind the leading space (' Austin' and 'Austin' "
+                "are different tokens).")
         return ids[0]
 
     # ------------------------------------------------------------------ hooks

@@ -138,7 +138,7 @@ def test_bad_prompts(tiny_rm):
 
 
 def test_bad_logit_targets(tiny_rm):
-    with pytest.raises(circuitlab.CircuitlabError, match="one token"):
+    with pytest.raises(circuitlab.CircuitlabError, match="not a single token"):
         circuitlab.attribute(tiny_rm, PROMPT, logit_targets=["ab"], progress=False)
     with pytest.raises(circuitlab.CircuitlabError, match="outside the vocabulary"):
         circuitlab.attribute(tiny_rm, PROMPT, logit_targets=[10**6], progress=False)

@@ -221,7 +221,7 @@ def test_sweep_and_plot(tiny_rm, clean):
     assert len(fig.data) == 2 and list(fig.data[0].x) == [0.0, 1.0, 4.0]
 
 
-def test_swap_is_ablate_plus_set(tiny_rm, clean):
+def test_swap_is_scale_plus_set(tiny_rm, clean):
     ids, trace, acts = clean
     layer, pos, f, a = active_site(acts, 1, pos=-1)
     g = int((acts[1][pos] == 0).nonzero()[0])
@@ -229,7 +229,8 @@ def test_swap_is_ablate_plus_set(tiny_rm, clean):
     res = circuitlab.swap(tiny_rm, PROMPT, remove=[(layer, f)], add=donor, strength=2.0,
                           tokens=["a"])
     active = (acts[layer][:, f] != 0).nonzero()[:, 0].tolist()
-    manual = [(layer, p, f, 0.0) for p in range(len(ids))] + [(1, p, g, 6.0) for p in active]
+    # strength 2: the removed feature is scaled by 1 - 2 wherever it is; the added one set to 2 x 3.
+    manual = scale((layer, f), -1.0) + [(1, p, g, 6.0) for p in active]
     assert torch.allclose(res.logits, tiny_rm.intervene(PROMPT, manual).logits, atol=1e-5)
     assert list(res.before.columns)[:3] == ["token", "id", "prob"]
     assert res.prob("a") == pytest.approx(float(res.tokens["prob"].iloc[0]))
