@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, CircuitlabError, cache_dir, sha256
+from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, EMBEDDED_MODEL, CircuitlabError, cache_dir, sha256
 from .replacement import mlp_io
 
 #: Context window stored per example: tokens before the max, the max, tokens after.
@@ -99,7 +99,7 @@ def transcoder_key(rm) -> str:
 
 def _bundle_name(rm) -> str | None:
     """The name of the bundled transcoder set ``rm`` uses, or ``None``."""
-    source = rm.transcoder_source if rm is not None else DEFAULT_BUNDLE.get("gemma-3-270m")
+    source = rm.transcoder_source if rm is not None else DEFAULT_BUNDLE.get(EMBEDDED_MODEL)
     if source is None:
         return None
     if source in DEFAULT_BUNDLE.values():
@@ -620,6 +620,10 @@ def feature_card(rm, layer: int, feature: int, *, tokens=None, pos=None, label: 
         examples, why = find_examples(rm)
     card = FeatureCard(layer, feature, label=label, message=why)
     if examples is not None:
+        L, n = examples.centers.shape[:2]
+        if not (0 <= layer < L and 0 <= feature < n):
+            raise CircuitlabError(f"No feature ({layer}, {feature}) in the cached examples: "
+                                  f"they cover layers 0-{L - 1} and features 0-{n - 1}.")
         card.contexts = examples.contexts(layer, feature)
         card.histogram = examples.histogram(layer, feature)
         card.frequency = float(examples.frequency()[layer, feature])

@@ -202,6 +202,14 @@ def test_card_without_cache_never_fails(tiny_rm, no_cache):
     assert card.message == F.NO_EXAMPLES and card.contexts == [] and len(card.top_tokens) == 10
 
 
+def test_card_from_cache_only(tiny_rm, cached):
+    layer, feature = divmod(int(cached.max_act.argmax()), tiny_rm.d_sae(0))
+    card = F.feature_card(None, layer, feature, examples=cached)
+    assert card.contexts == cached.contexts(layer, feature) and card.top_tokens == []
+    with pytest.raises(circuitlab.CircuitlabError, match="cached examples"):
+        F.feature_card(None, 3, 0, examples=cached)
+
+
 # ----------------------------------------------------------------------------- graphs
 
 
