@@ -662,9 +662,13 @@ def _ranked(rm, layers: list[int], score: torch.Tensor, top: int, keep: torch.Te
 
 def _scale(rm, layers: list[int]) -> torch.Tensor | None:
     """``[len(layers), F]`` held-out max activations when cached (to compare features on a
-    common scale), else ``None``."""
+    common scale), else ``None``. Features never seen firing take their layer's median."""
     examples, _ = find_examples(rm)
-    return None if examples is None else examples.max_act[layers].clamp_min(1e-6)
+    if examples is None:
+        return None
+    top = examples.max_act[layers]
+    median = top.masked_fill(top <= 0, float("nan")).nanmedian(1, keepdim=True).values
+    return torch.where(top > 0, top, median.nan_to_num(1.0)).clamp_min(1e-6)
 
 
 def features_for(rm, prompt, token_or_text: str | None = None, layer=None, pos=None,

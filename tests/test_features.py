@@ -316,3 +316,13 @@ def test_sanity_helpers(tiny_rm, cached):
     t_id = tiny_rm.tokenizer.encode("t", add_special_tokens=False)[0]
     assert occurrences(cached, "t") == int((cached.tokens == t_id).sum())
     assert middle_layers(18) == list(range(4, 14))
+
+
+def test_search_with_cache_uses_held_out_scale(tiny_rm, cached):
+    df = F.features_for(tiny_rm, "the cat sat", "cat", top=100)
+    top = cached.max_act[df.layer.to_numpy(), df.feature.to_numpy()]
+    alive = top > 0
+    assert df.rel_activation.to_numpy()[alive.numpy()] == pytest.approx(
+        (torch.tensor(df.activation.to_numpy())[alive] / top[alive]).tolist(), rel=1e-5)
+    assert df.score.equals(df.rel_activation) and {"frequency", "max_activation"} <= set(df.columns)
+    assert df.rel_activation.max() < 1e3  # features never seen on held-out text get a sane scale
