@@ -507,26 +507,6 @@ def _check_feature(rm, layer: int, feature: int) -> None:
             f"(0-{rm.d_sae(layer) - 1}).")
 
 
-def token_id(rm, token) -> int:
-    """The id of ``token``: an int id, or a string that is exactly one token.
-
-    Raises:
-        CircuitlabError: if the string is not a single token (the message shows how it was
-            tokenized) or the id is out of the vocabulary.
-    """
-    if isinstance(token, (int, np.integer)):
-        if not 0 <= token < rm.cfg.d_vocab:
-            raise CircuitlabError(f"Token id {token} is outside the vocabulary (0-{rm.cfg.d_vocab - 1}).")
-        return int(token)
-    ids = rm.tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) != 1:
-        pieces = [rm.tokenizer.decode([i]) for i in ids]
-        raise CircuitlabError(
-            f"{token!r} is not a single token: it tokenizes as {pieces}. Pass one of those "
-            "pieces, or mind the leading space (' Austin' and 'Austin' are different tokens).")
-    return ids[0]
-
-
 # ----------------------------------------------------------------------------- activations
 
 
@@ -744,7 +724,7 @@ def features_by_output(rm, token, layer=None, top: int = 20, norm: bool = True) 
         standardized effect, ``logit_effect`` the raw one; plus ``frequency,
         max_activation`` when examples are cached), best first.
     """
-    t = token_id(rm, token)
+    t = rm.token_id(token)
     layers = _layers(rm, layer)
     U, mean, cov = _unembed_stats(rm, norm)
     effect, z = [], []
