@@ -1,9 +1,11 @@
-"""``make bench``: attribution speed and memory on the embedded model.
+"""``make bench``: attribution, intervention and explorer speed on the embedded model.
 
-Runs each configuration in a fresh subprocess (so peak RSS is per configuration) and prints
-a markdown table: seconds, feature nodes, edges and peak RSS. Uses the bundled transcoders,
-or random JumpReLU skip transcoders of the same shape (calibrated to fire ``k`` features
-per token) when no bundle exists.
+Runs each attribution configuration in a fresh subprocess (so peak RSS is per
+configuration) and prints a markdown table: seconds, feature nodes, edges and peak RSS.
+Then times the tools around a graph on a 10-token prompt: an intervention in each mode,
+generation, ``validate``, opening the explorer and the HTML export. Uses the bundled
+transcoders, or random JumpReLU skip transcoders of the same shape (calibrated to fire
+``k`` features per token) when no bundle exists.
 
     python -m circuitlab.bench [--dtype auto|float32|bfloat16] [--random]
 """
@@ -64,12 +66,7 @@ def prompt_of(n_tokens: int, tokenizer) -> str:
 def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> dict:
     import circuitlab
 
-    from .loading import load_model
-
-    model = load_model("gemma-3-270m")
-    rm = (circuitlab.ReplacementModel(model, random_transcoders(model), name="gemma-3-270m",
-                                      transcoder_source="random")
-          if random else circuitlab.load("gemma-3-270m"))
+    rm = _model(random)
     prompt = prompt_of(n_tokens, rm.tokenizer)
     circuitlab.attribute(rm, prompt[:20], max_feature_nodes=64, progress=False)  # warm-up
     start = time.perf_counter()
@@ -83,12 +80,56 @@ def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> d
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return round(time.perf_counter() - start, 2)
+
+
+def run_tools(dtype: str, random: bool) -> dict:
+    """Seconds for the interventions and the explorer on a graph of a 10-token prompt."""
+    import tempfile
+
+    import circuitlab
+
+    from .interventions import ablate, validate
+    from .viz.state import ViewState
+
+    rm = _model(random)
+    prompt = prompt_of(10, rm.tokenizer)
+    graph = circuitlab.attribute(rm, prompt, progress=False,
+                                 dtype=None if dtype == "auto" else getattr(torch, dtype))
+    feats = graph.nodes[graph.nodes["kind"] == "feature"].nlargest(10, "influence")["node_id"].tolist()
+    out = {f"intervene ({mode}, 10 features)": _timed(lambda m=mode: rm.intervene(prompt, ablate(feats), m))
+           for mode in ("free", "frozen-attention", "constrained")}
+    out["generate (20 new tokens, greedy)"] = _timed(lambda: rm.generate(prompt, ablate(feats), 20))
+    out["validate (n=20 edges)"] = _timed(lambda: validate(graph, rm, n=20))
+    pruned = graph.prune()
+    out["explorer state of the pruned graph"] = _timed(lambda: ViewState(pruned, rm=rm))
+    with tempfile.TemporaryDirectory() as tmp:
+        out["to_html of the pruned graph"] = _timed(lambda: pruned.to_html(f"{tmp}/g.html", rm))
+    return out
+
+
+def _model(random: bool):
+    import circuitlab
+
+    from .loading import load_model
+
+    if not random:
+        return circuitlab.load("gemma-3-270m")
+    model = load_model("gemma-3-270m")
+    return circuitlab.ReplacementModel(model, random_transcoders(model), name="gemma-3-270m",
+                                       transcoder_source="random")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="backward dtype; auto is attribute()'s default")
     parser.add_argument("--random", action="store_true", help="random transcoders, even with a bundle")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--tools", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from .loading import BUNDLE_DIR, DEFAULT_BUNDLE
 
@@ -96,6 +137,9 @@ def main(argv=None) -> None:
     if args.one:
         n, m = int(args.one[0]), None if args.one[1] == "all" else int(args.one[1])
         print(json.dumps(run_one(n, m, args.dtype, random)))
+        return
+    if args.tools:
+        print(json.dumps(run_tools(args.dtype, random)))
         return
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, dtype {args.dtype}")
@@ -107,7 +151,13 @@ def main(argv=None) -> None:
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(f"| {r['tokens']} | {r['max_feature_nodes'] or 'all'} | {r['active_features']} | "
               f"{r['feature_nodes']} | {r['edges']} | {r['seconds']} | {r['peak_rss_gb']} |", flush=True)
-    print(f"transcoders: {r['transcoders']}")
+    print(f"transcoders: {r['transcoders']}\n")
+    cmd = [sys.executable, "-m", "circuitlab.bench", "--tools", "--dtype", args.dtype] + (
+        ["--random"] if random else [])
+    tools = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    print("| on a 10-token prompt | seconds |\n|---|---|")
+    for name, seconds in tools.items():
+        print(f"| {name} | {seconds} |")
 
 
 if __name__ == "__main__":

@@ -649,9 +649,12 @@ def validate(graph, rm, n: int = 20, seed: int = 0) -> Validation:
     if A.sum() == 0:
         raise CircuitlabError("The graph has no feature-to-feature or feature-to-logit edges "
                               "to validate.")
+    # Weighted sampling without replacement (Efraimidis-Spirakis keys), over nonzero edges.
+    t_idx, s_idx = A.nonzero(as_tuple=True)
     gen = torch.Generator().manual_seed(seed)
-    flat = torch.multinomial(A.flatten(), min(n, int((A > 0).sum())), generator=gen)
-    pairs = [(int(i) // A.shape[1], int(i) % A.shape[1]) for i in flat]
+    keys = torch.rand(len(t_idx), generator=gen, dtype=torch.float64).log() / A[t_idx, s_idx].double()
+    picked = keys.topk(min(n, len(keys))).indices
+    pairs = [(int(t_idx[i]), int(s_idx[i])) for i in picked]
     sources = sorted({s for _, s in pairs})
     total = _total_effects(graph, sources)
     clean = {m: run_edited(rm, ids, {}, m, trace, clean_acts) for m in ("constrained", "free")}
