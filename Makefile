@@ -24,7 +24,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m circuitlab trace '$(PROMPT)' --out $(OUT)
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks --nbmake-timeout=600
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks --nbmake-timeout=600 --durations=25
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m circuitlab.bench
