@@ -141,6 +141,13 @@ class ReplacementModel:
                 p.requires_grad_(False)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # TransformerLens' Unembed multiplies by ``W_U.T.contiguous()``: store W_U as the
+        # transpose of a contiguous [d_vocab, d_model] matrix so that this copy (670 MB for
+        # Gemma 3) costs nothing on every forward pass. Same values, another memory layout.
+        W_U = self.model.unembed.W_U
+        if W_U.is_contiguous():
+            self.model.unembed.W_U = torch.nn.Parameter(W_U.detach().T.contiguous().T,
+                                                        requires_grad=False)
         self._validate()
 
     # ------------------------------------------------------------------ properties
