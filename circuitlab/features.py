@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, EMBEDDED_MODEL, CircuitlabError, cache_dir, sha256
+from .interventions import positions
 from .replacement import mlp_io
 
 #: Context window stored per example: tokens before the max, the max, tokens after.
@@ -546,15 +547,6 @@ def _as_tokens(rm, prompt) -> torch.Tensor:
     return rm.tokenize(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
 
 
-def _positions(tokens: torch.Tensor, pos) -> list[int]:
-    """``pos`` (an int or ints, negative from the end) validated against the prompt."""
-    positions = [pos] if isinstance(pos, (int, np.integer)) else list(pos)
-    P = len(tokens)
-    if not positions or any(not -P <= p < P for p in positions):
-        raise CircuitlabError(f"Position {pos} is out of range for a prompt of {P} tokens (0-{P - 1}).")
-    return [int(p) % P for p in positions]
-
-
 # ----------------------------------------------------------------------------- cards
 
 
@@ -613,7 +605,7 @@ def feature_card(rm, layer: int, feature: int, *, tokens=None, pos=None, label: 
         if tokens is not None:
             ids = _as_tokens(rm, tokens)
             acts = activations(rm, ids, [layer])[0, :, feature]
-            card.prompt_activation = float(acts.max() if pos is None else acts[_positions(ids, pos)].max())
+            card.prompt_activation = float(acts.max() if pos is None else acts[positions(pos, len(ids))].max())
     return card
 
 
@@ -673,11 +665,11 @@ def features_for(rm, prompt, token_or_text: str | None = None, layer=None, pos=N
     tokens = _as_tokens(rm, prompt)
     layers = _layers(rm, layer)
     if pos is not None:
-        positions = _positions(tokens, pos)
+        at = positions(pos, len(tokens))
     else:
-        positions = [len(tokens) - 1] if token_or_text is None else locate(rm, tokens, token_or_text)
-    acts, arg = activations(rm, tokens, layers)[:, positions].max(1)
-    where = torch.tensor(positions)[arg]
+        at = [len(tokens) - 1] if token_or_text is None else locate(rm, tokens, token_or_text)
+    acts, arg = activations(rm, tokens, layers)[:, at].max(1)
+    where = torch.tensor(at)[arg]
     scale = _scale(rm, layers)
     rel = acts / scale if scale is not None else torch.full_like(acts, float("nan"))
     df = _ranked(rm, layers, acts if scale is None else rel, top, acts > 0, pos=where,
@@ -747,8 +739,8 @@ def _concept_acts(rm, items: list, layers: list[int]) -> torch.Tensor:
     for item in items:
         prompt, text = item if isinstance(item, tuple) else (item, None)
         tokens = rm.tokenize(prompt)
-        positions = [len(tokens) - 1] if text is None else locate(rm, tokens, text)
-        rows.append(activations(rm, tokens, layers)[:, positions].max(1).values)
+        at = [len(tokens) - 1] if text is None else locate(rm, tokens, text)
+        rows.append(activations(rm, tokens, layers)[:, at].max(1).values)
     return torch.stack(rows)
 
 

@@ -21,6 +21,7 @@ return), a supernode (a list of any of these) or a dict of supernodes.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -137,21 +138,31 @@ class _Edit:
     value: torch.Tensor
 
 
-def _positions(pos, P: int) -> list[int]:
+def positions(pos, P: int) -> list[int]:
+    """Sorted positions of a ``P``-token prompt named by ``pos``: an int (negative from the
+    end), a list of ints, a slice or ``"all"``.
+
+    Raises:
+        CircuitlabError: for a position out of range, or when ``pos`` selects none.
+    """
     if isinstance(pos, str):
         if pos != "all":
             raise CircuitlabError(f'Position {pos!r} is not understood; use an int, a slice or "all".')
-        return list(range(P))
-    if isinstance(pos, slice):
-        return list(range(P))[pos]
-    if isinstance(pos, (list, tuple)):
-        return sorted({p for q in pos for p in _positions(q, P)})
-    if isinstance(pos, int) and not isinstance(pos, bool):
+        found = list(range(P))
+    elif isinstance(pos, slice):
+        found = list(range(P))[pos]
+    elif isinstance(pos, numbers.Integral) and not isinstance(pos, bool):
         if not -P <= pos < P:
             raise CircuitlabError(f"Position {pos} is out of range for a prompt of {P} tokens "
                                   f"(0..{P - 1}, or negative from the end).")
-        return [pos % P]
-    raise CircuitlabError(f'Position {pos!r} is not understood; use an int, a slice or "all".')
+        found = [int(pos) % P]
+    elif isinstance(pos, (list, tuple)):
+        found = sorted({p for q in pos for p in positions(q, P)})
+    else:
+        raise CircuitlabError(f'Position {pos!r} is not understood; use an int, a slice or "all".')
+    if not found:
+        raise CircuitlabError(f"Positions {pos!r} select no token of a {P}-token prompt.")
+    return found
 
 
 def _as_interventions(interventions) -> list[Intervention]:
@@ -196,9 +207,7 @@ def resolve(rm, interventions, clean_acts: list[torch.Tensor], max_acts=None) ->
         if not math.isfinite(value):
             raise CircuitlabError(f"The value for feature ({iv.layer}, {iv.feature}) is {value}; "
                                   "use a finite number.")
-        pos = torch.tensor(_positions(iv.pos, P), dtype=torch.long)
-        if len(pos) == 0:
-            raise CircuitlabError(f"Positions {iv.pos!r} select no token of a {P}-token prompt.")
+        pos = torch.tensor(positions(iv.pos, P), dtype=torch.long)
         values = torch.full((len(pos),), value)
         if iv.relative == "prompt":
             act = clean_acts[iv.layer][pos, iv.feature]
@@ -399,7 +408,7 @@ def intervene(rm, prompt: str, interventions, mode: str = "free", *, tokens=None
         An ``InterventionResult``.
     """
     ids = rm.tokenize(prompt)
-    _positions(pos, len(ids))
+    positions(pos, len(ids))
     trace = rm.run(ids)
     clean_acts = dense_activations(rm, trace)
     edits = resolve(rm, interventions, clean_acts, _max_activation(rm))
@@ -552,7 +561,7 @@ def swap(rm, prompt: str, remove, add, strength: float = 1.0, *, pos=None, mode:
     ivs = [Intervention(l, f, "all" if p is None else p, 1.0 - strength, "scale")
            for l, f, p, _ in removed]
     if pos is None:
-        pos = sorted({p for iv in ivs for p in _positions(iv.pos, len(ids))
+        pos = sorted({p for iv in ivs for p in positions(iv.pos, len(ids))
                       if clean_acts[iv.layer][p, iv.feature] != 0})
         if not pos:
             raise CircuitlabError("None of the features to remove is active on this prompt, so "

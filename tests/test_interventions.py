@@ -147,10 +147,10 @@ def test_helpers_agree(tiny_rm, clean):
 def test_positions(tiny_rm, clean):
     ids, trace, acts = clean
     P = len(ids)
-    assert iv._positions("all", P) == list(range(P))
-    assert iv._positions(-1, P) == [P - 1]
-    assert iv._positions(slice(2, 4), P) == [2, 3]
-    assert iv._positions([1, -1, 1], P) == [1, P - 1]
+    assert iv.positions("all", P) == list(range(P))
+    assert iv.positions(-1, P) == [P - 1]
+    assert iv.positions(slice(2, 4), P) == [2, 3]
+    assert iv.positions([1, -1, 1], P) == [1, P - 1]
     layer, _, f, _ = active_site(acts, 0, pos=2)
     everywhere = tiny_rm.intervene(PROMPT, ablate((layer, f))).logits
     manual = tiny_rm.intervene(PROMPT, [(layer, p, f, 0.0) for p in range(P)]).logits
