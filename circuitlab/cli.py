@@ -59,6 +59,13 @@ def _corpus(args) -> None:
     print(build_corpus(args.out, tokens=args.tokens, seed=args.seed))
 
 
+def _corpus_dir(args) -> Path:
+    """``--corpus``, or the corpus ``circuitlab corpus`` builds by default."""
+    from .loading import cache_dir
+
+    return Path(args.corpus) if args.corpus else cache_dir() / "corpus"
+
+
 def _train(args) -> None:
     from .loading import load_model
     from .train.trainer import train_transcoders
@@ -67,12 +74,13 @@ def _train(args) -> None:
 
     model = load_model(args.model, device=args.device, dtype=getattr(torch, args.model_dtype))
     kwargs = {k: getattr(args, k) for k in ("width", "k", "tokens", "time_budget", "context",
-                                             "batch_tokens", "buffer_tokens", "lr", "seed", "device")
+                                             "batch_tokens", "buffer_tokens", "passes", "lr", "seed",
+                                             "device")
               if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]
     command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    print(train_transcoders(model, args.corpus, args.out, resume=not args.fresh,
+    print(train_transcoders(model, _corpus_dir(args), args.out, resume=not args.fresh,
                             command=command, **kwargs))
 
 
@@ -82,7 +90,7 @@ def _eval(args) -> None:
 
     model = load_model(args.model)
     tcs = load_transcoders(args.transcoders, args.model, model.cfg.n_layers)
-    table = evaluate_transcoders(model, tcs, args.corpus, tokens=args.tokens)
+    table = evaluate_transcoders(model, tcs, _corpus_dir(args), tokens=args.tokens)
     print(format_table(table))
     if args.json:
         doc = {"layers": table.to_dict("records"), **table.attrs}
@@ -142,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int)
     p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step")
     p.add_argument("--buffer-tokens", type=int, help="size of the shuffled activation buffer")
+    p.add_argument("--passes", type=int, help="times each buffer is trained on")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")

@@ -87,6 +87,24 @@ def test_evaluate_trained_beats_skip_only(model, corpus, trained, tmp_path):
     assert table.startswith("| layer |") and "| mean |" in table and "spliced" in table
 
 
+def test_cli_train_and_eval_on_the_tiny_model(model, corpus, tmp_path, monkeypatch, capsys):
+    from circuitlab import cli, loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: model)
+    out = tmp_path / "tc"
+    args = ["train", "--out", str(out), "--corpus", str(corpus), "--tokens", "20000",
+            "--width", "64", "--k", "4", "--context", "64", "--batch-tokens", "512",
+            "--buffer-tokens", "2048", "--passes", "2"]
+    assert cli.main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "circuitlab " + " ".join(args)
+    assert manifest["tokens_seen"] >= 20_000 and manifest["settings"]["passes"] == 2
+    wider = args.copy()
+    wider[wider.index("--width") + 1] = "48"
+    assert cli.main(wider) == 2
+    assert "other settings (width: checkpoint 64, now 48" in capsys.readouterr().err
+
+
 def test_same_seed_same_weights(model, corpus, tmp_path):
     first = train_transcoders(model, corpus, tmp_path / "a", tokens=3_000, **SMALL)
     second = train_transcoders(model, corpus, tmp_path / "b", tokens=3_000, **SMALL)
@@ -109,6 +127,16 @@ def test_resume_after_time_and_token_stops(model, corpus, tmp_path):
     assert state["docs_done"] > 0 and state["buffers"] >= 2
 
 
+def test_passes_train_each_buffer_again(model, corpus, tmp_path):
+    once = json.loads((train_transcoders(model, corpus, tmp_path / "a", tokens=4_096, **SMALL)
+                       / "manifest.json").read_text())
+    twice = json.loads((train_transcoders(model, corpus, tmp_path / "b", tokens=4_096, passes=2,
+                                          **SMALL) / "manifest.json").read_text())
+    assert once["steps"] == twice["steps"] == 8
+    # A buffer holds 32 rows of 63 tokens: 3 batches a pass.
+    assert once["tokens_read"] == 3 * 2_016 and twice["tokens_read"] == 2 * 2_016
+
+
 def test_resume_with_other_settings_raises(model, corpus, tmp_path):
     train_transcoders(model, corpus, tmp_path, tokens=512, **SMALL)
     with pytest.raises(CircuitlabError, match=r"width: checkpoint 64, now 32.*resume=False"):
@@ -121,6 +149,7 @@ def test_resume_with_other_settings_raises(model, corpus, tmp_path):
     ({"k": 64}, "1 <= k < width"),
     ({"width": 0}, "width=0, k=4: need 1 <= k < width"),
     ({"context": 1000}, "n_ctx"),
+    ({"passes": 0}, "passes=0 must be >= 1"),
 ])
 def test_bad_arguments(model, corpus, tmp_path, kwargs, message):
     with pytest.raises(CircuitlabError, match=message):

@@ -82,6 +82,7 @@ class Settings:
     context: int
     batch_tokens: int
     buffer_tokens: int
+    passes: int
     lr: float
     jumprelu_share: float
     bf16: bool
@@ -281,30 +282,31 @@ class TopKTranscoders:
         encoder/decoder directions, as for SAEs, start with many dead features and learn
         slower, because a transcoder's input and output spaces differ.)
         """
-        x, y = x.float(), y.float()
-        N = x.shape[1]
-        scale_in = x.pow(2).mean((1, 2)).sqrt()
-        scale_out = (y - y.mean(1, keepdim=True)).pow(2).mean((1, 2)).sqrt()
-        x, y = x / scale_in[:, None, None], y / scale_out[:, None, None]
-        W_skip, b_dec = _ridge(x, y)
-        resid = y - x @ W_skip.transpose(1, 2) - b_dec[:, None]
+        L, N, d = x.shape
         gen = torch.Generator().manual_seed(seed)
         pick = (torch.randperm(N, generator=gen)[:width] if N >= width
                 else torch.randint(N, (width,), generator=gen)).to(x.device)
-        noise = 0.1 * F.normalize(torch.randn(len(x), width, x.shape[2], generator=gen), dim=-1)
-        x_mean = x.mean(1)
-        W_enc = F.normalize(F.normalize(x[:, pick] - x_mean[:, None], dim=-1) + noise.to(x.device),
-                            dim=-1)
-        W_dec = F.normalize(resid[:, pick], dim=-1)
-        for l in range(len(x)):
-            a = topk_active(torch.addmm(-W_enc[l] @ x_mean[l], x[l], W_enc[l].T), k)
-            recon = _decode(a, a.pre.relu(), W_dec[l])
-            gain = (recon * resid[l]).sum() / recon.pow(2).sum().clamp(min=1e-12)
-            W_enc[l] *= gain.clamp(min=1e-3)
-        b_enc = -torch.einsum("ld,lfd->lf", x_mean, W_enc)
-        return cls({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "W_skip": W_skip,
-                    "b_dec": b_dec}, scale_in, scale_out,
-                   torch.zeros(len(x), width, dtype=torch.long, device=x.device), lr)
+        noise = 0.1 * F.normalize(torch.randn(L, width, d, generator=gen), dim=-1).to(x.device)
+        out = {n: [] for n in PARAMS}
+        scale_in, scale_out = torch.empty(L, device=x.device), torch.empty(L, device=x.device)
+        for l in range(L):  # one layer at a time: a float copy of the whole buffer is large
+            xl, yl = x[l].float(), y[l].float()
+            scale_in[l] = xl.pow(2).mean().sqrt()
+            scale_out[l] = (yl - yl.mean(0)).pow(2).mean().sqrt()
+            xl, yl = xl / scale_in[l], yl / scale_out[l]
+            W_skip, b_dec = _ridge(xl, yl)
+            resid = yl - xl @ W_skip.T - b_dec
+            x_mean = xl.mean(0)
+            W_enc = F.normalize(F.normalize(xl[pick] - x_mean, dim=-1) + noise[l], dim=-1)
+            W_dec = F.normalize(resid[pick], dim=-1)
+            a = topk_active(torch.addmm(-W_enc @ x_mean, xl, W_enc.T), k)
+            recon = _decode(a, a.pre.relu(), W_dec)
+            gain = (recon * resid).sum() / recon.pow(2).sum().clamp(min=1e-12)
+            W_enc *= gain.clamp(min=1e-3)
+            for n, v in zip(PARAMS, (W_enc, -W_enc @ x_mean, W_dec, W_skip, b_dec)):
+                out[n].append(v)
+        return cls({n: torch.stack(v) for n, v in out.items()}, scale_in, scale_out,
+                   torch.zeros(L, width, dtype=torch.long, device=x.device), lr)
 
     @property
     def n_layers(self) -> int:
@@ -404,16 +406,15 @@ class TopKTranscoders:
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per layer, ``W [d_out, d_in], b [d_out]`` minimizing ``|y - x W^T - b|^2 + lam |W|^2``."""
-    x, y = x.double(), y.double()
-    x_mean, y_mean = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
-    xc, yc = x - x_mean, y - y_mean
-    cov = xc.transpose(1, 2) @ xc
-    lam = RIDGE * cov.diagonal(dim1=1, dim2=2).mean(1)
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    W = torch.linalg.solve(cov + lam[:, None, None] * eye, xc.transpose(1, 2) @ yc).transpose(1, 2)
-    b = y_mean[:, 0] - (x_mean @ W.transpose(1, 2))[:, 0]
-    return W.float(), b.float()
+    """``W [d_out, d_in], b [d_out]`` minimizing ``|y - x W^T - b|^2 + lam |W|^2`` for
+    ``x, y [N, d]``."""
+    x_mean, y_mean = x.double().mean(0), y.double().mean(0)
+    xc, yc = x.double() - x_mean, y.double() - y_mean
+    cov = xc.T @ xc
+    lam = RIDGE * cov.diagonal().mean()
+    eye = torch.eye(x.shape[-1], dtype=cov.dtype, device=x.device)
+    W = torch.linalg.solve(cov + lam * eye, xc.T @ yc).T
+    return W.float(), (y_mean - W @ x_mean).float()
 
 
 # --------------------------------------------------------------------------- export
@@ -542,7 +543,7 @@ def load_checkpoint(folder: Path, settings: Settings, device: str):
 
 def _check_args(model: HookedTransformer, layers: list[int], width: int, k: int, aux_k: int,
                 jumprelu_share: float, tokens: int, context: int, batch_tokens: int,
-                buffer_tokens: int) -> None:
+                buffer_tokens: int, passes: int) -> None:
     n = model.cfg.n_layers
     problems = []
     if not layers or any(not 0 <= l < n for l in layers) or len(set(layers)) != len(layers):
@@ -560,6 +561,8 @@ def _check_args(model: HookedTransformer, layers: list[int], width: int, k: int,
     if batch_tokens < 1 or buffer_tokens < batch_tokens:
         problems.append(f"need 1 <= batch_tokens ({batch_tokens}) <= buffer_tokens "
                         f"({buffer_tokens})")
+    if passes < 1:
+        problems.append(f"passes={passes} must be >= 1")
     if problems:
         raise CircuitlabError("Bad training arguments: " + "; ".join(problems) + ".")
 
@@ -582,6 +585,7 @@ def train_transcoders(
     context: int = 128,
     batch_tokens: int = 4096,
     buffer_tokens: int = 65_536,
+    passes: int = 1,
     lr: float = 3e-3,
     aux_k: int = 64,
     dead_tokens: int = 50_000,
@@ -604,11 +608,15 @@ def train_transcoders(
         layers: layers to train (default all).
         width: features per layer.
         k: features active per token (TopK).
-        tokens: token budget (BOS positions not counted), over all resumed runs.
+        tokens: budget of training tokens (BOS positions not counted; a token trained on in
+            two passes counts twice), over all resumed runs.
         time_budget: wall-clock budget in seconds over all resumed runs (None: no limit).
         context: row length in tokens, BOS included.
         batch_tokens: tokens per optimizer step.
         buffer_tokens: size of the shuffled activation buffer.
+        passes: times each buffer is trained on (reshuffled each time). On a CPU the model
+            forward costs about as much as a pass of training, so 2 passes nearly double
+            the optimizer steps per hour, each token being seen twice.
         lr: peak Adam learning rate.
         aux_k: dead features used by the AuxK loss per token (0 disables it).
         dead_tokens: a feature not selected in this many tokens counts as dead.
@@ -637,13 +645,13 @@ def train_transcoders(
     """
     layers = list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers]
     _check_args(model, layers, width, k, aux_k, jumprelu_share, tokens, context, batch_tokens,
-                buffer_tokens)
+                buffer_tokens, passes)
     out_dir = Path(out_dir).expanduser()
     ckpt_dir = out_dir / "checkpoint" if checkpoint_dir is None else Path(checkpoint_dir)
     settings = Settings(
         model_name=model.cfg.model_name, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
         layers=tuple(layers), width=width, k=k, aux_k=aux_k, dead_tokens=dead_tokens,
-        context=context, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, lr=lr,
+        context=context, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, passes=passes, lr=lr,
         jumprelu_share=jumprelu_share, bf16=bf16, seed=seed,
         corpus=str(Path(corpus).expanduser().resolve()))
     command = command or (
@@ -710,8 +718,8 @@ class _Run:
         return self.out_dir
 
     def _fill(self, rows: TokenRows, number: int):
-        """Buffer ``number``: ``x, y [L, N, d]`` from ``rows`` and its shuffle ``perm [N]``
-        (None at the end of the corpus). Keeps a calibration sample of it."""
+        """Buffer ``number``: ``x, y [L, N, d]`` from ``rows`` and one shuffle ``[N]`` per
+        pass (None at the end of the corpus). Keeps a calibration sample of it."""
         s = self.s
         tokens = rows.take(max(1, s.buffer_tokens // (s.context - 1)))
         if not len(tokens):
@@ -719,9 +727,9 @@ class _Run:
         x, y = activation_buffer(self.model, tokens, list(s.layers),
                                  max(1, s.batch_tokens // s.context), self.dtype, self.device)
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + number)
-        perm = torch.randperm(x.shape[1], generator=gen).to(x.device)
-        self.sample = (x[:, perm[:CALIBRATION_TOKENS]], y[:, perm[:CALIBRATION_TOKENS]])
-        return x, y, perm
+        perms = [torch.randperm(x.shape[1], generator=gen).to(x.device) for _ in range(s.passes)]
+        self.sample = (x[:, perms[0][:CALIBRATION_TOKENS]], y[:, perms[0][:CALIBRATION_TOKENS]])
+        return x, y, perms
 
     def _train_buffer(self, bar) -> bool:
         """Fill the buffer and train on it; False when the corpus is used up."""
@@ -736,17 +744,19 @@ class _Run:
             self.stopped = "corpus"
             warnings.warn(f"The corpus ran out after {c['tokens_seen']} training tokens.")
             return False
-        x, y, perm = filled
-        c.update(docs_done=self.rows.docs_done, pending=self.rows.pending, buffers=c["buffers"] + 1)
+        x, y, perms = filled
+        c.update(docs_done=self.rows.docs_done, pending=self.rows.pending, buffers=c["buffers"] + 1,
+                 tokens_read=c.get("tokens_read", 0) + x.shape[1])
         if self.state is None:
             self.state = TopKTranscoders.init(x, y, s.width, s.k, s.lr, s.seed)
         if self.progress() >= 1 - s.jumprelu_share:
             self.state.calibrate(self.sample[0], s.k, self.dtype)
-        size = min(s.batch_tokens, len(perm))
-        for start in range(0, len(perm) - size + 1, size):
+        size = min(s.batch_tokens, x.shape[1])
+        batches = [perm[start:start + size] for perm in perms
+                   for start in range(0, len(perm) - size + 1, size)]
+        for idx in batches:
             if self.budget_reached():
                 break
-            idx = perm[start:start + size]
             fvu = self.state.step(x[:, idx], y[:, idx], s.k, s.aux_k, s.dead_tokens,
                                   _lr_at(s.lr, self.progress()), self.dtype)
             c["tokens_seen"] += size
@@ -794,6 +804,7 @@ class _Run:
                 files[f"{folder.name}/{f.name}"] = sha256(f)
         manifest = {
             "sha256": files, "command": self.command, "tokens_seen": c["tokens_seen"],
+            "tokens_read": c.get("tokens_read", 0),
             "steps": c["steps"], "seconds": round(c["seconds"], 1),
             "tokens_per_second": round(c["tokens_seen"] / max(c["seconds"], 1e-9), 1),
             "stopped": self.stopped, "settings": dataclasses.asdict(s),
