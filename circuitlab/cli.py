@@ -75,7 +75,7 @@ def _train(args) -> None:
     model = load_model(args.model, device=args.device, dtype=getattr(torch, args.model_dtype))
     kwargs = {k: getattr(args, k) for k in ("width", "k", "tokens", "time_budget", "context",
                                              "batch_tokens", "buffer_tokens", "passes", "lr", "seed",
-                                             "device")
+                                             "device", "checkpoint_every")
               if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="dtype of the model that produces the activations (bf16 is ~2.5x faster on CPU)")
+    p.add_argument("--checkpoint-every", type=float,
+                   help="seconds between checkpoints (each also exports the bundle)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.set_defaults(func=_train)
 

@@ -272,7 +272,8 @@ class TopKTranscoders:
     @classmethod
     def init(cls, x: torch.Tensor, y: torch.Tensor, width: int, k: int, lr: float,
              seed: int) -> "TopKTranscoders":
-        """Initialize from a first buffer ``x, y [L, N, d]`` (exemplar initialization).
+        """Initialize from a sample ``x, y [L, N, d]`` of the first buffer (exemplar
+        initialization).
 
         ``W_skip, b_dec``: ridge fit of ``y`` on ``x``. Each feature starts from a random
         token ``t`` of the buffer: its encoder row is the direction of ``x_t`` minus the
@@ -748,7 +749,7 @@ class _Run:
         c.update(docs_done=self.rows.docs_done, pending=self.rows.pending, buffers=c["buffers"] + 1,
                  tokens_read=c.get("tokens_read", 0) + x.shape[1])
         if self.state is None:
-            self.state = TopKTranscoders.init(x, y, s.width, s.k, s.lr, s.seed)
+            self.state = TopKTranscoders.init(*self.sample, s.width, s.k, s.lr, s.seed)
         if self.progress() >= 1 - s.jumprelu_share:
             self.state.calibrate(self.sample[0], s.k, self.dtype)
         size = min(s.batch_tokens, x.shape[1])
