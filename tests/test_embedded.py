@@ -127,17 +127,21 @@ def test_empty_intervention_is_exact_on_the_real_model(rm):
 
 def test_swap_france_for_italy_moves_paris_to_rome(rm):
     """A swap on a fact the model knows: the capital of France is Paris. Swapping the
-    France features (found by code) for Italy's lowers Paris and raises Rome by a margin."""
+    France features (found by code) for Italy's raises Rome many times over and moves the
+    Rome-Paris margin by nats; random features added in their place do much less."""
     prompt = "The capital of France is the city of"
     remove, add = concept_swap(rm, prompt, " France", "The capital of Italy is the city of", " Italy")
     res = circuitlab.swap(rm, prompt, remove=remove, add=add, strength=2.0, tokens=[" Paris", " Rome"])
     t = res.tokens.set_index("token")
     assert res.before.token.iloc[0] == " Paris"
-    assert t.prob[" Paris"] < 0.6 * t.clean_prob[" Paris"]
-    assert t.prob[" Rome"] > 3 * t.clean_prob[" Rome"]
-    assert t.delta_logit[" Rome"] - t.delta_logit[" Paris"] > 1.5
-    # Not asserted, measured: random features added in place of Italy's raise Rome as much
-    # (see the closing note); at this scale the added features are not specific.
+    assert t.prob[" Paris"] < t.clean_prob[" Paris"]
+    assert t.prob[" Rome"] > 20 * t.clean_prob[" Rome"]
+    assert t.delta_logit[" Rome"] - t.delta_logit[" Paris"] > 3
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the control: random features at the same activations
+        rnd = add.assign(feature=torch.randint(0, rm.d_sae(0), (len(add),), generator=gen).numpy())
+        ctrl = circuitlab.swap(rm, prompt, remove=remove, add=rnd, strength=2.0, tokens=[" Rome"])
+        assert ctrl.prob(" Rome") < 0.3 * t.prob[" Rome"]
 
 
 def test_validate_on_the_real_model(rm):
