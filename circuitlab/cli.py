@@ -73,10 +73,9 @@ def _train(args) -> None:
     import torch
 
     model = load_model(args.model, device=args.device, dtype=getattr(torch, args.model_dtype))
-    kwargs = {k: getattr(args, k) for k in ("width", "k", "tokens", "time_budget", "context",
-                                             "batch_tokens", "buffer_tokens", "passes", "lr", "seed",
-                                             "device", "checkpoint_every")
-              if getattr(args, k) is not None}
+    names = ("width", "k", "tokens", "time_budget", "context", "batch_tokens", "buffer_tokens",
+             "passes", "lr", "seed", "device", "checkpoint_every")
+    kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]
     command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)

@@ -87,7 +87,7 @@ def test_evaluate_trained_beats_skip_only(model, corpus, trained, tmp_path):
     assert table.startswith("| layer |") and "| mean |" in table and "spliced" in table
 
 
-def test_cli_train_and_eval_on_the_tiny_model(model, corpus, tmp_path, monkeypatch, capsys):
+def test_cli_train_on_the_tiny_model(model, corpus, tmp_path, monkeypatch, capsys):
     from circuitlab import cli, loading
 
     monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: model)

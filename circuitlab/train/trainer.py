@@ -276,7 +276,7 @@ class TopKTranscoders:
         initialization).
 
         ``W_skip, b_dec``: ridge fit of ``y`` on ``x``. Each feature starts from a random
-        token ``t`` of the buffer: its encoder row is the direction of ``x_t`` minus the
+        token ``t`` of the sample: its encoder row is the direction of ``x_t`` minus the
         mean input (``b_enc`` centers the input), its decoder row the direction of the
         skip's residual at ``t``. The encoder is then scaled so the initial
         reconstruction of the residual is least-squares optimal. (Random tied
@@ -409,8 +409,9 @@ class TopKTranscoders:
 def _ridge(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``W [d_out, d_in], b [d_out]`` minimizing ``|y - x W^T - b|^2 + lam |W|^2`` for
     ``x, y [N, d]``."""
-    x_mean, y_mean = x.double().mean(0), y.double().mean(0)
-    xc, yc = x.double() - x_mean, y.double() - y_mean
+    x, y = x.double(), y.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
     cov = xc.T @ xc
     lam = RIDGE * cov.diagonal().mean()
     eye = torch.eye(x.shape[-1], dtype=cov.dtype, device=x.device)
@@ -652,8 +653,8 @@ def train_transcoders(
     settings = Settings(
         model_name=model.cfg.model_name, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
         layers=tuple(layers), width=width, k=k, aux_k=aux_k, dead_tokens=dead_tokens,
-        context=context, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, passes=passes, lr=lr,
-        jumprelu_share=jumprelu_share, bf16=bf16, seed=seed,
+        context=context, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, passes=passes,
+        lr=lr, jumprelu_share=jumprelu_share, bf16=bf16, seed=seed,
         corpus=str(Path(corpus).expanduser().resolve()))
     command = command or (
         f"train_transcoders({settings.model_name!r}, {settings.corpus!r}, {str(out_dir)!r}, "
