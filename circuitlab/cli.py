@@ -74,7 +74,7 @@ def _train(args) -> None:
 
     model = load_model(args.model, device=args.device, dtype=getattr(torch, args.model_dtype))
     names = ("width", "k", "tokens", "time_budget", "context", "batch_tokens", "buffer_tokens",
-             "passes", "lr", "seed", "device", "checkpoint_every")
+             "passes", "lr", "seed", "device", "checkpoint_every", "init_from")
     kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=float,
                    help="seconds between checkpoints (each also exports the bundle)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--init-from", default=None,
+                   help="warm start from exported transcoders of the same width (e.g. the bundle)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval-transcoders", help="FVU, L0, dead latents and spliced-in CE")

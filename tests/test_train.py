@@ -137,6 +137,44 @@ def test_passes_train_each_buffer_again(model, corpus, tmp_path):
     assert once["tokens_read"] == 3 * 2_016 and twice["tokens_read"] == 2 * 2_016
 
 
+def test_warm_start_keeps_the_weights_and_reads_on(model, corpus, trained, tmp_path):
+    # The mapping into the normalized space inverts the export: bf16 weights round-trip.
+    rows = trainer.TokenRows(model.tokenizer, corpus, 64)
+    x, y = trainer.activation_buffer(model, rows.take(32), [0, 1, 2], 8, torch.float32, "cpu")
+    state = trainer.TopKTranscoders.from_bundle(trained, [0, 1, 2], x, y, lr=1e-3)
+    for i in range(3):
+        sae, stats = trainer.to_jumprelu(state, i, x[i], y[i], 4, {})
+        saved = SAE.load_from_disk(trained / f"layer_{i:02d}")
+        for name in trainer.PARAMS:
+            exact = getattr(sae, name).ndim == 2  # matrices are saved in bf16, vectors in fp32
+            torch.testing.assert_close(getattr(sae, name), getattr(saved, name),
+                                       rtol=0 if exact else 1e-6, atol=0)
+        fresh = trainer.TopKTranscoders.init(x, y, 64, 4, 1e-3, seed=0)
+        assert stats["fvu_topk"] < trainer.to_jumprelu(fresh, i, x[i], y[i], 4, {})[1]["fvu_topk"]
+    # Training goes on from where the first run stopped reading, and says where it started.
+    out = train_transcoders(model, corpus, tmp_path / "warm", tokens=2_048, lr=1e-3,
+                            init_from=trained, **SMALL)
+    manifest = json.loads((out / "manifest.json").read_text())
+    first = json.loads((trained / "manifest.json").read_text())
+    assert manifest["init_from"]["path"] == str(trained.resolve())
+    assert manifest["init_from"]["command"] == first["command"]
+    assert manifest["init_from"]["tokens_seen"] == first["tokens_seen"]
+    assert manifest["tokens_seen"] == 2_048 and manifest["settings"]["init_from"] == str(trained)
+    docs = [json.loads((d / "checkpoint" / "settings.json").read_text())["docs_done"]
+            for d in (trained, out)]
+    assert docs[1] > docs[0] > 0
+    for layer in range(3):
+        assert manifest["calibration"][str(layer)]["fvu_topk"] < 0.8
+
+
+def test_warm_start_from_other_width_raises(model, corpus, trained, tmp_path):
+    with pytest.raises(CircuitlabError, match=r"Cannot warm-start .*d_sae=64.*pass its width"):
+        train_transcoders(model, corpus, tmp_path, tokens=512, init_from=trained,
+                          **{**SMALL, "width": 32})
+    with pytest.raises(CircuitlabError, match=r"layer_00/cfg.json is missing"):
+        train_transcoders(model, corpus, tmp_path, tokens=512, init_from=tmp_path, **SMALL)
+
+
 def test_resume_with_other_settings_raises(model, corpus, tmp_path):
     train_transcoders(model, corpus, tmp_path, tokens=512, **SMALL)
     with pytest.raises(CircuitlabError, match=r"width: checkpoint 64, now 32.*resume=False"):

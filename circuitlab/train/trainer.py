@@ -51,7 +51,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -88,6 +88,7 @@ class Settings:
     bf16: bool
     seed: int
     corpus: str
+    init_from: str | None = None
 
 
 # --------------------------------------------------------------------------- data
@@ -284,17 +285,14 @@ class TopKTranscoders:
         slower, because a transcoder's input and output spaces differ.)
         """
         L, N, d = x.shape
+        scale_in, scale_out = _scales(x, y)
         gen = torch.Generator().manual_seed(seed)
         pick = (torch.randperm(N, generator=gen)[:width] if N >= width
                 else torch.randint(N, (width,), generator=gen)).to(x.device)
         noise = 0.1 * F.normalize(torch.randn(L, width, d, generator=gen), dim=-1).to(x.device)
         out = {n: [] for n in PARAMS}
-        scale_in, scale_out = torch.empty(L, device=x.device), torch.empty(L, device=x.device)
         for l in range(L):  # one layer at a time: a float copy of the whole buffer is large
-            xl, yl = x[l].float(), y[l].float()
-            scale_in[l] = xl.pow(2).mean().sqrt()
-            scale_out[l] = (yl - yl.mean(0)).pow(2).mean().sqrt()
-            xl, yl = xl / scale_in[l], yl / scale_out[l]
+            xl, yl = x[l].float() / scale_in[l], y[l].float() / scale_out[l]
             W_skip, b_dec = _ridge(xl, yl)
             resid = yl - xl @ W_skip.T - b_dec
             x_mean = xl.mean(0)
@@ -308,6 +306,31 @@ class TopKTranscoders:
                 out[n].append(v)
         return cls({n: torch.stack(v) for n, v in out.items()}, scale_in, scale_out,
                    torch.zeros(L, width, dtype=torch.long, device=x.device), lr)
+
+    @classmethod
+    def from_bundle(cls, folder: Path, layers: list[int], x: torch.Tensor, y: torch.Tensor,
+                    lr: float) -> "TopKTranscoders":
+        """Warm start from exported transcoders ``folder/layer_XX/`` (this module's export,
+        or any SAE-Lens skip transcoder folder with ``W_enc, b_enc, W_dec, W_skip, b_dec``).
+
+        The normalizing scales come from the sample ``x, y [L, N, d]``; the weights are
+        mapped into that normalized space (exactly the inverse of ``to_jumprelu``). The
+        JumpReLU thresholds are dropped: training runs TopK until its JumpReLU phase.
+        Adam's moments start at zero, so warm starts want a lower ``lr``.
+        """
+        scale_in, scale_out = _scales(x, y)
+        out = {n: [] for n in PARAMS}
+        for l, layer in enumerate(layers):
+            w = load_file(folder / f"layer_{layer:02d}" / "sae_weights.safetensors")
+            w = {n: w[n].float().to(x.device) for n in PARAMS}
+            ratio = scale_in[l] / scale_out[l]
+            for n, v in zip(PARAMS, ((w["W_enc"] * ratio).T, w["b_enc"] / scale_out[l],
+                                     F.normalize(w["W_dec"], dim=-1), w["W_skip"] * ratio,
+                                     w["b_dec"] / scale_out[l])):
+                out[n].append(v.contiguous())
+        width = out["W_dec"][0].shape[0]
+        return cls({n: torch.stack(v) for n, v in out.items()}, scale_in, scale_out,
+                   torch.zeros(len(layers), width, dtype=torch.long, device=x.device), lr)
 
     @property
     def n_layers(self) -> int:
@@ -404,6 +427,15 @@ class TopKTranscoders:
                 state.opt.state[p] = {key: v.to(device) if key != "step" else v
                                       for key, v in moments.items()}
         return state
+
+
+def _scales(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer ``scale_in`` (RMS of ``x``) and ``scale_out`` (RMS of ``y`` around its mean)
+    of a sample ``x, y [L, N, d]``, one layer at a time."""
+    scale_in = torch.stack([x[l].float().pow(2).mean().sqrt() for l in range(len(x))])
+    scale_out = torch.stack([(y[l].float() - y[l].float().mean(0)).pow(2).mean().sqrt()
+                             for l in range(len(y))])
+    return scale_in, scale_out
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -598,6 +630,7 @@ def train_transcoders(
     checkpoint_every: float = 600.0,
     checkpoint_dir=None,
     resume: bool = True,
+    init_from=None,
     progress: bool = True,
     command: str | None = None,
 ) -> Path:
@@ -634,6 +667,12 @@ def train_transcoders(
             checkpoints are taken when a buffer is used up.
         checkpoint_dir: checkpoint folder (default ``out_dir/checkpoint``).
         resume: continue from the checkpoint if there is one.
+        init_from: warm start from exported transcoders of the same width (a folder of
+            ``layer_XX/`` SAE-Lens folders, e.g. an earlier ``out_dir`` or the bundle)
+            instead of the exemplar initialization. If its ``manifest.json`` says how many
+            tokens it read from the same corpus with the same ``context``, training goes
+            on from there, so it sees new text. Adam starts afresh: pass a lower ``lr``.
+            The new manifest keeps the earlier one's command and budgets.
         progress: show a progress bar with tokens/s and the mean FVU over layers.
         command: the command to record in the manifest (default: a description of
             this call).
@@ -649,25 +688,60 @@ def train_transcoders(
     _check_args(model, layers, width, k, aux_k, jumprelu_share, tokens, context, batch_tokens,
                 buffer_tokens, passes)
     out_dir = Path(out_dir).expanduser()
+    if init_from is not None:
+        init_from = Path(init_from).expanduser().resolve()
+        earlier = _check_init_from(init_from, layers, width, model.cfg.d_model)
     ckpt_dir = out_dir / "checkpoint" if checkpoint_dir is None else Path(checkpoint_dir)
     settings = Settings(
         model_name=model.cfg.model_name, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
         layers=tuple(layers), width=width, k=k, aux_k=aux_k, dead_tokens=dead_tokens,
         context=context, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, passes=passes,
         lr=lr, jumprelu_share=jumprelu_share, bf16=bf16, seed=seed,
-        corpus=str(Path(corpus).expanduser().resolve()))
+        corpus=str(Path(corpus).expanduser().resolve()),
+        init_from=None if init_from is None else str(init_from))
     command = command or (
         f"train_transcoders({settings.model_name!r}, {settings.corpus!r}, {str(out_dir)!r}, "
         f"tokens={tokens}, time_budget={time_budget}, device={device!r}, "
         + ", ".join(f"{n}={v!r}" for n, v in dataclasses.asdict(settings).items()
                     if n not in ("model_name", "n_layers", "d_model", "corpus")) + ")")
+    history = None
+    if init_from is not None:
+        history = {"path": str(init_from), **{n: earlier[n] for n in _HISTORY if n in earlier}}
     state, counters = None, {"tokens_seen": 0, "steps": 0, "seconds": 0.0, "buffers": 0,
                              "docs_done": 0, "pending": []}
     if resume and (ckpt_dir / CHECKPOINT_FILE).exists():
         state, counters = load_checkpoint(ckpt_dir, settings, device)
     run = _Run(model, settings, state, counters, out_dir, ckpt_dir, device, tokens,
-               time_budget, checkpoint_every, command)
+               time_budget, checkpoint_every, command, history)
+    if state is None and history is not None and earlier.get("settings", {}).get(
+            "corpus") == settings.corpus and earlier["settings"].get("context") == context:
+        run.skip_rows(earlier.get("tokens_read", 0) // (context - 1))
     return run.train(progress)
+
+
+_HISTORY = ("command", "tokens_seen", "tokens_read", "steps", "seconds", "init_from")
+
+
+def _check_init_from(folder: Path, layers: list[int], width: int, d_model: int) -> dict:
+    """Check that ``folder`` holds transcoders to warm-start ``layers`` at ``width``;
+    return its ``manifest.json`` (empty if it has none)."""
+    problems = []
+    for layer in layers:
+        cfg_path = folder / f"layer_{layer:02d}" / "cfg.json"
+        if not cfg_path.is_file():
+            problems.append(f"{cfg_path} is missing")
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        if (cfg.get("d_sae"), cfg.get("d_in")) != (width, d_model):
+            problems.append(f"layer {layer} has d_sae={cfg.get('d_sae')}, d_in={cfg.get('d_in')}")
+    if problems:
+        raise CircuitlabError(
+            f"Cannot warm-start from {folder}: {'; '.join(problems[:3])}. It needs one "
+            f"layer_XX/ SAE-Lens folder per trained layer with d_sae={width} (pass its width) "
+            f"and d_in={d_model} (the model's d_model)."
+        )
+    manifest = folder / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.is_file() else {}
 
 
 class _Run:
@@ -675,11 +749,11 @@ class _Run:
 
     def __init__(self, model, settings: Settings, state, counters: dict, out_dir: Path,
                  ckpt_dir: Path, device: str, tokens: int, time_budget, checkpoint_every,
-                 command: str):
+                 command: str, history: dict | None):
         self.model, self.s, self.state, self.counters = model, settings, state, counters
         self.out_dir, self.ckpt_dir, self.device = out_dir, ckpt_dir, device
         self.tokens, self.time_budget, self.checkpoint_every = tokens, time_budget, checkpoint_every
-        self.command = command
+        self.command, self.history = command, history
         self.dtype = torch.bfloat16 if settings.bf16 else torch.float32
         self.started = time.monotonic()
         self.seconds_before = counters["seconds"]
@@ -687,6 +761,12 @@ class _Run:
                               docs_done=counters["docs_done"], pending=counters["pending"])
         self.sample = None
         self.stopped = None
+
+    def skip_rows(self, n_rows: int) -> None:
+        """Skip the first ``n_rows`` rows of the corpus (read by the run warm-started from)."""
+        while n_rows > 0 and len(self.rows.take(min(n_rows, 1024))):
+            n_rows -= 1024
+        self.counters.update(docs_done=self.rows.docs_done, pending=self.rows.pending)
 
     def seconds(self) -> float:
         return self.seconds_before + time.monotonic() - self.started
@@ -749,7 +829,10 @@ class _Run:
         x, y, perms = filled
         c.update(docs_done=self.rows.docs_done, pending=self.rows.pending, buffers=c["buffers"] + 1,
                  tokens_read=c.get("tokens_read", 0) + x.shape[1])
-        if self.state is None:
+        if self.state is None and s.init_from is not None:
+            self.state = TopKTranscoders.from_bundle(Path(s.init_from), list(s.layers),
+                                                     *self.sample, s.lr)
+        elif self.state is None:
             self.state = TopKTranscoders.init(*self.sample, s.width, s.k, s.lr, s.seed)
         if self.progress() >= 1 - s.jumprelu_share:
             self.state.calibrate(self.sample[0], s.k, self.dtype)
@@ -812,5 +895,7 @@ class _Run:
             "stopped": self.stopped, "settings": dataclasses.asdict(s),
             "calibration": {str(l): v for l, v in stats.items()},
         }
+        if self.history is not None:
+            manifest["init_from"] = self.history
         with _disk_errors(self.out_dir / "manifest.json", "the previous manifest is intact."):
             atomic_write_text(self.out_dir / "manifest.json", json.dumps(manifest, indent=1))
