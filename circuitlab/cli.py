@@ -89,7 +89,8 @@ def _eval(args) -> None:
 
     model = load_model(args.model)
     tcs = load_transcoders(args.transcoders, args.model, model.cfg.n_layers)
-    table = evaluate_transcoders(model, tcs, _corpus_dir(args), tokens=args.tokens)
+    table = evaluate_transcoders(model, tcs, _corpus_dir(args), tokens=args.tokens,
+                                 per_layer=args.per_layer)
     print(format_table(table))
     if args.json:
         doc = {"layers": table.to_dict("records"), **table.attrs}
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default=None)
     p.add_argument("--tokens", type=int, default=50_000)
     p.add_argument("--json", default=None)
+    p.add_argument("--per-layer", action="store_true",
+                   help="also the CE increase of splicing each layer alone (slower)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("cards", help="precompute feature-card examples over held-out text")

@@ -87,6 +87,27 @@ def test_evaluate_trained_beats_skip_only(model, corpus, trained, tmp_path):
     assert table.startswith("| layer |") and "| mean |" in table and "spliced" in table
 
 
+def test_per_layer_ce_splices_one_layer_at_a_time(model, corpus, trained, tmp_path):
+    transcoders = load_transcoders(trained, None, 3)
+    lines = [json.dumps({"text": doc}) for doc in corpus.read_text().split("\n\n")[:50]]
+    (tmp_path / "heldout.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    df = evaluate_transcoders(model, transcoders, tmp_path, tokens=1_000, context=64,
+                              per_layer=True)
+    assert (df.ce_alone.abs() > 1e-4).all() and "CE alone |" in format_table(df)
+    # A transcoder that outputs zero makes "layer 2 alone" a zero-ablation of MLP 2 (BOS kept).
+    for name in ("W_dec", "W_skip", "b_dec"):
+        getattr(transcoders[2], name).data.zero_()
+    ablated = evaluate_transcoders(model, transcoders, tmp_path, tokens=1_000, context=64,
+                                   per_layer=True)
+    assert ablated.ce_alone[:2].tolist() == pytest.approx(df.ce_alone[:2].tolist(), abs=1e-6)
+    rows = trainer.TokenRows(model.tokenizer, tmp_path, 64, split="heldout").take(16)
+    zero = lambda act, hook: torch.cat([act[:, :1], torch.zeros_like(act[:, 1:])], 1)  # noqa: E731
+    with torch.no_grad():
+        ce = [float(model.run_with_hooks(rows, return_type="loss", fwd_hooks=hooks))
+              for hooks in ([], [("blocks.2.hook_mlp_out", zero)])]
+    assert ablated.ce_alone[2] == pytest.approx(ce[1] - ce[0], rel=1e-4)
+
+
 def test_cli_train_on_the_tiny_model(model, corpus, tmp_path, monkeypatch, capsys):
     from circuitlab import cli, loading
 

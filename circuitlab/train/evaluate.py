@@ -1,5 +1,6 @@
 """Evaluate transcoders on held-out text: per-layer FVU, L0 and dead features, and the
-next-token loss of the model with every MLP replaced by its transcoder.
+next-token loss of the model with every MLP replaced by its transcoder (and, optionally,
+with each layer's alone, which shows where the spliced-in loss comes from).
 
 Example::
 
@@ -58,6 +59,7 @@ def evaluate_transcoders(
     context: int = 128,
     split: str = "heldout",
     device: str = "cpu",
+    per_layer: bool = False,
 ) -> pd.DataFrame:
     """Per-layer FVU, L0 and dead share, and the cross-entropy cost of splicing.
 
@@ -74,24 +76,33 @@ def evaluate_transcoders(
         context: row length, BOS included.
         split: corpus split ("heldout" needs a corpus built by ``build_corpus``).
         device: where to put the tokens.
+        per_layer: also measure the CE increase of splicing each layer alone (one more
+            forward pass per layer and batch).
 
     Returns:
         One row per layer with columns ``layer``, ``fvu`` (squared error over the total
         variance of ``hook_mlp_out`` around its mean), ``l0`` (active features per token)
-        and ``dead`` (share of features never active). ``df.attrs`` holds ``ce_clean``,
-        ``ce_spliced``, ``ce_increase`` (nats per token) and ``tokens``.
+        and ``dead`` (share of features never active), and with ``per_layer``,
+        ``ce_alone`` (nats per token added when only this layer's MLP is replaced).
+        ``df.attrs`` holds ``ce_clean``, ``ce_spliced``, ``ce_increase`` (nats per token)
+        and ``tokens``.
     """
     rm = ReplacementModel(model, transcoders)
     rows = TokenRows(model.tokenizer, corpus, context, split=split).take(
         max(1, -(-tokens // (context - 1))))
     stats = [_LayerStats(tc.cfg.d_sae, tc.cfg.d_out, device) for tc in rm.transcoders]
     ce_clean = ce_spliced = 0.0
+    ce_alone = torch.zeros(len(stats), dtype=torch.float64)
     for batch in rows.to(device).split(max(1, EVAL_BATCH_TOKENS // context)):
         clean, spliced = _run(rm, batch, stats)
         ce_clean += _next_token_loss(clean, batch) * len(batch)
         ce_spliced += _next_token_loss(spliced, batch) * len(batch)
+        for layer in range(len(stats) if per_layer else 0):
+            ce_alone[layer] += _next_token_loss(_splice(rm, batch, [layer]), batch) * len(batch)
     df = pd.DataFrame([{"layer": l, **s.row()} for l, s in enumerate(stats)])
     ce_clean, ce_spliced = ce_clean / len(rows), ce_spliced / len(rows)
+    if per_layer:
+        df["ce_alone"] = (ce_alone / len(rows) - ce_clean).tolist()
     df.attrs.update(ce_clean=ce_clean, ce_spliced=ce_spliced, ce_increase=ce_spliced - ce_clean,
                     tokens=len(rows) * (context - 1))
     return df
@@ -102,27 +113,39 @@ def _run(rm: ReplacementModel, tokens: torch.Tensor, stats: list[_LayerStats]):
     from the clean run's MLP inputs and outputs."""
     xs: dict[int, torch.Tensor] = {}
 
-    def grab_in(act, hook):
-        layer = int(hook.name.split(".")[1])
-        xs[layer] = mlp_input(rm.model, layer, act)
-
     def measure(act, hook):
         layer = int(hook.name.split(".")[1])
         acts, pred = _transcode(rm, layer, xs[layer])
         stats[layer].add(acts[:, 1:].flatten(0, 1), pred[:, 1:].flatten(0, 1),
                          act[:, 1:].flatten(0, 1))
 
+    with torch.no_grad():
+        clean = rm.model.run_with_hooks(
+            tokens, fwd_hooks=[_grab(rm, xs), (lambda n: n.endswith("hook_mlp_out"), measure)])
+    return clean, _splice(rm, tokens, range(len(stats)))
+
+
+def _grab(rm: ReplacementModel, xs: dict):
+    """A forward hook that stores each layer's MLP input in ``xs``."""
+    def grab_in(act, hook):
+        layer = int(hook.name.split(".")[1])
+        xs[layer] = mlp_input(rm.model, layer, act)
+
+    return lambda n: n.endswith("ln2.hook_normalized"), grab_in
+
+
+def _splice(rm: ReplacementModel, tokens: torch.Tensor, layers) -> torch.Tensor:
+    """Logits with the MLP outputs of ``layers`` replaced by their transcoders' (BOS kept)."""
+    xs: dict[int, torch.Tensor] = {}
+
     def splice(act, hook):
         layer = int(hook.name.split(".")[1])
         pred = _transcode(rm, layer, xs[layer])[1].to(act.dtype)
         return torch.cat([act[:, :1], pred[:, 1:]], dim=1)
 
-    grab = (lambda n: n.endswith("ln2.hook_normalized"), grab_in)
-    is_out = lambda n: n.endswith("hook_mlp_out")  # noqa: E731
+    hooks = [_grab(rm, xs)] + [(f"blocks.{l}.hook_mlp_out", splice) for l in layers]
     with torch.no_grad():
-        clean = rm.model.run_with_hooks(tokens, fwd_hooks=[grab, (is_out, measure)])
-        spliced = rm.model.run_with_hooks(tokens, fwd_hooks=[grab, (is_out, splice)])
-    return clean, spliced
+        return rm.model.run_with_hooks(tokens, fwd_hooks=hooks)
 
 
 def _transcode(rm: ReplacementModel, layer: int, x: torch.Tensor):
@@ -140,10 +163,13 @@ def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 
 def format_table(df: pd.DataFrame) -> str:
     """A markdown table of ``evaluate_transcoders`` output, with the mean and the CE line."""
-    lines = ["| layer | FVU | L0 | dead |", "|---:|---:|---:|---:|"]
+    alone = "ce_alone" in df
+    lines = ["| layer | FVU | L0 | dead |" + (" CE alone |" if alone else ""),
+             "|---:|---:|---:|---:|" + ("---:|" if alone else "")]
     lines += [f"| {int(r.layer)} | {r.fvu:.3f} | {r.l0:.1f} | {r.dead:.1%} |"
-              for r in df.itertuples()]
-    lines.append(f"| mean | {df.fvu.mean():.3f} | {df.l0.mean():.1f} | {df.dead.mean():.1%} |")
+              + (f" {r.ce_alone:+.3f} |" if alone else "") for r in df.itertuples()]
+    lines.append(f"| mean | {df.fvu.mean():.3f} | {df.l0.mean():.1f} | {df.dead.mean():.1%} |"
+                 + (f" {df.ce_alone.mean():+.3f} |" if alone else ""))
     a = df.attrs
     if "ce_clean" in a:
         lines.append(f"\nNext-token CE over {a['tokens']} tokens: clean {a['ce_clean']:.3f}, "
