@@ -66,15 +66,24 @@ def _corpus_dir(args) -> Path:
     return Path(args.corpus) if args.corpus else cache_dir() / "corpus"
 
 
+def _model_dtype(args):
+    """``--model-dtype`` as a torch dtype; ``auto`` is bfloat16 where bf16 is fast."""
+    import torch
+
+    from .loading import fast_bf16
+
+    if args.model_dtype == "auto":
+        return torch.bfloat16 if fast_bf16(getattr(args, "device", "cpu")) else torch.float32
+    return getattr(torch, args.model_dtype)
+
+
 def _train(args) -> None:
     from .loading import load_model
     from .train.trainer import train_transcoders
 
-    import torch
-
-    model = load_model(args.model, device=args.device, dtype=getattr(torch, args.model_dtype))
+    model = load_model(args.model, device=args.device, dtype=_model_dtype(args))
     names = ("width", "k", "tokens", "time_budget", "context", "batch_tokens", "buffer_tokens",
-             "passes", "lr", "seed", "device", "checkpoint_every", "init_from")
+             "passes", "lr", "seed", "device", "checkpoint_every", "init_from", "bf16")
     kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]
@@ -105,7 +114,7 @@ def _cards(args) -> None:
     from .loading import load_model
 
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=getattr(torch, args.model_dtype))
+    model = load_model(args.model, dtype=_model_dtype(args))
     rm = circuitlab.load(model, args.transcoders)
     command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     path = build_examples(rm, args.corpus, tokens=args.tokens, context=args.context,
@@ -154,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="dtype of the model that produces the activations (bf16 is ~2.5x faster on CPU)")
+    p.add_argument("--model-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype of the model that produces the activations (auto: bfloat16 "
+                   "where bf16 is fast, as on CPUs with AVX-512 BF16, else float32)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 products and buffer in training (default: where bf16 is fast)")
     p.add_argument("--checkpoint-every", type=float,
                    help="seconds between checkpoints (each also exports the bundle)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-band", type=int, default=2,
                    help="contexts sampled per lower activation band")
     p.add_argument("--out", default=None, help="default: beside a bundle, else the cache dir")
-    p.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--model-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.set_defaults(func=_cards)
 
     args = parser.parse_args(argv)

@@ -122,6 +122,16 @@ def verify_manifest(folder: Path, what: str, fix: str) -> None:
 # --------------------------------------------------------------------------- models
 
 
+def fast_bf16(device: str = "cpu") -> bool:
+    """Whether bfloat16 matrix products are fast on ``device``: CUDA with bf16 support, or
+    a CPU with AVX-512 BF16 or AMX. Elsewhere bf16 is emulated and slower than float32."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported",
+                                                     "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)
+
+
 def load_model(
     name: str = EMBEDDED_MODEL,
     *,

@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_model
 from sae_lens import SAE
 
-from circuitlab.loading import CircuitlabError, load_transcoders, sha256, verify_manifest
+from circuitlab.loading import (CircuitlabError, fast_bf16, load_transcoders, sha256,
+                                verify_manifest)
 from circuitlab.replacement import ReplacementModel
 from circuitlab.train import trainer
 from circuitlab.train.evaluate import evaluate_transcoders, format_table
@@ -52,6 +53,7 @@ def test_train_writes_loadable_sae_lens_folders(model, trained):
     verify_manifest(trained, "trained transcoders", "retrain")
     assert manifest["tokens_seen"] >= 20_000 and manifest["stopped"] == "tokens"
     assert "train_transcoders(" in manifest["command"]
+    assert manifest["settings"]["bf16"] is fast_bf16("cpu")  # the default: bf16 where it is fast
     for layer in range(3):
         sae = SAE.load_from_disk(trained / f"layer_{layer:02d}")
         assert type(sae).__name__ == "JumpReLUSkipTranscoder"
@@ -124,6 +126,13 @@ def test_cli_train_on_the_tiny_model(model, corpus, tmp_path, monkeypatch, capsy
     wider[wider.index("--width") + 1] = "48"
     assert cli.main(wider) == 2
     assert "other settings (width: checkpoint 64, now 48" in capsys.readouterr().err
+
+
+def test_fast_bf16_follows_the_hardware(monkeypatch):
+    for avx512_bf16, amx, fast in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert fast_bf16("cpu") is fast
 
 
 def test_same_seed_same_weights(model, corpus, tmp_path):
