@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .graph import Graph
-from .loading import CircuitlabError
+from .loading import CircuitlabError, fast_bf16
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
 
@@ -240,10 +240,8 @@ def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[Log
 
 
 def default_dtype(device) -> torch.dtype:
-    """bfloat16 on CPUs whose matrix units support it natively (oneDNN), else float32."""
-    if str(device).startswith("cpu") and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """bfloat16 on CPUs with native bf16 matrix units (``fast_bf16``), else float32."""
+    return torch.bfloat16 if str(device).startswith("cpu") and fast_bf16("cpu") else torch.float32
 
 
 def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
