@@ -45,7 +45,7 @@ def _trace(args) -> None:
               f"{g.n_edges} edges; replacement {s['replacement']:.3f}, "
               f"completeness {s['completeness']:.3f}")
     feats = graph.nodes[graph.nodes["kind"] == "feature"].nlargest(args.top, "influence")
-    print(f"\nMost influential features (layer/feature @ position):")
+    print("\nMost influential features (layer/feature @ position):")
     for r in feats.itertuples():
         print(f"  L{r.layer}/F{r.feature} @ {r.pos} {r.token!r:>12}  act={r.activation:7.2f}  "
               f"influence={r.influence:.4f}")
@@ -107,8 +107,6 @@ def _eval(args) -> None:
 
 
 def _cards(args) -> None:
-    import torch
-
     import circuitlab
     from .features import build_examples
     from .loading import load_model
