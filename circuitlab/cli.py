@@ -3,6 +3,7 @@
     circuitlab trace "PROMPT" --out DIR      trace a prompt, write graph + pruned + Neuronpedia JSON
     circuitlab corpus --out DIR              build the offline training corpus
     circuitlab train --out DIR ...           train transcoders
+    circuitlab finetune DIR --out DIR ...    fine-tune their decoders on the spliced-in KL
     circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text
     circuitlab cards ...                     precompute feature-card examples over held-out text
 """
@@ -92,6 +93,19 @@ def _train(args) -> None:
                             command=command, **kwargs))
 
 
+def _finetune(args) -> None:
+    from .loading import load_model
+    from .train.finetune import finetune_transcoders
+
+    model = load_model(args.model, device=args.device)
+    names = ("tokens", "time_budget", "context", "batch_rows", "kl_positions", "lr", "fvu_coef",
+             "seed", "device", "checkpoint_every")
+    kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    print(finetune_transcoders(model, args.transcoders, _corpus_dir(args), args.out,
+                               resume=not args.fresh, command=command, **kwargs))
+
+
 def _eval(args) -> None:
     from .loading import load_model, load_transcoders
     from .train.evaluate import evaluate_transcoders, format_table
@@ -172,6 +186,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from", default=None,
                    help="warm start from exported transcoders of the same width (e.g. the bundle)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("finetune", help="fine-tune transcoder decoders on the spliced-in KL")
+    p.add_argument("transcoders", help="folder of layer_XX/ SAE-Lens transcoders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--corpus", default=None, help="corpus dir/file (default: the built corpus)")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--time-budget", type=float, help="seconds")
+    p.add_argument("--context", type=int)
+    p.add_argument("--batch-rows", type=int, help="rows per optimizer step")
+    p.add_argument("--kl-positions", type=int, help="positions per row where the KL is taken")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--fvu-coef", type=float, help="weight of the mean FVU against the KL")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint-every", type=float,
+                   help="seconds between checkpoints (each also exports the folders)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("eval-transcoders", help="FVU, L0, dead latents and spliced-in CE")
     p.add_argument("transcoders")

@@ -326,7 +326,8 @@ def _directory_sae_ids(release: str, width: str = "width_16k", target_l0: float 
     return pick
 
 
-def _layer_of(sae: SAE) -> int:
+def layer_of(sae: SAE) -> int:
+    """The layer a transcoder reads from, from its ``blocks.<layer>.`` hook name."""
     m = re.match(r"blocks\.(\d+)\.", sae.cfg.metadata.hook_name or "")
     if m is None:
         raise CircuitlabError(
@@ -346,7 +347,7 @@ def _load_sae_lens_dir(path: Path, device: str) -> list[SAE]:
             "cfg.json and sae_weights.safetensors) or a circuit-tracer config.yaml."
         )
     saes = [SAE.load_from_disk(f, device=device) for f in folders]
-    return sorted(saes, key=_layer_of)
+    return sorted(saes, key=layer_of)
 
 
 def _load_circuit_tracer(path: Path, device: str) -> list[SAE]:

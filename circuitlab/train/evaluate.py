@@ -84,19 +84,21 @@ def evaluate_transcoders(
         variance of ``hook_mlp_out`` around its mean), ``l0`` (active features per token)
         and ``dead`` (share of features never active), and with ``per_layer``,
         ``ce_alone`` (nats per token added when only this layer's MLP is replaced).
-        ``df.attrs`` holds ``ce_clean``, ``ce_spliced``, ``ce_increase`` (nats per token)
-        and ``tokens``.
+        ``df.attrs`` holds ``ce_clean``, ``ce_spliced``, ``ce_increase`` (nats per token),
+        ``kl`` (mean KL divergence of the spliced next-token distribution from the
+        model's, BOS position excluded) and ``tokens``.
     """
     rm = ReplacementModel(model, transcoders)
     rows = TokenRows(model.tokenizer, corpus, context, split=split).take(
         max(1, -(-tokens // (context - 1))))
     stats = [_LayerStats(tc.cfg.d_sae, tc.cfg.d_out, device) for tc in rm.transcoders]
-    ce_clean = ce_spliced = 0.0
+    ce_clean = ce_spliced = kl = 0.0
     ce_alone = torch.zeros(len(stats), dtype=torch.float64)
     for batch in rows.to(device).split(max(1, EVAL_BATCH_TOKENS // context)):
         clean, spliced = _run(rm, batch, stats)
         ce_clean += _next_token_loss(clean, batch) * len(batch)
         ce_spliced += _next_token_loss(spliced, batch) * len(batch)
+        kl += _kl(clean, spliced) * len(batch)
         for layer in range(len(stats) if per_layer else 0):
             ce_alone[layer] += _next_token_loss(_splice(rm, batch, [layer]), batch) * len(batch)
     df = pd.DataFrame([{"layer": l, **s.row()} for l, s in enumerate(stats)])
@@ -104,7 +106,7 @@ def evaluate_transcoders(
     if per_layer:
         df["ce_alone"] = (ce_alone / len(rows) - ce_clean).tolist()
     df.attrs.update(ce_clean=ce_clean, ce_spliced=ce_spliced, ce_increase=ce_spliced - ce_clean,
-                    tokens=len(rows) * (context - 1))
+                    kl=kl / len(rows), tokens=len(rows) * (context - 1))
     return df
 
 
@@ -161,6 +163,12 @@ def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()))
 
 
+def _kl(clean: torch.Tensor, spliced: torch.Tensor) -> float:
+    """Mean ``KL(p_clean || p_spliced)`` of next-token distributions, BOS position excluded."""
+    logp, logq = clean[:, 1:].float().log_softmax(-1), spliced[:, 1:].float().log_softmax(-1)
+    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+
+
 def format_table(df: pd.DataFrame) -> str:
     """A markdown table of ``evaluate_transcoders`` output, with the mean and the CE line."""
     alone = "ce_alone" in df
@@ -173,5 +181,6 @@ def format_table(df: pd.DataFrame) -> str:
     a = df.attrs
     if "ce_clean" in a:
         lines.append(f"\nNext-token CE over {a['tokens']} tokens: clean {a['ce_clean']:.3f}, "
-                     f"all MLPs spliced {a['ce_spliced']:.3f} (+{a['ce_increase']:.3f} nats).")
+                     f"all MLPs spliced {a['ce_spliced']:.3f} (+{a['ce_increase']:.3f} nats); "
+                     f"KL from the model {a['kl']:.3f} nats.")
     return "\n".join(lines)

@@ -136,6 +136,11 @@ class TokenRows:
             self.pending = self.pending[width:]
         return self._stack(rows)
 
+    def skip(self, n_rows: int) -> None:
+        """Skip the next ``n_rows`` rows (e.g. those an earlier run read)."""
+        while n_rows > 0 and len(self.take(min(n_rows, 1024))):
+            n_rows -= 1024
+
     def _stack(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long).view(len(rows), self.context)
 
@@ -407,26 +412,35 @@ class TopKTranscoders:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters, Adam moments and counters, for a checkpoint."""
-        out = {n: p.detach() for n, p in self.params.items()}
-        for n, p in self.params.items():
-            for key, value in self.opt.state.get(p, {}).items():
-                out[f"adam.{n}.{key}"] = value
-        out.update(scale_in=self.scale_in, scale_out=self.scale_out,
-                   since_fired=self.since_fired)
-        return {n: t.contiguous().cpu() for n, t in out.items()}
+        return {**adam_tensors(self.opt, self.params), "scale_in": self.scale_in,
+                "scale_out": self.scale_out, "since_fired": self.since_fired}
 
     @classmethod
     def from_state_tensors(cls, tensors: dict, lr: float, device: str) -> "TopKTranscoders":
         """Rebuild from ``state_tensors`` output."""
         t = {n: v.to(device) for n, v in tensors.items()}
         state = cls({n: t[n] for n in PARAMS}, t["scale_in"], t["scale_out"], t["since_fired"], lr)
-        for n, p in state.params.items():
-            moments = {key.rsplit(".", 1)[1]: v for key, v in tensors.items()
-                       if key.startswith(f"adam.{n}.")}
-            if moments:
-                state.opt.state[p] = {key: v.to(device) if key != "step" else v
-                                      for key, v in moments.items()}
+        restore_adam(state.opt, state.params, tensors, device)
         return state
+
+
+def adam_tensors(opt: torch.optim.Adam, params: dict) -> dict[str, torch.Tensor]:
+    """The named ``params`` and their Adam moments (``adam.<name>.<key>``), for a checkpoint."""
+    out = {n: p.detach() for n, p in params.items()}
+    for n, p in params.items():
+        for key, value in opt.state.get(p, {}).items():
+            out[f"adam.{n}.{key}"] = value
+    return out
+
+
+def restore_adam(opt: torch.optim.Adam, params: dict, tensors: dict, device: str) -> None:
+    """Put the Adam moments of ``adam_tensors`` output back into ``opt``."""
+    for n, p in params.items():
+        moments = {key.rsplit(".", 1)[1]: v for key, v in tensors.items()
+                   if key.startswith(f"adam.{n}.")}
+        if moments:
+            opt.state[p] = {key: v.to(device) if key != "step" else v
+                            for key, v in moments.items()}
 
 
 def _scales(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,10 +545,10 @@ def _disk_errors(path: Path, keeps: str):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(folder: Path, state: TopKTranscoders, settings: Settings,
+def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], settings,
                     counters: dict) -> None:
-    """Write ``folder/state.safetensors`` (tensors; settings and counters in its metadata)
-    atomically, and ``folder/settings.json`` for people."""
+    """Write ``folder/state.safetensors`` (``tensors``; the ``settings`` dataclass and
+    ``counters`` in its metadata) atomically, and ``folder/settings.json`` for people."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CHECKPOINT_FILE
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CHECKPOINT_FILE}.")
@@ -542,7 +556,7 @@ def save_checkpoint(folder: Path, state: TopKTranscoders, settings: Settings,
     meta = {"settings": json.dumps(dataclasses.asdict(settings)), "counters": json.dumps(counters)}
     with _disk_errors(path, "the previous checkpoint is intact."):
         try:
-            save_file(state.state_tensors(), tmp, metadata=meta)
+            save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, tmp, metadata=meta)
             Path(tmp).replace(path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -551,25 +565,54 @@ def save_checkpoint(folder: Path, state: TopKTranscoders, settings: Settings,
                           json.dumps({**dataclasses.asdict(settings), **counters}, indent=1))
 
 
-def load_checkpoint(folder: Path, settings: Settings, device: str):
-    """``(state, counters)`` from ``folder``; raises if its settings differ from ``settings``."""
-    path = folder / CHECKPOINT_FILE
-    with safe_open(path, framework="pt") as f:
+def load_checkpoint(folder: Path, settings) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, counters)`` from ``folder``; raises if the checkpoint's settings differ
+    from the ``settings`` dataclass."""
+    with safe_open(folder / CHECKPOINT_FILE, framework="pt") as f:
         meta = f.metadata()
         tensors = {n: f.get_tensor(n) for n in f.keys()}
-    saved = json.loads(meta["settings"])
-    ours = dataclasses.asdict(settings)
-    saved["layers"] = tuple(saved["layers"])
-    diff = [f"{n}: checkpoint {saved.get(n)!r}, now {v!r}" for n, v in ours.items()
-            if saved.get(n) != v]
+    saved = {n: tuple(v) if isinstance(v, list) else v
+             for n, v in json.loads(meta["settings"]).items()}
+    diff = [f"{n}: checkpoint {saved.get(n)!r}, now {v!r}"
+            for n, v in dataclasses.asdict(settings).items() if saved.get(n) != v]
     if diff:
         raise CircuitlabError(
-            f"The checkpoint in {folder} was trained with other settings ({'; '.join(diff)}). "
+            f"The checkpoint in {folder} was made with other settings ({'; '.join(diff)}). "
             "Pass the same settings to resume, or start afresh with another out_dir or "
             "resume=False."
         )
-    return TopKTranscoders.from_state_tensors(tensors, settings.lr, device), json.loads(
-        meta["counters"])
+    return tensors, json.loads(meta["counters"])
+
+
+def export_layers(saes: dict[int, SAE], out_dir: Path) -> dict[str, str]:
+    """Write each ``saes[layer]`` to ``out_dir/layer_XX/`` (``save_transcoder``; each folder
+    swapped in whole, so an interrupted export leaves the previous one intact).
+
+    Returns:
+        ``{"layer_XX/file": sha256}`` for a manifest.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".layer_*"):  # left by an interrupted export
+        shutil.rmtree(stale)
+    files = {}
+    for layer, sae in saes.items():
+        folder = out_dir / f"layer_{layer:02d}"
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{folder.name}."))
+        with _disk_errors(folder, "the previous export of this layer is intact."):
+            try:
+                save_transcoder(sae, tmp)
+                _replace_dir(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        for f in sorted(folder.iterdir()):
+            files[f"{folder.name}/{f.name}"] = sha256(f)
+    return files
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Write ``out_dir/manifest.json`` atomically (last, after the layer folders)."""
+    with _disk_errors(out_dir / "manifest.json", "the previous manifest is intact."):
+        atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1))
 
 
 # --------------------------------------------------------------------------- training
@@ -713,7 +756,8 @@ def train_transcoders(
     state, counters = None, {"tokens_seen": 0, "steps": 0, "seconds": 0.0, "buffers": 0,
                              "docs_done": 0, "pending": []}
     if resume and (ckpt_dir / CHECKPOINT_FILE).exists():
-        state, counters = load_checkpoint(ckpt_dir, settings, device)
+        tensors, counters = load_checkpoint(ckpt_dir, settings)
+        state = TopKTranscoders.from_state_tensors(tensors, settings.lr, device)
     run = _Run(model, settings, state, counters, out_dir, ckpt_dir, device, tokens,
                time_budget, checkpoint_every, command, history)
     if state is None and history is not None and earlier.get("settings", {}).get(
@@ -767,8 +811,7 @@ class _Run:
 
     def skip_rows(self, n_rows: int) -> None:
         """Skip the first ``n_rows`` rows of the corpus (read by the run warm-started from)."""
-        while n_rows > 0 and len(self.rows.take(min(n_rows, 1024))):
-            n_rows -= 1024
+        self.rows.skip(n_rows)
         self.counters.update(docs_done=self.rows.docs_done, pending=self.rows.pending)
 
     def seconds(self) -> float:
@@ -860,16 +903,13 @@ class _Run:
             self._fill(TokenRows(self.model.tokenizer, self.s.corpus, self.s.context), 0)
         self.counters["seconds"] = self.seconds()
         self.export()
-        save_checkpoint(self.ckpt_dir, self.state, self.s, self.counters)
+        save_checkpoint(self.ckpt_dir, self.state.state_tensors(), self.s, self.counters)
 
     def export(self) -> None:
         """Write ``layer_XX/`` folders (each swapped in whole) and then ``manifest.json``."""
         s, c = self.s, self.counters
         x, y = self.sample
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.out_dir.glob(".layer_*"):  # left by an interrupted export
-            shutil.rmtree(stale)
-        files, stats = {}, {}
+        saes, stats = {}, {}
         for i, layer in enumerate(s.layers):
             meta = {"model_name": s.model_name,
                     "hook_name": f"blocks.{layer}.hook_mlp_in",
@@ -878,18 +918,9 @@ class _Run:
                     "hf_hook_name_out": f"model.layers.{layer}.post_feedforward_layernorm.output",
                     "training": {"trainer": "circuitlab TopK skip transcoder -> JumpReLU",
                                  "tokens_seen": c["tokens_seen"], "k": s.k, "width": s.width}}
-            sae, stats[layer] = to_jumprelu(self.state, i, x[i], y[i], s.k, meta)
-            sae.cfg.metadata.training.update(calibration=stats[layer])
-            folder = self.out_dir / f"layer_{layer:02d}"
-            tmp = Path(tempfile.mkdtemp(dir=self.out_dir, prefix=f".{folder.name}."))
-            with _disk_errors(folder, "the previous export of this layer is intact."):
-                try:
-                    save_transcoder(sae, tmp)
-                    _replace_dir(tmp, folder)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            for f in sorted(folder.iterdir()):
-                files[f"{folder.name}/{f.name}"] = sha256(f)
+            saes[layer], stats[layer] = to_jumprelu(self.state, i, x[i], y[i], s.k, meta)
+            saes[layer].cfg.metadata.training.update(calibration=stats[layer])
+        files = export_layers(saes, self.out_dir)
         manifest = {
             "sha256": files, "command": self.command, "tokens_seen": c["tokens_seen"],
             "tokens_read": c.get("tokens_read", 0),
@@ -900,5 +931,4 @@ class _Run:
         }
         if self.history is not None:
             manifest["init_from"] = self.history
-        with _disk_errors(self.out_dir / "manifest.json", "the previous manifest is intact."):
-            atomic_write_text(self.out_dir / "manifest.json", json.dumps(manifest, indent=1))
+        write_manifest(self.out_dir, manifest)
