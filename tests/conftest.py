@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -101,3 +102,17 @@ def tiny_rm(tiny):
     from circuitlab.replacement import ReplacementModel
 
     return ReplacementModel(tiny, tiny_transcoders(tiny, "jumprelu_skip_transcoder"), name="tiny")
+
+
+WORDS = ("the cat sat on a mat and the dog ran to the big red house while a small bird sang "
+         "of rain Rain fell. Why? 'Yes,' she said, \"no\" 42 times!").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A text file of 600 random documents over a small vocabulary (training tests)."""
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(600)]
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    return path

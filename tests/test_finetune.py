@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from sae_lens import SAE
-from test_train import SMALL, corpus, weights_sha  # noqa: F401 (corpus is a fixture)
+from test_train import SMALL, weights_sha
 
 from circuitlab.loading import CircuitlabError, load_transcoders, verify_manifest
 from circuitlab.train import finetune
@@ -23,21 +23,20 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def trained(model, corpus, tmp_path_factory):  # noqa: F811
+def trained(model, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tc"
     return train_transcoders(model, corpus, out, tokens=20_000, **SMALL)
 
 
 @pytest.fixture(scope="module")
-def heldout(corpus, tmp_path_factory):  # noqa: F811
+def heldout(corpus, tmp_path_factory):
     folder = tmp_path_factory.mktemp("heldout")
     docs = corpus.read_text().split("\n\n")[-100:]
     (folder / "heldout.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return folder
 
 
-def test_finetune_lowers_the_kl_and_keeps_the_encoders(model, corpus, trained, heldout,  # noqa: F811
-                                                       tmp_path):
+def test_finetune_lowers_the_kl_and_keeps_the_encoders(model, corpus, trained, heldout, tmp_path):
     out = finetune_transcoders(model, trained, corpus, tmp_path / "ft", tokens=20_000, **FT)
     verify_manifest(out, "fine-tuned transcoders", "fine-tune again")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -69,7 +68,7 @@ def test_straight_through_rounding_is_what_gets_saved():
     assert torch.equal(w.grad, torch.ones(8, 8))
 
 
-def test_finetune_resumes_exactly(model, corpus, trained, tmp_path, monkeypatch):  # noqa: F811
+def test_finetune_resumes_exactly(model, corpus, trained, tmp_path, monkeypatch):
     straight = finetune_transcoders(model, trained, corpus, tmp_path / "a", tokens=3_000, **FT)
     step, calls = finetune._Finetune.step, []
 
@@ -99,12 +98,12 @@ def test_finetune_resumes_exactly(model, corpus, trained, tmp_path, monkeypatch)
     ({"context": 1000}, "n_ctx"),
     ({"lr": 0.0}, "need lr > 0"),
 ])
-def test_finetune_bad_arguments(model, corpus, trained, tmp_path, kwargs, message):  # noqa: F811
+def test_finetune_bad_arguments(model, corpus, trained, tmp_path, kwargs, message):
     with pytest.raises(CircuitlabError, match=message):
         finetune_transcoders(model, trained, corpus, tmp_path, tokens=512, **{**FT, **kwargs})
 
 
-def test_finetune_transcoders_that_do_not_fit(model, corpus, trained, tmp_path):  # noqa: F811
+def test_finetune_transcoders_that_do_not_fit(model, corpus, trained, tmp_path):
     other = tiny_model("gemma3")
     other.cfg.n_layers = 4  # a model with a layer the folder has no transcoder for
     with pytest.raises(CircuitlabError, match=r"layers \[0, 1, 2\], not one for each .* 4 layers"):
@@ -119,7 +118,7 @@ def test_finetune_corpus_too_short(model, trained, tmp_path):
         finetune_transcoders(model, trained, tmp_path / "short.txt", tmp_path / "out", **FT)
 
 
-def test_cli_finetune(model, corpus, trained, tmp_path, monkeypatch):  # noqa: F811
+def test_cli_finetune(model, corpus, trained, tmp_path, monkeypatch):
     from circuitlab import cli, loading
 
     monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: model)

@@ -3,7 +3,6 @@
 import errno
 import json
 import math
-import random
 import re
 
 import pytest
@@ -20,22 +19,11 @@ from circuitlab.train.trainer import train_transcoders
 
 SMALL = dict(width=64, k=4, context=64, batch_tokens=512, buffer_tokens=2048, aux_k=16,
              dead_tokens=2048, progress=False)
-WORDS = ("the cat sat on a mat and the dog ran to the big red house while a small bird sang "
-         "of rain Rain fell. Why? 'Yes,' she said, \"no\" 42 times!").split()
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("gemma3")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(600)]
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(docs), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,8 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from circuitlab.loading import CircuitlabError, layer_of, load_transcoders
 from circuitlab.replacement import mlp_input
-from circuitlab.train.trainer import (CHECKPOINT_FILE, _HISTORY, TokenRows, _lr_at, adam_tensors,
-                                      export_layers, load_checkpoint, restore_adam,
+from circuitlab.train.trainer import (CHECKPOINT_FILE, _HISTORY, Budgets, TokenRows, _lr_at,
+                                      adam_tensors, export_layers, load_checkpoint, restore_adam,
                                       save_checkpoint, write_manifest)
 
 DECODER = ("W_dec", "W_skip", "b_dec")
@@ -191,13 +191,14 @@ def _frozen(model: HookedTransformer):
             p.requires_grad_(flag)
 
 
-class _Finetune:
+class _Finetune(Budgets):
     """One fine-tuning session: decoder parameters, Adam, data, budgets and exports."""
 
     def __init__(self, model, tcs: list[SAE], settings: FinetuneSettings, out_dir: Path,
                  device: str, tokens: int, time_budget, command: str, earlier: dict):
-        self.model, self.tcs, self.s, self.out_dir, self.device = model, tcs, settings, out_dir, device
-        self.tokens, self.time_budget, self.command, self.earlier = tokens, time_budget, command, earlier
+        self.model, self.tcs, self.s, self.device = model, tcs, settings, device
+        self.out_dir, self.command, self.earlier = out_dir, command, earlier
+        self.tokens, self.time_budget = tokens, time_budget
         for tc in tcs:
             tc.requires_grad_(False)
         self.params = {f"{name}.{l}": torch.nn.Parameter(getattr(tc, name).detach().float().clone())
@@ -230,24 +231,6 @@ class _Finetune:
         self.seconds_before = counters["seconds"]
         self.rows = TokenRows(self.model.tokenizer, self.s.corpus, self.s.context,
                               docs_done=counters["docs_done"], pending=counters["pending"])
-
-    # ------------------------------------------------------------------ budgets
-
-    def seconds(self) -> float:
-        return self.seconds_before + time.monotonic() - self.started
-
-    def progress(self) -> float:
-        done = self.counters["tokens_seen"] / self.tokens
-        if self.time_budget:
-            done = max(done, self.seconds() / self.time_budget)
-        return min(done, 1.0)
-
-    def budget_reached(self) -> bool:
-        if self.counters["tokens_seen"] >= self.tokens:
-            self.stopped = "tokens"
-        elif self.time_budget is not None and self.seconds() >= self.time_budget:
-            self.stopped = "time"
-        return self.stopped is not None
 
     # ------------------------------------------------------------------ training
 

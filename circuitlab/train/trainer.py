@@ -791,7 +791,31 @@ def _check_init_from(folder: Path, layers: list[int], width: int, d_model: int) 
     return json.loads(manifest.read_text()) if manifest.is_file() else {}
 
 
-class _Run:
+class Budgets:
+    """Token and time budgets over resumed sessions, for a run with ``counters["tokens_seen"]``,
+    ``tokens``, ``time_budget``, ``seconds_before`` (earlier sessions), ``started``
+    (``time.monotonic()`` at this session's start) and ``stopped``."""
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.monotonic() - self.started
+
+    def progress(self) -> float:
+        """The share of the budget used, by tokens or time, whichever is further along."""
+        done = self.counters["tokens_seen"] / self.tokens
+        if self.time_budget:
+            done = max(done, self.seconds() / self.time_budget)
+        return min(done, 1.0)
+
+    def budget_reached(self) -> bool:
+        """Whether the token or time budget is used up (then ``stopped`` says which)."""
+        if self.counters["tokens_seen"] >= self.tokens:
+            self.stopped = "tokens"
+        elif self.time_budget is not None and self.seconds() >= self.time_budget:
+            self.stopped = "time"
+        return self.stopped is not None
+
+
+class _Run(Budgets):
     """One training session: the loop, its budgets, checkpoints and exports."""
 
     def __init__(self, model, settings: Settings, state, counters: dict, out_dir: Path,
@@ -813,23 +837,6 @@ class _Run:
         """Skip the first ``n_rows`` rows of the corpus (read by the run warm-started from)."""
         self.rows.skip(n_rows)
         self.counters.update(docs_done=self.rows.docs_done, pending=self.rows.pending)
-
-    def seconds(self) -> float:
-        return self.seconds_before + time.monotonic() - self.started
-
-    def progress(self) -> float:
-        done = self.counters["tokens_seen"] / self.tokens
-        if self.time_budget:
-            done = max(done, self.seconds() / self.time_budget)
-        return min(done, 1.0)
-
-    def budget_reached(self) -> bool:
-        """Whether the token or time budget is used up (then ``stopped`` says which)."""
-        if self.counters["tokens_seen"] >= self.tokens:
-            self.stopped = "tokens"
-        elif self.time_budget is not None and self.seconds() >= self.time_budget:
-            self.stopped = "time"
-        return self.stopped is not None
 
     def train(self, show: bool) -> Path:
         if self.budget_reached() and (self.out_dir / "manifest.json").exists():
