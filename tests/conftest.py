@@ -116,3 +116,22 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
     path.write_text("\n\n".join(docs), encoding="utf-8")
     return path
+
+
+SMALL = dict(width=64, k=4, context=64, batch_tokens=512, buffer_tokens=2048, aux_k=16,
+             dead_tokens=2048, progress=False)  # small, fast training settings for tests
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny random Gemma-3-like model (training tests)."""
+    return tiny_model("gemma3")
+
+
+@pytest.fixture(scope="module")
+def trained(model, corpus, tmp_path_factory):
+    """Transcoders trained on ``corpus`` for 20k tokens with ``SMALL`` settings."""
+    from circuitlab.train.trainer import train_transcoders
+
+    return train_transcoders(model, corpus, tmp_path_factory.mktemp("run") / "tc", tokens=20_000,
+                             **SMALL)

@@ -6,26 +6,14 @@ import pytest
 import torch
 from conftest import tiny_model
 from sae_lens import SAE
-from test_train import SMALL, weights_sha
+from test_train import weights_sha
 
 from circuitlab.loading import CircuitlabError, load_transcoders, verify_manifest
 from circuitlab.train import finetune
 from circuitlab.train.evaluate import evaluate_transcoders
 from circuitlab.train.finetune import finetune_transcoders
-from circuitlab.train.trainer import train_transcoders
 
 FT = dict(context=64, batch_rows=4, kl_positions=16, lr=1e-2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("gemma3")
-
-
-@pytest.fixture(scope="module")
-def trained(model, corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tc"
-    return train_transcoders(model, corpus, out, tokens=20_000, **SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import SMALL
 from sae_lens import SAE
 
 from circuitlab.loading import (CircuitlabError, fast_bf16, load_transcoders, sha256,
@@ -17,19 +17,6 @@ from circuitlab.train import trainer
 from circuitlab.train.evaluate import evaluate_transcoders, format_table
 from circuitlab.train.trainer import train_transcoders
 
-SMALL = dict(width=64, k=4, context=64, batch_tokens=512, buffer_tokens=2048, aux_k=16,
-             dead_tokens=2048, progress=False)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("gemma3")
-
-
-@pytest.fixture(scope="module")
-def trained(model, corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tc"
-    return train_transcoders(model, corpus, out, tokens=20_000, **SMALL)
 
 
 def weights_sha(out):
