@@ -170,9 +170,12 @@ def pack_inputs(out_dir, corpus, *, tokens: int = 2_000_000, shard_mb: float = 4
     steps.update()
     steps.set_postfix_str("writing")
     corpus_path = Path(corpus).expanduser().resolve()
+    if not (_embedded_cache() / "tl_config.json").exists():
+        load_model(EMBEDDED_MODEL)  # builds the cache, whose TransformerLens config we copy
     meta = {
         "model": MODEL_PRESETS[EMBEDDED_MODEL],
-        "command": command or f"pack_inputs({str(out_dir)!r}, {str(corpus_path)!r}, tokens={tokens}, shard_mb={shard_mb})",
+        "command": command or (f"pack_inputs({str(out_dir)!r}, {str(corpus_path)!r}, "
+                               f"tokens={tokens}, shard_mb={shard_mb})"),
         "corpus": {"path": str(corpus_path), "manifest_sha256": sha256(corpus_path / "manifest.json")
                    if (corpus_path / "manifest.json").is_file() else None},
         "tokens": n, "documents": len(docs), "vocab": len(vocab),
