@@ -34,7 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .graph import Graph
-from .loading import CircuitlabError, fast_bf16
+from .hooks import scale_name
+from .errors import CircuitlabError
+from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
 
@@ -82,13 +84,13 @@ class _Backward:
                 W_VT=cast(W_V.permute(0, 2, 1).reshape(-1, cfg.d_model)),  # [n_kv*dh, d]
                 n_kv=W_V.shape[0],
                 patternT=cast(trace.patterns[l].transpose(-1, -2)),       # [H, Pk, Pq]
-                ln1=factor(block.ln1, f"blocks.{l}.ln1.hook_scale"),
-                ln1_post=factor(block.ln1_post, f"blocks.{l}.ln1_post.hook_scale")
+                ln1=factor(block.ln1, scale_name("ln1", l)),
+                ln1_post=factor(block.ln1_post, scale_name("ln1_post", l))
                 if self.sandwich else None,
-                ln2=factor(block.ln2, f"blocks.{l}.ln2.hook_scale"),
+                ln2=factor(block.ln2, scale_name("ln2", l)),
                 skip=None if skip is None else cast(skip),                  # [d_out, d_in]
             ))
-        self.final = factor(rm.model.ln_final, "ln_final.hook_scale")
+        self.final = factor(rm.model.ln_final, scale_name("ln_final"))
 
     def mlp(self, g: torch.Tensor, l: int) -> torch.Tensor:
         """Grad wrt resid_post[l] -> grad wrt resid_mid[l] (residual + skip path).
@@ -237,11 +239,6 @@ def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[Log
     if len(set(labels)) < len(labels):
         raise CircuitlabError(f"A logit target is listed twice in {labels}; list each once.")
     return targets
-
-
-def default_dtype(device) -> torch.dtype:
-    """bfloat16 on CPUs with native bf16 matrix units (``fast_bf16``), else float32."""
-    return torch.bfloat16 if str(device).startswith("cpu") and fast_bf16("cpu") else torch.float32
 
 
 def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,

@@ -18,9 +18,19 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
+from sae_lens import SAE
+
+from .attribution import attribute
+from .hooks import mlp_io
+from .interventions import ablate
+from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, load, load_model
+from .replacement import ReplacementModel
+from .validation import validate
+from .viz.state import ViewState
 
 BASE = ("The quick brown fox jumps over the lazy dog while the farmer counts sheep in the "
         "green valley near the old stone bridge, and children sing songs about rivers, "
@@ -33,10 +43,6 @@ CONFIGS = [(10, 8192), (30, 8192), (60, 8192), (10, None)]
 def random_transcoders(model, width: int = 2048, k: int = 48, seed: int = 0):
     """JumpReLU skip transcoders with random weights, thresholds set so that about ``k``
     features fire per token on ``BASE``."""
-    from sae_lens import SAE
-
-    from .replacement import mlp_io
-
     g = torch.Generator().manual_seed(seed)
     d = model.cfg.d_model
     x, _ = mlp_io(model, model.to_tokens(BASE))
@@ -64,14 +70,12 @@ def prompt_of(n_tokens: int, tokenizer) -> str:
 
 
 def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> dict:
-    import circuitlab
-
     rm = _model(random)
     prompt = prompt_of(n_tokens, rm.tokenizer)
-    circuitlab.attribute(rm, prompt[:20], max_feature_nodes=64, progress=False)  # warm-up
+    attribute(rm, prompt[:20], max_feature_nodes=64, progress=False)  # warm-up
     start = time.perf_counter()
-    graph = circuitlab.attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False,
-                                 dtype=None if dtype == "auto" else getattr(torch, dtype))
+    graph = attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False,
+                      dtype=None if dtype == "auto" else getattr(torch, dtype))
     seconds = time.perf_counter() - start
     return {"tokens": len(graph.tokens), "max_feature_nodes": max_nodes, "seconds": round(seconds, 2),
             "active_features": graph.metadata["n_active_features"],
@@ -88,17 +92,10 @@ def _timed(fn) -> float:
 
 def run_tools(dtype: str, random: bool) -> dict:
     """Seconds for the interventions and the explorer on a graph of a 10-token prompt."""
-    import tempfile
-
-    import circuitlab
-
-    from .interventions import ablate, validate
-    from .viz.state import ViewState
-
     rm = _model(random)
     prompt = prompt_of(10, rm.tokenizer)
-    graph = circuitlab.attribute(rm, prompt, progress=False,
-                                 dtype=None if dtype == "auto" else getattr(torch, dtype))
+    graph = attribute(rm, prompt, progress=False,
+                      dtype=None if dtype == "auto" else getattr(torch, dtype))
     feats = graph.nodes[graph.nodes["kind"] == "feature"].nlargest(10, "influence")["node_id"].tolist()
     out = {f"intervene ({mode}, 10 features)": _timed(lambda m=mode: rm.intervene(prompt, ablate(feats), m))
            for mode in ("free", "frozen-attention", "constrained")}
@@ -112,15 +109,11 @@ def run_tools(dtype: str, random: bool) -> dict:
 
 
 def _model(random: bool):
-    import circuitlab
-
-    from .loading import load_model
-
     if not random:
-        return circuitlab.load("gemma-3-270m")
+        return load("gemma-3-270m")
     model = load_model("gemma-3-270m")
-    return circuitlab.ReplacementModel(model, random_transcoders(model), name="gemma-3-270m",
-                                       transcoder_source="random")
+    return ReplacementModel(model, random_transcoders(model), name="gemma-3-270m",
+                            transcoder_source="random")
 
 
 def main(argv=None) -> None:
@@ -131,8 +124,6 @@ def main(argv=None) -> None:
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--tools", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from .loading import BUNDLE_DIR, DEFAULT_BUNDLE
-
     random = args.random or not (BUNDLE_DIR / DEFAULT_BUNDLE["gemma-3-270m"]).exists()
     if args.one:
         n, m = int(args.one[0]), None if args.one[1] == "all" else int(args.one[1])

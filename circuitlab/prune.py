@@ -9,9 +9,12 @@ because the graph is acyclic (sources sit at earlier layers or positions).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .graph import Graph
+if TYPE_CHECKING:
+    from .graph import Graph
 
 
 def normalized(adjacency: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,9 @@ Each MLP block at layer ``l`` is replaced by its transcoder plus an error term::
 
     mlp_out[l] = decode(encode(x[l])) + W_skip x[l] + error[l]
 
-where ``x[l]`` is the MLP input: the output of the pre-MLP norm. TransformerLens has no
-hook that carries it, so it is computed as ``blocks.l.ln2.hook_normalized * ln2.w`` (plus
-``ln2.b`` for LayerNorm models); for Gemma 3 this equals HF's
-``pre_feedforward_layernorm`` output. Transcoders write ``blocks.l.hook_mlp_out``, which for
-Gemma includes the post-MLP norm (HF ``post_feedforward_layernorm`` output).
+where ``x[l]`` is the MLP input: the output of the pre-MLP norm (see ``circuitlab.hooks``,
+which names every TransformerLens hook the model is run with). Transcoders write the MLP
+output, which for Gemma includes the post-MLP norm.
 
 For attribution, attention patterns and every normalization denominator are frozen at
 their values on the prompt (``Trace``); the map from feature outputs, error terms and
@@ -21,14 +19,14 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import pandas as pd
 import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from .loading import MLP_IN_HOOKS, MLP_OUT_HOOKS, CircuitlabError
-
-#: Norm denominators frozen for attribution (q/k norms only shape the frozen patterns).
-FROZEN_SCALES = ("ln1.hook_scale", "ln1_post.hook_scale", "ln2.hook_scale", "ln_final.hook_scale")
+from .errors import CircuitlabError
+from .hooks import (FINAL_NORMALIZED, MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_IN, is_frozen, is_scale,
+                    mlp_hooks, pattern_hooks, pattern_name, resid_out, scale_name)
 
 #: Longest prompt (in tokens, BOS included) that ``tokenize`` accepts.
 MAX_PROMPT_TOKENS = 256
@@ -66,49 +64,19 @@ class Trace:
     errors: torch.Tensor
 
 
-def mlp_input(model: HookedTransformer, layer: int, normalized: torch.Tensor) -> torch.Tensor:
-    """The MLP input (pre-MLP norm output) at ``layer`` from ``blocks.layer.ln2.hook_normalized``.
+@dataclass
+class Outcome:
+    """One run of an (edited) replacement model on one prompt.
 
-    TransformerLens exposes the norm output only before its weight; Gemma Scope 2 and
-    circuitlab transcoders read ``ln2.hook_normalized * ln2.w`` (+ ``ln2.b`` for LayerNorm),
-    which equals HF Gemma 3's ``pre_feedforward_layernorm`` output.
+    Attributes:
+        logits: ``[P, d_vocab]``.
+        mlp_in: ``[L, P, d]`` the MLP inputs of that run.
+        final: ``[P, d]`` the final norm's output.
     """
-    ln2 = model.blocks[layer].ln2
-    out = normalized * ln2.w
-    return out + ln2.b if hasattr(ln2, "b") else out
 
-
-def mlp_io(model: HookedTransformer, tokens: torch.Tensor, layers: Sequence[int] | None = None,
-           stop_early: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """MLP inputs and outputs (the transcoder training pairs) for a batch of token ids.
-
-    Args:
-        model: the HookedTransformer.
-        tokens: ``[B, P]`` or ``[P]`` token ids.
-        layers: layers to capture (default all).
-        stop_early: stop the forward after the last requested layer (skips the unembedding).
-
-    Returns:
-        ``(mlp_in, mlp_out)``, each ``[len(layers), B, P, d_model]``: the pre-MLP norm output
-        and ``blocks.l.hook_mlp_out``.
-    """
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    tokens = tokens if tokens.ndim == 2 else tokens[None]
-    ins, outs = {}, {}
-
-    def grab_in(act, hook):
-        layer = int(hook.name.split(".")[1])
-        ins[layer] = mlp_input(model, layer, act)
-
-    def grab_out(act, hook):
-        outs[int(hook.name.split(".")[1])] = act
-
-    hooks = [(f"blocks.{l}.ln2.hook_normalized", grab_in) for l in layers]
-    hooks += [(f"blocks.{l}.hook_mlp_out", grab_out) for l in layers]
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=hooks,
-                             stop_at_layer=max(layers) + 1 if stop_early else None)
-    return torch.stack([ins[l] for l in layers]), torch.stack([outs[l] for l in layers])
+    logits: torch.Tensor
+    mlp_in: torch.Tensor
+    final: torch.Tensor
 
 
 class ReplacementModel:
@@ -209,7 +177,7 @@ class ReplacementModel:
                     f"d_model is {cfg.d_model}. These transcoders belong to another model."
                 )
             hook_in = tc.cfg.metadata.hook_name or ""
-            hook_out = tc.cfg.metadata.hook_name_out or f"blocks.{layer}.hook_mlp_out"
+            hook_out = tc.cfg.metadata.hook_name_out or f"blocks.{layer}.{MLP_OUT_HOOKS[0]}"
             ok_in = any(hook_in == f"blocks.{layer}.{h}" for h in MLP_IN_HOOKS)
             ok_out = any(hook_out == f"blocks.{layer}.{h}" for h in MLP_OUT_HOOKS)
             if not (ok_in and ok_out):
@@ -264,10 +232,6 @@ class ReplacementModel:
 
     # ------------------------------------------------------------------ hooks
 
-    def mlp_input(self, layer: int, normalized: torch.Tensor) -> torch.Tensor:
-        """The MLP input at ``layer`` from ``blocks.layer.ln2.hook_normalized``."""
-        return mlp_input(self.model, layer, normalized)
-
     def encode(self, layer: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Feature activations ``[P, d_sae]`` of the transcoder at ``layer`` for MLP inputs
         ``x [P, d]``. Given the prompt's ``tokens``, a leading BOS gets no features (its huge,
@@ -301,24 +265,26 @@ class ReplacementModel:
             CircuitlabError: if an activation is NaN or infinite.
         """
         cache: dict[str, torch.Tensor] = {}
+        pairs: dict[int, tuple] = {}
 
         def keep(act, hook):
             cache[hook.name] = act[0].detach()
 
-        names = lambda n: n.endswith(FROZEN_SCALES + (  # noqa: E731
-            "attn.hook_pattern", "ln2.hook_normalized", "hook_mlp_out")) or n in (
-            "blocks.0.hook_resid_pre", f"blocks.{self.n_layers - 1}.hook_resid_post")
+        def keep_mlp(layer, x, out):
+            pairs[layer] = (x[0].detach(), out[0].detach())
+
+        names = lambda n: is_frozen(n) or n in (RESID_IN, resid_out(self.n_layers))  # noqa: E731
+        hooks = [(names, keep)] + mlp_hooks(self.model, keep_mlp)
         with torch.no_grad():
-            logits = self.model.run_with_hooks(tokens[None], fwd_hooks=[(names, keep)])[0]
+            logits = self.model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
         if not torch.isfinite(logits).all():
             raise CircuitlabError(
                 "The model produced NaN/inf logits on this prompt; check the weights "
                 "(rebuild the cache) and the dtype (use float32)."
             )
         L = self.n_layers
-        mlp_in = torch.stack([self.mlp_input(l, cache[f"blocks.{l}.ln2.hook_normalized"])
-                              for l in range(L)])
-        mlp_out = torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])
+        mlp_in = torch.stack([pairs[l][0] for l in range(L)])
+        mlp_out = torch.stack([pairs[l][1] for l in range(L)])
         features, errors = [], torch.empty_like(mlp_out)
         with torch.no_grad():
             for l in range(L):
@@ -332,11 +298,11 @@ class ReplacementModel:
                 features.append((pos, feat, acts[pos, feat]))
                 errors[l] = mlp_out[l] - self.decode(l, acts, mlp_in[l])
         return Trace(
-            tokens=tokens, logits=logits, embed=cache["blocks.0.hook_resid_pre"],
+            tokens=tokens, logits=logits, embed=cache[RESID_IN],
             mlp_in=mlp_in, mlp_out=mlp_out,
-            resid_final=cache[f"blocks.{L - 1}.hook_resid_post"],
-            scales={k: v for k, v in cache.items() if k.endswith("hook_scale")},
-            patterns=torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(L)]),
+            resid_final=cache[resid_out(L)],
+            scales={k: v for k, v in cache.items() if is_scale(k)},
+            patterns=torch.stack([cache[pattern_name(l)] for l in range(L)]),
             features=features, errors=errors,
         )
 
@@ -351,26 +317,19 @@ class ReplacementModel:
             ``(hooks, mlp_in)``: the hooks, and a dict that fills with each layer's MLP
             input ``[P, d]`` during the run.
         """
+        def frozen(act, hook):
+            return trace.scales[hook.name][None]
+
+        hooks = [(is_scale, frozen), *pattern_hooks(trace.patterns)]
         xs: dict[int, torch.Tensor] = {}
 
-        def frozen(act, hook):
-            if hook.name.endswith("hook_scale"):
-                return trace.scales[hook.name][None]
-            return trace.patterns[int(hook.name.split(".")[1])][None]
+        def replace(layer, x, out):
+            xs[layer] = x[0]
+            return mlp_out_fn(layer, x[0])[None]
 
-        def grab_in(act, hook):
-            layer = int(hook.name.split(".")[1])
-            xs[layer] = self.mlp_input(layer, act)[0]
-
-        def mlp_out(act, hook):
-            layer = int(hook.name.split(".")[1])
-            return mlp_out_fn(layer, xs[layer])[None]
-
-        hooks = [(lambda n: n.endswith(FROZEN_SCALES + ("attn.hook_pattern",)), frozen),
-                 (lambda n: n.endswith("ln2.hook_normalized"), grab_in),
-                 (lambda n: n.endswith("hook_mlp_out"), mlp_out)]
+        hooks += mlp_hooks(self.model, replace)
         if embed is not None:
-            hooks.append(("blocks.0.hook_resid_pre", lambda act, hook: embed[None]))
+            hooks.append((RESID_IN, lambda act, hook: embed[None]))
         return hooks, xs
 
     def frozen_run(self, trace: Trace, mlp_out_fn: Callable, embed: torch.Tensor | None = None):
@@ -381,8 +340,7 @@ class ReplacementModel:
         """
         final = {}
         hooks, xs = self.frozen_hooks(trace, mlp_out_fn, embed)
-        hooks.append((f"blocks.{self.n_layers - 1}.hook_resid_post",
-                      lambda act, hook: final.setdefault("r", act[0])))
+        hooks.append((resid_out(self.n_layers), lambda act, hook: final.setdefault("r", act[0])))
         with torch.no_grad():
             self.model.run_with_hooks(trace.tokens[None], fwd_hooks=hooks,
                                       stop_at_layer=self.n_layers)
@@ -393,8 +351,44 @@ class ReplacementModel:
         ln = self.model.ln_final
         if self.cfg.normalization_type == "LN":
             resid = resid - resid.mean(-1, keepdim=True)
-        out = resid / trace.scales["ln_final.hook_scale"] * ln.w
+        out = resid / trace.scales[scale_name("ln_final")] * ln.w
         return out + ln.b if hasattr(ln, "b") else out
+
+    def unembed(self, final: torch.Tensor) -> torch.Tensor:
+        """Logits ``[P, d_vocab]`` from final-norm outputs ``final [P, d]`` (with the
+        model's logit soft-cap, if it has one)."""
+        logits = self.model.unembed(final[None])[0]
+        cap = getattr(self.cfg, "output_logits_soft_cap", 0.0) or 0.0
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def edited_run(self, tokens: torch.Tensor, mlp_out_fn: Callable | None = None, *,
+                   patterns: torch.Tensor | None = None) -> Outcome:
+        """Run the model on ``tokens [P]``, optionally editing MLP outputs and freezing
+        attention; norms and (unless frozen) attention respond to the edits.
+
+        Args:
+            tokens: ``[P]`` token ids.
+            mlp_out_fn: ``mlp_out_fn(layer, x, out)`` with the MLP input ``x [P, d]`` and
+                output ``out [P, d]``; returns the new output, or ``None`` to keep it.
+            patterns: ``[L, H, P, P]`` attention patterns to freeze (a ``Trace``'s).
+        """
+        xs, final = {}, {}
+
+        def edit(layer, x, out):
+            xs[layer] = x[0]
+            new = None if mlp_out_fn is None else mlp_out_fn(layer, x[0], out[0])
+            return None if new is None else new[None]
+
+        def grab_final(act, hook):
+            ln = self.model.ln_final
+            final["x"] = act[0] * ln.w + (ln.b if hasattr(ln, "b") else 0)
+
+        hooks = mlp_hooks(self.model, edit) + [(FINAL_NORMALIZED, grab_final)]
+        if patterns is not None:
+            hooks += pattern_hooks(patterns)
+        with torch.no_grad():
+            logits = self.model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
+        return Outcome(logits, torch.stack([xs[l] for l in range(self.n_layers)]), final["x"])
 
     def forward(self, tokens: torch.Tensor, errors: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[P, d_vocab]`` of the replacement model (free mode: nothing frozen).
@@ -404,22 +398,39 @@ class ReplacementModel:
             errors: ``[L, P, d]`` error terms to add (from ``run``); ``None`` runs the
                 transcoders alone, without error terms.
         """
-        def replace(act, hook):
-            layer = int(hook.name.split(".")[1])
-            x = xs[layer]
+        def replace(layer, x, out):
             recon = self.decode(layer, self.encode(layer, x, tokens), x)
-            return (recon if errors is None else recon + errors[layer])[None]
+            return recon if errors is None else recon + errors[layer]
 
-        xs: dict[int, torch.Tensor] = {}
+        return self.edited_run(tokens, replace).logits
 
-        def grab_in(act, hook):
-            layer = int(hook.name.split(".")[1])
-            xs[layer] = self.mlp_input(layer, act)[0]
+    def predict(self, prompt: str, k: int = 5):
+        """The model's top ``k`` next tokens after ``prompt``.
 
-        with torch.no_grad():
-            return self.model.run_with_hooks(
-                tokens[None], fwd_hooks=[(lambda n: n.endswith("ln2.hook_normalized"), grab_in),
-                                         (lambda n: n.endswith("hook_mlp_out"), replace)])[0]
+        Returns:
+            A DataFrame with columns ``token, id, prob``, most likely first.
+        """
+        probs = torch.softmax(self.edited_run(self.tokenize(prompt)).logits[-1].double(), -1)
+        top = torch.topk(probs, k)
+        ids = top.indices.tolist()
+        return pd.DataFrame({"token": [self.tokenizer.decode([i]) for i in ids], "id": ids,
+                             "prob": top.values.tolist()})
+
+    def prob(self, prompt: str, tokens):
+        """The model's probability of the next token being ``tokens`` after ``prompt``.
+
+        Args:
+            prompt: the text.
+            tokens: a token (a string that is one token, or an id) or a list of them.
+
+        Returns:
+            A float for one token, a list of floats for a list.
+        """
+        many = isinstance(tokens, (list, tuple))
+        ids = [self.token_id(t) for t in (tokens if many else [tokens])]
+        probs = torch.softmax(self.edited_run(self.tokenize(prompt)).logits[-1].double(), -1)
+        values = [float(probs[i]) for i in ids]
+        return values if many else values[0]
 
     # ------------------------------------------------------------------ interventions
 
@@ -444,19 +455,19 @@ class ReplacementModel:
     # ------------------------------------------------------------------ finding features
 
     def features_for(self, prompt, token_or_text=None, layer=None, pos=None, top: int = 20):
-        """See ``circuitlab.features.features_for``."""
-        from .features import features_for
+        """See ``circuitlab.search.features_for``."""
+        from .search import features_for
 
         return features_for(self, prompt, token_or_text, layer, pos, top)
 
     def features_by_output(self, token, layer=None, top: int = 20, **kwargs):
-        """See ``circuitlab.features.features_by_output``."""
-        from .features import features_by_output
+        """See ``circuitlab.search.features_by_output``."""
+        from .search import features_by_output
 
         return features_by_output(self, token, layer, top, **kwargs)
 
     def features_by_examples(self, examples, against=None, layer=None, top: int = 20):
-        """See ``circuitlab.features.features_by_examples``."""
-        from .features import features_by_examples
+        """See ``circuitlab.search.features_by_examples``."""
+        from .search import features_by_examples
 
         return features_by_examples(self, examples, against, layer, top)

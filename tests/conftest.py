@@ -135,3 +135,45 @@ def trained(model, corpus, tmp_path_factory):
 
     return train_transcoders(model, corpus, tmp_path_factory.mktemp("run") / "tc", tokens=20_000,
                              **SMALL)
+
+
+# ----------------------------------------------------------------------------- feature cards
+
+#: The held-out split of ``heldout_corpus``, over which the ``cached`` cards are built.
+DOCS = ["the cat sat on the mat. " * 5, "A dog ran far away, and then it came back! " * 3,
+        "Quick brown foxes jump over lazy dogs? " * 4, "one two three four five six seven"]
+
+
+@pytest.fixture
+def no_cache(tmp_path, monkeypatch):
+    """An empty cache dir, so nothing is cached for the tiny model."""
+    monkeypatch.setenv("CIRCUITLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def heldout_corpus(tmp_path):
+    """A corpus folder whose held-out split is ``DOCS`` (feature-card tests)."""
+    import json
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "heldout.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    return folder
+
+
+@pytest.fixture
+def cached(tiny_rm, heldout_corpus, no_cache):
+    """Examples built for the tiny model over the tiny held-out corpus, in the cache dir."""
+    from circuitlab.cards import read_examples
+    from circuitlab.train.build_cards import build_examples
+
+    path = build_examples(tiny_rm, heldout_corpus, tokens=300, context=24, batch_size=3, progress=False)
+    return read_examples(path)
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """The embedded model with its bundled transcoders (slow tests)."""
+    import circuitlab
+
+    return circuitlab.load("gemma-3-270m")

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from circuitlab.loading import verify_manifest
-from circuitlab.train.corpus import Source, _chunks, _pack, _strip_wikitext, build_corpus, fetch, iter_documents
+from circuitlab.files import verify_manifest
+from circuitlab.train.corpus import build_corpus, iter_documents
+from circuitlab.train.sources import Source, _pack, _strip_wikitext, fetch
+from circuitlab.train.sources import chunks as _chunks
 
 
 def fake_docs(prefix, n=40):

@@ -8,7 +8,9 @@ from conftest import tiny_model
 from sae_lens import SAE
 from test_train import weights_sha
 
-from circuitlab.loading import CircuitlabError, load_transcoders, verify_manifest
+from circuitlab.errors import CircuitlabError
+from circuitlab.files import verify_manifest
+from circuitlab.loading import load_transcoders
 from circuitlab.train import finetune
 from circuitlab.train.evaluate import evaluate_transcoders
 from circuitlab.train.finetune import finetune_transcoders

@@ -10,6 +10,7 @@ import torch
 
 import circuitlab
 from circuitlab import interventions as iv
+from circuitlab import validation
 from circuitlab.interventions import ablate, add, scale, set_to
 
 PROMPT = "the cat sat on the mat."
@@ -114,13 +115,13 @@ def test_total_effect_is_the_path_sum(tiny_rm):
     A[feat[:, None] & feat[None, :]] = 0
     g = graph.subgraph(torch.ones(len(graph.nodes), dtype=torch.bool), adjacency=A)
     src = int(feat.nonzero()[0])
-    assert torch.allclose(iv._total_effects(g, [src])[:, 0], A[:, src].double())
+    assert torch.allclose(validation._total_effects(g, [src])[:, 0], A[:, src].double())
     mid = int(feat.nonzero()[-1])
     A[mid, src] = 0.5
     g = graph.subgraph(torch.ones(len(graph.nodes), dtype=torch.bool), adjacency=A)
     act_mid = graph.nodes.activation.iloc[mid]
     expected = A[:, src].double() + A[:, mid].double() / act_mid * 0.5
-    assert torch.allclose(iv._total_effects(g, [src])[:, 0], expected)
+    assert torch.allclose(validation._total_effects(g, [src])[:, 0], expected)
 
 
 def test_helpers_agree(tiny_rm, clean):

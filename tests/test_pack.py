@@ -12,10 +12,11 @@ import torch
 from safetensors.numpy import load_file
 
 from circuitlab.cli import main
-from circuitlab.loading import CircuitlabError, load_model, load_pack
-from circuitlab.replacement import mlp_io
+from circuitlab.errors import CircuitlabError
+from circuitlab.loading import load_model, load_pack
+from circuitlab.hooks import mlp_io
 from circuitlab.train.pack import pack_inputs
-from circuitlab.train.trainer import TokenRows
+from circuitlab.train.data import TokenRows
 
 pytestmark = pytest.mark.slow
 SHARD_MB = 0.03  # below the embedding slice's size, so it is split into row pieces

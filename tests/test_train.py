@@ -10,10 +10,12 @@ import torch
 from conftest import SMALL
 from sae_lens import SAE
 
-from circuitlab.loading import (CircuitlabError, fast_bf16, load_transcoders, sha256,
-                                verify_manifest)
+from circuitlab.errors import CircuitlabError
+from circuitlab.files import sha256, verify_manifest
+from circuitlab.loading import load_transcoders
+from circuitlab.precision import fast_bf16
 from circuitlab.replacement import ReplacementModel
-from circuitlab.train import trainer
+from circuitlab.train import checkpoints, data, export, topk
 from circuitlab.train.evaluate import evaluate_transcoders, format_table
 from circuitlab.train.trainer import train_transcoders
 
@@ -77,7 +79,7 @@ def test_per_layer_ce_splices_one_layer_at_a_time(model, corpus, trained, tmp_pa
     ablated = evaluate_transcoders(model, transcoders, tmp_path, tokens=1_000, context=64,
                                    per_layer=True)
     assert ablated.ce_alone[:2].tolist() == pytest.approx(df.ce_alone[:2].tolist(), abs=1e-6)
-    rows = trainer.TokenRows(model.tokenizer, tmp_path, 64, split="heldout").take(16)
+    rows = data.TokenRows(model.tokenizer, tmp_path, 64, split="heldout").take(16)
     zero = lambda act, hook: torch.cat([act[:, :1], torch.zeros_like(act[:, 1:])], 1)  # noqa: E731
     with torch.no_grad():
         ce = [float(model.run_with_hooks(rows, return_type="loss", fwd_hooks=hooks))
@@ -144,18 +146,18 @@ def test_passes_train_each_buffer_again(model, corpus, tmp_path):
 
 def test_warm_start_keeps_the_weights_and_reads_on(model, corpus, trained, tmp_path):
     # The mapping into the normalized space inverts the export: bf16 weights round-trip.
-    rows = trainer.TokenRows(model.tokenizer, corpus, 64)
-    x, y = trainer.activation_buffer(model, rows.take(32), [0, 1, 2], 8, torch.float32, "cpu")
-    state = trainer.TopKTranscoders.from_bundle(trained, [0, 1, 2], x, y, lr=1e-3)
+    rows = data.TokenRows(model.tokenizer, corpus, 64)
+    x, y = data.activation_buffer(model, rows.take(32), [0, 1, 2], 8, torch.float32, "cpu")
+    state = topk.TopKTranscoders.from_bundle(trained, [0, 1, 2], x, y, lr=1e-3)
     for i in range(3):
-        sae, stats = trainer.to_jumprelu(state, i, x[i], y[i], 4, {})
+        sae, stats = export.to_jumprelu(state, i, x[i], y[i], 4, {})
         saved = SAE.load_from_disk(trained / f"layer_{i:02d}")
-        for name in trainer.PARAMS:
+        for name in topk.PARAMS:
             exact = getattr(sae, name).ndim == 2  # matrices are saved in bf16, vectors in fp32
             torch.testing.assert_close(getattr(sae, name), getattr(saved, name),
                                        rtol=0 if exact else 1e-6, atol=0)
-        fresh = trainer.TopKTranscoders.init(x, y, 64, 4, 1e-3, seed=0)
-        assert stats["fvu_topk"] < trainer.to_jumprelu(fresh, i, x[i], y[i], 4, {})[1]["fvu_topk"]
+        fresh = topk.TopKTranscoders.init(x, y, 64, 4, 1e-3, seed=0)
+        assert stats["fvu_topk"] < export.to_jumprelu(fresh, i, x[i], y[i], 4, {})[1]["fvu_topk"]
     # Training goes on from where the first run stopped reading, and says where it started.
     out = train_transcoders(model, corpus, tmp_path / "warm", tokens=2_048, lr=1e-3,
                             init_from=trained, **SMALL)
@@ -210,13 +212,13 @@ def test_corpus_without_text(model, tmp_path):
 
 def test_full_disk_keeps_the_old_checkpoint(model, corpus, tmp_path, monkeypatch):
     train_transcoders(model, corpus, tmp_path, tokens=512, **SMALL)
-    checkpoint = tmp_path / "checkpoint" / trainer.CHECKPOINT_FILE
+    checkpoint = tmp_path / "checkpoint" / checkpoints.CHECKPOINT_FILE
     before = sha256(checkpoint)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer, "save_file", full)
+    monkeypatch.setattr(checkpoints, "save_file", full)
     message = f"No space left.*{re.escape(str(checkpoint))}.*intact"
     with pytest.raises(CircuitlabError, match=message):
         train_transcoders(model, corpus, tmp_path, tokens=1_024, **SMALL)
@@ -228,8 +230,8 @@ def test_jumprelu_export_matches_topk_counts():
     g = torch.Generator().manual_seed(0)
     x = 3 * torch.randn(1, 4096, 16, generator=g) + 1
     y = 5 * torch.tanh(x @ torch.randn(16, 16, generator=g))
-    state = trainer.TopKTranscoders.init(x, y, width=48, k=6, lr=1e-3, seed=0)
-    sae, stats = trainer.to_jumprelu(state, 0, x[0], y[0], 6, {"hook_name": "blocks.0.hook_mlp_in"})
+    state = topk.TopKTranscoders.init(x, y, width=48, k=6, lr=1e-3, seed=0)
+    sae, stats = export.to_jumprelu(state, 0, x[0], y[0], 6, {"hook_name": "blocks.0.hook_mlp_in"})
     pre = x[0] @ sae.W_enc + sae.b_enc
     vals, idx = pre.topk(6)
     counts = torch.bincount(idx[vals > 0], minlength=48)

@@ -18,9 +18,11 @@ import torch
 
 import circuitlab
 from circuitlab import CircuitlabError, Graph
-from circuitlab.features import FeatureCard
+from circuitlab.cards import FeatureCard
 from circuitlab.prune import scores
-from circuitlab.viz import explore, from_neuronpedia, to_html
+from circuitlab.viz import explore, to_html
+
+from_neuronpedia = Graph.from_neuronpedia
 from circuitlab.viz.card import fetch, render
 from circuitlab.viz.layout import MIN_WIDTH, layout, visible
 from circuitlab.viz.links import N_BINS, NEGATIVE, POSITIVE, bin_style, link_bin, segments, shares

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from circuitlab.replacement import ReplacementModel, mlp_input
-from circuitlab.train.trainer import TokenRows
+from circuitlab.hooks import mlp_hooks
+from circuitlab.replacement import ReplacementModel
+from circuitlab.train.data import TokenRows
 
 EVAL_BATCH_TOKENS = 512  # tokens per forward (the logits of a large vocabulary are big)
 
@@ -113,41 +114,24 @@ def evaluate_transcoders(
 def _run(rm: ReplacementModel, tokens: torch.Tensor, stats: list[_LayerStats]):
     """Clean and spliced logits ``[B, P, vocab]`` of ``tokens [B, P]``; accumulates ``stats``
     from the clean run's MLP inputs and outputs."""
-    xs: dict[int, torch.Tensor] = {}
-
-    def measure(act, hook):
-        layer = int(hook.name.split(".")[1])
-        acts, pred = _transcode(rm, layer, xs[layer])
+    def measure(layer, x, act):
+        acts, pred = _transcode(rm, layer, x)
         stats[layer].add(acts[:, 1:].flatten(0, 1), pred[:, 1:].flatten(0, 1),
                          act[:, 1:].flatten(0, 1))
 
     with torch.no_grad():
-        clean = rm.model.run_with_hooks(
-            tokens, fwd_hooks=[_grab(rm, xs), (lambda n: n.endswith("hook_mlp_out"), measure)])
+        clean = rm.model.run_with_hooks(tokens, fwd_hooks=mlp_hooks(rm.model, measure))
     return clean, _splice(rm, tokens, range(len(stats)))
-
-
-def _grab(rm: ReplacementModel, xs: dict):
-    """A forward hook that stores each layer's MLP input in ``xs``."""
-    def grab_in(act, hook):
-        layer = int(hook.name.split(".")[1])
-        xs[layer] = mlp_input(rm.model, layer, act)
-
-    return lambda n: n.endswith("ln2.hook_normalized"), grab_in
 
 
 def _splice(rm: ReplacementModel, tokens: torch.Tensor, layers) -> torch.Tensor:
     """Logits with the MLP outputs of ``layers`` replaced by their transcoders' (BOS kept)."""
-    xs: dict[int, torch.Tensor] = {}
-
-    def splice(act, hook):
-        layer = int(hook.name.split(".")[1])
-        pred = _transcode(rm, layer, xs[layer])[1].to(act.dtype)
+    def splice(layer, x, act):
+        pred = _transcode(rm, layer, x)[1].to(act.dtype)
         return torch.cat([act[:, :1], pred[:, 1:]], dim=1)
 
-    hooks = [_grab(rm, xs)] + [(f"blocks.{l}.hook_mlp_out", splice) for l in layers]
     with torch.no_grad():
-        return rm.model.run_with_hooks(tokens, fwd_hooks=hooks)
+        return rm.model.run_with_hooks(tokens, fwd_hooks=mlp_hooks(rm.model, splice, layers))
 
 
 def _transcode(rm: ReplacementModel, layer: int, x: torch.Tensor):

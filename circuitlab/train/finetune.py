@@ -44,11 +44,14 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from circuitlab.loading import CircuitlabError, is_pack, layer_of, load_transcoders
-from circuitlab.replacement import mlp_input
-from circuitlab.train.trainer import (CHECKPOINT_FILE, _HISTORY, Budgets, TokenRows, _lr_at,
-                                      adam_tensors, export_layers, load_checkpoint, restore_adam,
-                                      save_checkpoint, write_manifest)
+from circuitlab.errors import CircuitlabError
+from circuitlab.loading import is_pack, load_transcoders
+from circuitlab.hooks import layer_of, mlp_hooks
+from circuitlab.train.checkpoints import (CHECKPOINT_FILE, adam_tensors, load_checkpoint,
+                                          restore_adam, save_checkpoint)
+from circuitlab.train.data import TokenRows
+from circuitlab.train.export import HISTORY, export_layers, write_manifest
+from circuitlab.train.schedule import Budgets, lr_at
 
 DECODER = ("W_dec", "W_skip", "b_dec")
 EMA = 0.9  # smoothing of the loss figures shown and recorded
@@ -158,8 +161,8 @@ def _check_args(model, tcs: list[SAE], folder: Path, tokens: int, context: int, 
                 kl_positions: int, lr: float, fvu_coef: float) -> None:
     n, d = model.cfg.n_layers, model.cfg.d_model
     problems = []
-    if [layer_of(tc) for tc in tcs] != list(range(n)):
-        problems.append(f"{folder} holds transcoders for layers {[layer_of(tc) for tc in tcs]}, "
+    if [layer_of(tc.cfg.metadata.hook_name) for tc in tcs] != list(range(n)):
+        problems.append(f"{folder} holds transcoders for layers {[layer_of(tc.cfg.metadata.hook_name) for tc in tcs]}, "
                         f"not one for each of the model's {n} layers")
     shapes = {(tc.cfg.d_in, tc.cfg.d_out) for tc in tcs}
     if shapes - {(d, d)}:
@@ -285,43 +288,31 @@ class _Finetune(Budgets):
         pos = torch.rand(tokens.shape[0], tokens.shape[1] - 1, generator=gen).argsort(-1)
         pos = (pos[:, :s.kl_positions] + 1).to(tokens.device)
         xs, ys = {}, {}
+
+        def keep(layer, x, out):
+            xs[layer], ys[layer] = x, out
+
         with torch.no_grad():
-            resid = m.run_with_hooks(tokens, stop_at_layer=m.cfg.n_layers, fwd_hooks=[
-                self._grab(xs), (lambda n: n.endswith("hook_mlp_out"), self._keep(ys))])
+            resid = m.run_with_hooks(tokens, stop_at_layer=m.cfg.n_layers,
+                                     fwd_hooks=mlp_hooks(m, keep))
             logp = self._log_probs(resid, pos)
         fvu = torch.stack([self._fvu(l, xs[l][:, 1:], ys[l][:, 1:]) for l in range(len(self.tcs))])
-        spliced_in: dict[int, torch.Tensor] = {}
 
-        def splice(act, hook):
-            layer = int(hook.name.split(".")[1])
-            out = self._transcode(layer, spliced_in[layer][:, 1:]).to(act.dtype)
+        def splice(layer, x, act):
+            out = self._transcode(layer, x[:, 1:]).to(act.dtype)
             return torch.cat([act[:, :1], out], dim=1)
 
-        resid = m.run_with_hooks(tokens, stop_at_layer=m.cfg.n_layers, fwd_hooks=[
-            self._grab(spliced_in), (lambda n: n.endswith("hook_mlp_out"), splice)])
+        resid = m.run_with_hooks(tokens, stop_at_layer=m.cfg.n_layers,
+                                 fwd_hooks=mlp_hooks(m, splice))
         logq = self._log_probs(resid, pos)
         kl = (logp.exp() * (logp - logq)).sum(-1).mean()
         loss = kl + s.fvu_coef * fvu.mean()
         for group in self.opt.param_groups:
-            group["lr"] = _lr_at(s.lr, self.progress())
+            group["lr"] = lr_at(s.lr, self.progress())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return float(kl.detach()), float(fvu.detach().mean())
-
-    def _grab(self, xs: dict):
-        def grab(act, hook):
-            layer = int(hook.name.split(".")[1])
-            xs[layer] = mlp_input(self.model, layer, act)
-
-        return lambda n: n.endswith("ln2.hook_normalized"), grab
-
-    @staticmethod
-    def _keep(ys: dict):
-        def keep(act, hook):
-            ys[int(hook.name.split(".")[1])] = act
-
-        return keep
 
     def _log_probs(self, resid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Next-token log-probabilities ``[B, K, vocab]`` at positions ``pos [B, K]`` from the
@@ -370,7 +361,7 @@ class _Finetune(Budgets):
             "stopped": self.stopped, "settings": dataclasses.asdict(s),
             "finetune": {"kl": c["kl"], "fvu": c["fvu"]},
             "init_from": {"path": s.init_from,
-                          **{n: self.earlier[n] for n in _HISTORY if n in self.earlier}},
+                          **{n: self.earlier[n] for n in HISTORY if n in self.earlier}},
         }
         write_manifest(self.out_dir, manifest)
         save_checkpoint(self.out_dir / "checkpoint", adam_tensors(self.opt, self.params), s, c)

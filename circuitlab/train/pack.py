@@ -20,21 +20,22 @@ pack serves ``train`` but not ``finetune`` or ``eval-transcoders``.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
+from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
-from ..loading import (EMBEDDED_MODEL, MODEL_PRESETS, PACK_FILE, CircuitlabError, _embedded_cache,
-                       atomic_write_text, embedded_gguf, embedded_hf_model, load_model, load_pack,
-                       sha256)
+from ..errors import CircuitlabError
+from ..files import atomic_dir, atomic_write_text, sha256
+from ..loading import (EMBEDDED_MODEL, MODEL_PRESETS, PACK_FILE, _embedded_cache, embedded_gguf,
+                       embedded_hf_model, load_model, load_pack)
 from .corpus import iter_documents
-from .trainer import _disk_errors, _replace_dir
 
 EMBEDDING = "token_embd.weight"
 
@@ -61,10 +62,6 @@ def special_ids(folder) -> tuple[int, int | None]:
 def _gguf_pieces(gguf_path: Path, hf_model, vocab: np.ndarray, shard_bytes: int):
     """``(pieces, tensors)``: the raw GGUF arrays to store under their keys, and for each
     GGUF tensor its transformers name, type, shape and the constant transformers adds."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
-
     names = get_gguf_hf_weights_map(hf_model, TensorProcessor())
     hf_state = hf_model.state_dict()
     pieces, tensors = {}, {}
@@ -184,28 +181,22 @@ def pack_inputs(out_dir, corpus, *, tokens: int = 2_000_000, shard_mb: float = 4
         "tl_config": json.loads((_embedded_cache() / "tl_config.json").read_text()),
         "tensors": tensors,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        with _disk_errors(out_dir, "an earlier pack there is intact."):
-            files = {}
-            for key, prefix, shards in (
-                    ("weight_shards", "weights", _shards(pieces, shard_bytes)),
-                    ("token_shards", "tokens", _token_shards(docs, shard_bytes))):
-                meta[key] = names = [f"{prefix}-{i:02d}.safetensors" for i in range(len(shards))]
-                for name, shard in zip(names, shards):
-                    save_file(shard, tmp / name)
-                    files[name] = sha256(tmp / name)
-            atomic_write_text(tmp / PACK_FILE, json.dumps(meta, indent=1))
-            files[PACK_FILE] = sha256(tmp / PACK_FILE)
-            atomic_write_text(tmp / "manifest.json", json.dumps({"sha256": files}, indent=1))
+    with atomic_dir(out_dir, "an earlier pack there is intact.") as tmp:
+        files = {}
+        for key, prefix, shards in (
+                ("weight_shards", "weights", _shards(pieces, shard_bytes)),
+                ("token_shards", "tokens", _token_shards(docs, shard_bytes))):
+            meta[key] = names = [f"{prefix}-{i:02d}.safetensors" for i in range(len(shards))]
+            for name, shard in zip(names, shards):
+                save_file(shard, tmp / name)
+                files[name] = sha256(tmp / name)
+        atomic_write_text(tmp / PACK_FILE, json.dumps(meta, indent=1))
+        files[PACK_FILE] = sha256(tmp / PACK_FILE)
+        atomic_write_text(tmp / "manifest.json", json.dumps({"sha256": files}, indent=1))
         steps.update()
         if verify:
             steps.set_postfix_str("checking the rebuilt model")
             _check_pack(tmp, vocab)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     steps.update()
     steps.close()
     return out_dir

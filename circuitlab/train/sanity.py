@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..features import N_TOP, features_by_examples, find_examples
-from ..loading import CircuitlabError
+from ..cards import N_TOP, find_examples
+from ..errors import CircuitlabError
+from ..search import features_by_examples
 
 
 @dataclass(frozen=True)

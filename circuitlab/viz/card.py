@@ -1,11 +1,11 @@
-"""The feature card: a ``circuitlab.features.FeatureCard`` fetched lazily and rendered
+"""The feature card: a ``circuitlab.cards.FeatureCard`` fetched lazily and rendered
 to escaped HTML."""
 
 from __future__ import annotations
 
 import html
 
-from ..features import FeatureCard
+from ..cards import FeatureCard, feature_card
 from ..loading import DEFAULT_BUNDLE
 
 
@@ -19,13 +19,8 @@ def fetch(rm, layer: int, feature: int, *, tokens=None, pos=None, label: str = "
             ``transcoders`` are the bundled ones.
         activation: the node's activation, shown when the card cannot compute it.
     """
-    try:
-        from ..features import feature_card
-    except ImportError:
-        feature_card = None
-    if feature_card is None or (rm is None and transcoders not in DEFAULT_BUNDLE.values()):
-        why = "no examples cached" + ("" if rm is not None else " (no model given)")
-        card = FeatureCard(layer, feature, label, message=why)
+    if rm is None and transcoders not in DEFAULT_BUNDLE.values():
+        card = FeatureCard(layer, feature, label, message="no examples cached (no model given)")
     else:
         try:
             card = feature_card(rm, layer, feature, tokens=tokens if rm is not None else None,

@@ -6,18 +6,23 @@ import os
 import warnings
 from pathlib import Path
 
+from ..errors import CircuitlabError
 from ..graph import Graph
-from ..loading import CircuitlabError
+from .figure import graph_figure
+from .state import ViewState
+
+try:  # Plotly's FigureWidget needs anywidget; the explorer needs ipywidgets
+    import anywidget  # noqa: F401 - imported to check it is there
+
+    from .explorer import Explorer
+    _WHY = None
+except ImportError as e:
+    Explorer, _WHY = None, f"{e.name} is not installed (pip install ipywidgets anywidget)"
 
 
 def widgets_unavailable() -> str | None:
     """Why the widget explorer cannot run here, or ``None`` if it can."""
-    try:
-        import anywidget  # noqa: F401 - Plotly's FigureWidget needs it
-        import ipywidgets  # noqa: F401
-    except ImportError as e:
-        return f"{e.name} is not installed (pip install ipywidgets anywidget)"
-    return None
+    return _WHY
 
 
 def enable_colab() -> bool:
@@ -61,12 +66,7 @@ def explore(graph, rm=None, *, prune: bool = True, height: int = 560):
     why = widgets_unavailable()
     if why is None:
         enable_colab()
-        from .explorer import Explorer
-
         return Explorer(graph, rm, prune=prune, height=height)
-    from .figure import graph_figure
-    from .state import ViewState
-
     message = f"static figure: interactive widgets unavailable ({why})"
     warnings.warn(message, stacklevel=2)
     fig = graph_figure(ViewState(graph, prune, rm), height=height)

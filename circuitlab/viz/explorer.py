@@ -8,6 +8,7 @@ import html
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from ..errors import CircuitlabError
 from .card import fetch, render
 from .figure import METRICS, graph_figure, link_updates, node_updates, subgraph_figure
 from .links import N_BINS
@@ -158,8 +159,6 @@ class Explorer(widgets.VBox):
 
     def _guard(self, fn, *args) -> None:
         """Run a UI action; show a ``CircuitlabError`` in the status line instead of raising."""
-        from ..loading import CircuitlabError
-
         try:
             fn(*args)
         except CircuitlabError as e:

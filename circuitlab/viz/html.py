@@ -20,7 +20,7 @@ import numpy as np
 import plotly.offline
 from plotly.utils import PlotlyJSONEncoder
 
-from ..loading import atomic_write_text
+from ..files import atomic_write_text
 from .figure import graph_figure
 from .links import N_BINS, bin_style, link_bin
 from .state import ViewState, place

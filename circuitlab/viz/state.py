@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..cards import unembedding
 from ..graph import Graph
-from ..loading import CircuitlabError
+from ..errors import CircuitlabError
 from ..prune import scores
-from . import sidecar
+from .. import sidecar
 from .layout import layout, visible
 from .links import shares
 
@@ -40,8 +41,6 @@ def place(kind: str, layer: int) -> str:
 def output_tokens(rm, nodes: pd.DataFrame, k: int = 3, chunk: int = 128) -> dict:
     """Per feature node id, the ``k`` tokens its decoder direction raises most (through the
     unembedding, as on the feature card), batched over features."""
-    from ..features import unembedding
-
     out = {}
     feats = nodes[nodes["kind"] == "feature"]
     W_U = unembedding(rm).detach().float()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..loading import CircuitlabError, atomic_write_text
+from .errors import CircuitlabError
+from .files import atomic_write_text
 
 NAME = "labels.json"
 FORMAT = "circuitlab-labels/1"

@@ -1,0 +1,155 @@
+"""What each ``circuitlab`` command does (the parser is ``circuitlab.cli``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .attribution import attribute
+from .errors import CircuitlabError
+from .files import atomic_write_text, cache_dir
+from .loading import is_pack, load, load_model, load_transcoders
+from .precision import check_device, fast_bf16
+from .train.build_cards import build_examples
+from .train.corpus import build_corpus
+from .train.evaluate import evaluate_transcoders, format_table
+from .train.finetune import finetune_transcoders
+from .train.pack import pack_inputs
+from .train.trainer import train_transcoders
+
+#: What ``trace`` writes into its folder.
+OUTPUTS = ("graph", "pruned", "neuronpedia.json", "graph.html")
+
+
+def slug(prompt: str, limit: int = 48) -> str:
+    """A folder name for ``prompt``: its words, lower case, joined by dashes."""
+    words = re.findall(r"\w+", prompt.lower())
+    return "-".join(words)[:limit].strip("-") or "prompt"
+
+
+def trace(args) -> None:
+    """``circuitlab trace``: attribute a prompt, write both graphs, Neuronpedia JSON and HTML."""
+    out = Path(args.out) if args.out else Path("out") / slug(args.prompt)
+    written = [out / name for name in OUTPUTS]
+    if not args.force and any(p.exists() for p in written):
+        raise CircuitlabError(
+            f"{out} already holds a traced graph; pass --force to replace it, or choose another "
+            "folder with --out.")
+    if out.is_file():
+        raise CircuitlabError(f"--out {out} is a file; pass a folder.")
+    device = check_device(args.device)
+    t0 = time.perf_counter()
+    rm = load(args.model, args.transcoders, device=device)
+    t1 = time.perf_counter()
+    graph = attribute(rm, args.prompt, max_feature_nodes=args.max_feature_nodes)
+    t2 = time.perf_counter()
+    pruned = graph.prune(args.node_threshold, args.edge_threshold)
+    graph.save(out / "graph")
+    pruned.save(out / "pruned")
+    pruned.to_neuronpedia(out / "neuronpedia.json")
+    pruned.to_html(out / "graph.html", rm)
+    print(f"\nPrompt: {args.prompt!r}  ({len(graph.tokens)} tokens)")
+    print(f"Loaded {rm} in {t1 - t0:.1f} s; attribution took {t2 - t1:.1f} s.\n")
+    logits = graph.nodes[graph.nodes["kind"] == "logit"]
+    print("Logit targets:")
+    for r in logits.itertuples():
+        print(f"  {r.token!r:>14}  p={r.prob:.3f}")
+    for name, g in (("full", graph), ("pruned", pruned)):
+        s = g.scores()
+        counts = g.nodes["kind"].value_counts().to_dict()
+        print(f"\n{name:>6} graph: {len(g.nodes)} nodes ({counts.get('feature', 0)} features), "
+              f"{g.n_edges} edges; replacement {s['replacement']:.3f}, "
+              f"completeness {s['completeness']:.3f}")
+    feats = graph.nodes[graph.nodes["kind"] == "feature"].nlargest(args.top, "influence")
+    print("\nMost influential features (layer/feature @ position):")
+    for r in feats.itertuples():
+        print(f"  L{r.layer}/F{r.feature} @ {r.pos} {r.token!r:>12}  act={r.activation:7.2f}  "
+              f"influence={r.influence:.4f}")
+    print(f"\nWrote {out}/graph, {out}/pruned, {out}/neuronpedia.json and {out}/graph.html "
+          "(open it in a browser: it works offline)")
+
+
+def corpus(args) -> None:
+    """``circuitlab corpus``: build the offline training corpus."""
+    print(build_corpus(args.out, tokens=args.tokens, seed=args.seed))
+
+
+def command(args) -> str:
+    """The command line as typed, for manifests."""
+    return "circuitlab " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+
+
+def corpus_dir(args) -> Path:
+    """``--corpus``; else the ``--model`` pack, or the corpus ``circuitlab corpus`` builds."""
+
+    if args.corpus:
+        return Path(args.corpus)
+    return Path(args.model) if is_pack(getattr(args, "model", "")) else cache_dir() / "corpus"
+
+
+def pack(args) -> None:
+    """``circuitlab pack``: compact training inputs for an offline GPU host."""
+    print(pack_inputs(args.out, corpus_dir(args), tokens=args.tokens, shard_mb=args.shard_mb,
+                      verify=not args.no_verify, command=command(args)))
+
+
+def model_dtype(args):
+    """``--model-dtype`` as a torch dtype; ``auto`` is bfloat16 where bf16 is fast."""
+
+
+    if args.model_dtype == "auto":
+        return torch.bfloat16 if fast_bf16(getattr(args, "device", "cpu")) else torch.float32
+    return getattr(torch, args.model_dtype)
+
+
+def train(args) -> None:
+    """``circuitlab train``: train one transcoder per layer."""
+    model = load_model(args.model, device=check_device(args.device), dtype=model_dtype(args))
+    names = ("width", "k", "tokens", "time_budget", "context", "batch_tokens", "buffer_tokens",
+             "passes", "lr", "seed", "device", "checkpoint_every", "init_from", "bf16")
+    kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.layers:
+        kwargs["layers"] = [int(x) for x in args.layers.split(",")]
+    print(train_transcoders(model, corpus_dir(args), args.out, resume=not args.fresh,
+                            command=command(args), **kwargs))
+
+
+def finetune(args) -> None:
+    """``circuitlab finetune``: fine-tune transcoder decoders on the spliced-in KL."""
+    model = load_model(args.model, device=check_device(args.device))
+    names = ("tokens", "time_budget", "context", "batch_rows", "kl_positions", "lr", "fvu_coef",
+             "seed", "device", "checkpoint_every")
+    kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    print(finetune_transcoders(model, args.transcoders, corpus_dir(args), args.out,
+                               resume=not args.fresh, command=command(args), **kwargs))
+
+
+def evaluate(args) -> None:
+    """``circuitlab eval-transcoders``: FVU, L0, dead share and spliced-in CE."""
+    device = check_device(args.device)
+    model = load_model(args.model, device=device)
+    tcs = load_transcoders(args.transcoders, args.model, model.cfg.n_layers, device=device)
+    table = evaluate_transcoders(model, tcs, corpus_dir(args), tokens=args.tokens,
+                                 per_layer=args.per_layer)
+    print(format_table(table))
+    if args.json:
+        doc = {"layers": table.to_dict("records"), **table.attrs}
+        atomic_write_text(args.json, json.dumps(doc, indent=1, default=float))
+
+
+def cards(args) -> None:
+    """``circuitlab cards``: precompute feature-card examples over held-out text."""
+    device = check_device(args.device)
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=device, dtype=model_dtype(args))
+    rm = load(model, args.transcoders, device=device)
+    path = build_examples(rm, args.corpus, tokens=args.tokens, context=args.context,
+                          batch_size=args.batch_size, out=args.out, n_top=args.top,
+                          per_band=args.per_band, command=command(args))
+    size = path.stat().st_size / 1e6
+    print(f"Wrote {path} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s")

@@ -1,0 +1,141 @@
+"""Neuronpedia's graph JSON (``metadata, qParams, nodes, links``), both directions.
+
+``document(graph)`` writes a graph in the format Neuronpedia's viewer reads; ``parse(doc)``
+reads one back into the parts of a ``Graph`` (``Graph.from_neuronpedia`` assembles them).
+Inputs and constants are not part of the format and are read back as 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+
+from .errors import CircuitlabError
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+KIND = {"cross layer transcoder": "feature", "transcoder": "feature", "lorsa": "feature",
+        "mlp reconstruction error": "error", "embedding": "embedding", "logit": "logit"}
+DEFAULT_CLERP = re.compile(r'^Output "(.*)" \(p=[0-9.]+\)$', re.S)
+
+
+def _load(doc) -> dict:
+    if isinstance(doc, dict):
+        return doc
+    try:
+        return json.loads(Path(doc).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CircuitlabError(f"Cannot read Neuronpedia graph JSON {doc}: {e}.") from None
+
+
+def parse(doc: dict | str | os.PathLike) -> tuple[dict, dict]:
+    """Read Neuronpedia graph JSON (a dict or a file).
+
+    Returns:
+        ``(parts, annotations)``: the ``Graph`` constructor's arguments by name, and its
+        labels ("clerp"), supernodes and pinned ids.
+    """
+    doc = _load(doc)
+    if not all(k in doc for k in ("metadata", "nodes", "links")):
+        raise CircuitlabError("Not Neuronpedia graph JSON: expected 'metadata', 'nodes' and "
+                              "'links'; export one with graph.to_neuronpedia(path).")
+    meta = doc["metadata"]
+    token_strs = list(meta.get("prompt_tokens", []))
+    logit_layers = [int(n["layer"]) for n in doc["nodes"] if n.get("feature_type") == "logit"]
+    n_layers = max(logit_layers) - 1 if logit_layers else max(
+        int(n["layer"]) for n in doc["nodes"] if n["layer"] != "E") + 1
+    rows, labels, tokens = [], {}, [0] * len(token_strs)
+    for n in doc["nodes"]:
+        kind = KIND.get(n.get("feature_type"))
+        if kind is None:
+            raise CircuitlabError(f"Node {n.get('node_id')!r} has unknown feature_type "
+                                  f"{n.get('feature_type')!r}; known: {sorted(KIND)}.")
+        pos = int(n["ctx_idx"])
+        layer = {"embedding": -1, "logit": n_layers}.get(kind)
+        layer = int(n["layer"]) if layer is None else layer
+        token = token_strs[pos] if pos < len(token_strs) else ""
+        if kind == "embedding":
+            tokens[pos] = int(n["node_id"].split("_")[1])
+        output = DEFAULT_CLERP.match(n.get("clerp") or "")
+        if kind == "logit":
+            token = output.group(1) if output else ""
+        rows.append({"node_id": n["node_id"], "kind": kind, "layer": layer, "pos": pos,
+                     "feature": int(n.get("feature", -1)), "activation": float(n.get("activation") or 0),
+                     "token": token, "prob": float(n.get("token_prob", "nan")) if kind == "logit" else float("nan"),
+                     "influence": float("nan") if n.get("influence") is None else float(n["influence"])})
+        clerp = n.get("clerp") or ""
+        if clerp and not (kind == "logit" and output):
+            labels[n["node_id"]] = clerp
+    index = {r["node_id"]: i for i, r in enumerate(rows)}
+    adjacency = torch.zeros(len(rows), len(rows))
+    try:
+        src = torch.tensor([index[link["source"]] for link in doc["links"]], dtype=torch.long)
+        tgt = torch.tensor([index[link["target"]] for link in doc["links"]], dtype=torch.long)
+    except KeyError as e:
+        raise CircuitlabError(f"A link names node {e.args[0]!r}, which is not in 'nodes'.") from None
+    adjacency[tgt, src] = torch.tensor([float(link["weight"]) for link in doc["links"]])
+    zeros = torch.zeros(len(rows))
+    parts = {"prompt": meta.get("prompt") or "".join(token_strs), "tokens": tokens,
+             "token_strs": token_strs, "rows": rows, "adjacency": adjacency, "inputs": zeros,
+             "constants": zeros.clone(),
+             "metadata": {"n_layers": n_layers, "source": "neuronpedia", "slug": meta.get("slug"),
+                          "pruned": True}}
+    q = doc.get("qParams") or {}
+    pinned = q.get("pinnedIds") or []
+    pinned = pinned.split(",") if isinstance(pinned, str) else pinned
+    supernodes = {s[0]: [i for i in s[1:] if i in index] for s in q.get("supernodes", []) if len(s) > 1}
+    return parts, {"labels": labels, "pinned": [i for i in pinned if i in index],
+                   "supernodes": {k: v for k, v in supernodes.items() if v}}
+
+
+def document(graph: Graph, *, slug: str | None = None, labels: dict | None = None,
+             supernodes: list | None = None, pinned: list | None = None) -> dict:
+    """Neuronpedia's graph JSON (``metadata, qParams, nodes, links``) of ``graph``.
+
+    Args:
+        slug: the graph's slug (default derived from the prompt).
+        labels: node_id -> label ("clerp"); default ``graph.labels``.
+        supernodes: ``[[name, node_id, ...], ...]``; default ``graph.supernodes``.
+        pinned: node ids to pin; default ``graph.pinned``.
+    """
+    labels = graph.labels if labels is None else labels
+    if supernodes is None:
+        supernodes = [[name, *ids] for name, ids in graph.supernodes.items()]
+    pinned = graph.pinned if pinned is None else pinned
+    n_layers = int(graph.metadata.get("n_layers", graph.nodes["layer"].max()))
+    slug = slug or "-".join(graph.prompt.lower().split())[:60] or "graph"
+    P = len(graph.tokens)
+    feature_type = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
+                    "embedding": "embedding", "logit": "logit"}
+    nodes = []
+    for r in graph.nodes.to_dict("records"):
+        layer = {"embedding": "E", "logit": str(n_layers + 1)}.get(r["kind"], str(r["layer"]))
+        node = {"node_id": r["node_id"], "jsNodeId": r["node_id"], "feature": int(r["feature"]),
+                "layer": layer, "ctx_idx": int(r["pos"]), "reverse_ctx_idx": P - 1 - int(r["pos"]),
+                "feature_type": feature_type[r["kind"]],
+                "influence": None if pd.isna(r["influence"]) else float(r["influence"]),
+                "activation": float(r["activation"]), "clerp": labels.get(r["node_id"], "")}
+        if r["kind"] == "logit":
+            node.update(token_prob=float(r["prob"]), is_target_logit=True,
+                        clerp=labels.get(r["node_id"], f'Output "{r["token"]}" (p={r["prob"]:.3f})'))
+        nodes.append(node)
+    links = [{"source": s, "target": t, "weight": float(w)}
+             for s, t, w in graph.edges().itertuples(index=False)]
+    doc = {
+        "metadata": {"slug": slug, "scan": graph.metadata.get("transcoders") or "",
+                     "transcoder_list": [], "prompt_tokens": graph.token_strs,
+                     "prompt": graph.prompt, "schema_version": 1,
+                     "node_threshold": graph.metadata.get("node_threshold")},
+        "qParams": {"pinnedIds": list(pinned or []), "supernodes": list(supernodes or []),
+                    "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": nodes, "links": links,
+    }
+    return doc
