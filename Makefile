@@ -4,7 +4,7 @@ STAMP   := .venv/.setup-done
 PROMPT  ?= The opposite of "small" is "
 OUT     ?= out/demo
 
-.PHONY: setup demo test bench lab clean
+.PHONY: setup demo docs test bench lab clean
 
 setup: $(STAMP) /usr/bin/chromium
 
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m circuitlab trace '$(PROMPT)' --out $(OUT)
+	HF_HUB_OFFLINE=1 $(PY) -m circuitlab trace '$(PROMPT)' --out $(OUT) --force
+
+# Regenerate docs/ screenshots from the current demo graph.
+docs: demo
+	HF_HUB_OFFLINE=1 $(PY) docs/screenshots.py $(OUT)/graph
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks --nbmake-timeout=600 --durations=25

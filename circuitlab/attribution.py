@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .graph import Graph
 from .hooks import scale_name
+from . import checks
 from .errors import CircuitlabError
 from .precision import default_dtype
 from .prune import annotate_influence
@@ -229,6 +230,9 @@ def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[Log
             targets.append(LogitTarget(f"{a.label} - {b.label}", a.direction - b.direction,
                                        a.bias - b.bias, None, a.prob))
         elif isinstance(spec, torch.Tensor) and spec.shape == (rm.d_model,):
+            if not torch.isfinite(spec).all():
+                raise CircuitlabError(f"Logit target direction {len(targets)} holds NaN or inf; "
+                                      "pass a finite direction.")
             targets.append(LogitTarget(f"direction {len(targets)}", spec.float(), 0.0, None, 0.0))
         else:
             raise CircuitlabError(
@@ -253,6 +257,24 @@ def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_featur
     adjacency = 4 * n_nodes * n_nodes
     backward = 4 * 8 * batch_size * n_positions * d_model
     return rows + shares + 2 * adjacency + backward
+
+
+def _check_args(logit_targets, max_logits, logit_prob, max_feature_nodes, batch_size, dtype,
+                memory_limit) -> None:
+    """Types, ranges and finiteness of ``attribute``'s options (see its docstring)."""
+    if logit_targets is not None:
+        if isinstance(logit_targets, (str, int, torch.Tensor)) or not isinstance(logit_targets, (list, tuple)):
+            raise CircuitlabError(
+                f"logit_targets must be a list, e.g. [{logit_targets!r}], not {logit_targets!r}.")
+        if not logit_targets:
+            raise CircuitlabError("logit_targets=[] names no target; pass at least one, or None "
+                                  "for the most likely next tokens.")
+    checks.integer("max_logits", max_logits)
+    checks.number("logit_prob", logit_prob, 0.0, 1.0, low_open=True)
+    checks.integer("max_feature_nodes", max_feature_nodes, 1, none=True)
+    checks.integer("batch_size", batch_size)
+    checks.one_of("dtype", dtype, (None, torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    checks.integer("memory_limit", memory_limit, 1, none=True)
 
 
 def attribute(
@@ -294,6 +316,8 @@ def attribute(
     Raises:
         CircuitlabError: for bad prompts or targets, or when the graph would not fit in memory.
     """
+    _check_args(logit_targets, max_logits, logit_prob, max_feature_nodes, batch_size, dtype,
+                memory_limit)
     tokens = rm.tokenize(prompt)
     dtype = dtype or default_dtype(rm.model.cfg.device)
     trace = rm.run(tokens)

@@ -10,7 +10,6 @@ them against a prompt and groups them by layer for the runs in ``circuitlab.inte
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from . import checks
 from .errors import CircuitlabError
 
 __all__ = ["Intervention", "Edit", "build", "set_to", "scale", "ablate", "add", "positions", "feature_sites",
@@ -160,6 +160,10 @@ def positions(pos, P: int) -> list[int]:
 
 
 def _as_interventions(interventions) -> list[Intervention]:
+    if isinstance(interventions, (Intervention, str)) or not isinstance(interventions, (list, tuple)):
+        raise CircuitlabError(
+            f"Interventions must be a list (e.g. ablate(...) or [(layer, pos, feature, value)]), "
+            f"not {interventions!r}.")
     out = []
     for iv in interventions:
         if isinstance(iv, Intervention):
@@ -187,6 +191,8 @@ def resolve(rm, interventions, clean_acts: list[torch.Tensor], max_acts=None) ->
     P = clean_acts[0].shape[0]
     edits: dict[int, list[Edit]] = {}
     for iv in _as_interventions(interventions):
+        checks.integer("layer", iv.layer, 0)
+        checks.integer("feature", iv.feature, 0)
         if not 0 <= iv.layer < rm.n_layers:
             raise CircuitlabError(f"Layer {iv.layer} is out of range; the model has layers "
                                   f"0..{rm.n_layers - 1}.")
@@ -197,10 +203,7 @@ def resolve(rm, interventions, clean_acts: list[torch.Tensor], max_acts=None) ->
             raise CircuitlabError(f"Unknown op {iv.op!r}; use one of {OPS}.")
         if iv.relative not in RELATIVE:
             raise CircuitlabError(f"Unknown relative {iv.relative!r}; use None, 'prompt' or 'max'.")
-        value = float(iv.value)
-        if not math.isfinite(value):
-            raise CircuitlabError(f"The value for feature ({iv.layer}, {iv.feature}) is {value}; "
-                                  "use a finite number.")
+        value = checks.number(f"The value for feature ({iv.layer}, {iv.feature})", iv.value)
         pos = torch.tensor(positions(iv.pos, P), dtype=torch.long)
         values = torch.full((len(pos),), value)
         if iv.relative == "prompt":

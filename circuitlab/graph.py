@@ -56,12 +56,7 @@ class Graph:
         self.prompt = prompt
         self.tokens = list(tokens)
         self.token_strs = list(token_strs)
-        nodes = pd.DataFrame(rows)
-        if "influence" not in nodes:
-            nodes["influence"] = float("nan")
-        self.nodes = nodes[NODE_COLUMNS].reset_index(drop=True).astype(
-            {"layer": "int64", "pos": "int64", "feature": "int64", "activation": "float64",
-             "prob": "float64", "influence": "float64"})
+        self.nodes = _node_table(rows)
         self.adjacency = adjacency
         self.inputs = inputs
         self.constants = constants
@@ -298,10 +293,25 @@ def _checked_parts(doc, tensors: dict, path: Path, fix: str) -> dict:
     rows = [{k: (float("nan") if v is None and k in ("prob", "influence") else v)
              for k, v in r.items()} for r in nodes]
     try:
-        pd.DataFrame(rows)[list(columns)].astype(
-            {"layer": "int64", "pos": "int64", "feature": "int64", "activation": "float64"})
-    except (TypeError, ValueError) as err:
+        table = _node_table(rows)
+    except (TypeError, ValueError, OverflowError) as err:
         raise CircuitlabError(f"{where} has a node with a value of the wrong type ({err}); {fix}") from None
+    if not table["kind"].isin(KINDS).all() or not table["node_id"].map(type).eq(str).all():
+        raise CircuitlabError(f"{where} has a node whose kind is not one of {KINDS} or whose id "
+                              f"is not text; {fix}")
+    if not table["pos"].between(0, len(doc["tokens"]) - 1).all():
+        raise CircuitlabError(f"{where} has a node outside the prompt's {len(doc['tokens'])} "
+                              f"positions; {fix}")
     return {"prompt": doc["prompt"], "tokens": doc["tokens"], "token_strs": doc["token_strs"],
             "rows": rows, "adjacency": adjacency, "inputs": inputs, "constants": constants,
             "metadata": doc["metadata"]}
+
+
+def _node_table(rows) -> pd.DataFrame:
+    """The node table of ``rows`` (dicts with ``NODE_COLUMNS``; ``influence`` optional)."""
+    nodes = pd.DataFrame(rows)
+    if "influence" not in nodes:
+        nodes["influence"] = float("nan")
+    return nodes[NODE_COLUMNS].reset_index(drop=True).astype(
+        {"layer": "int64", "pos": "int64", "feature": "int64", "activation": "float64",
+         "prob": "float64", "influence": "float64"})

@@ -22,6 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from . import checks
 from .cards import find_examples
 from .edits import (Edit, Intervention, ablate, add, apply_edits, build, feature_sites, positions,
                     resolve, scale, set_to)
@@ -169,13 +170,17 @@ def intervene(rm, prompt: str, interventions, mode: str = "free", *, tokens=None
     Returns:
         An ``InterventionResult``.
     """
+    checks.integer("top", top)
     ids = rm.tokenize(prompt)
-    positions(pos, len(ids))
+    read = positions(pos, len(ids))
+    if len(read) != 1 or not isinstance(pos, int):
+        raise CircuitlabError(f"pos={pos!r} must be one position (an int, negative from the end): "
+                              "the prediction read after the intervention.")
     trace = rm.run(ids)
     clean_acts = dense_activations(rm, trace)
     edits = resolve(rm, interventions, clean_acts, _max_activation(rm))
     out = run_edited(rm, ids, edits, mode, trace, clean_acts)
-    return compare_logits(rm, prompt, mode, trace.logits[pos], out.logits[pos], tokens, top)
+    return compare_logits(rm, prompt, mode, trace.logits[read[0]], out.logits[read[0]], tokens, top)
 
 
 def generate(rm, prompt: str, interventions=(), max_new_tokens: int = 20, *,
@@ -198,10 +203,9 @@ def generate(rm, prompt: str, interventions=(), max_new_tokens: int = 20, *,
     Returns:
         The generated continuation (without the prompt).
     """
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise CircuitlabError(f"temperature={temperature!r}; use 0 (greedy) or a positive number.")
-    if max_new_tokens < 1:
-        raise CircuitlabError(f"max_new_tokens={max_new_tokens}; generate at least one token.")
+    checks.number("temperature", temperature, 0.0)
+    checks.integer("max_new_tokens", max_new_tokens)
+    checks.integer("top_k", top_k, none=True)
     ids = rm.tokenize(prompt)
     P0 = len(ids)
     if P0 + max_new_tokens > rm.cfg.n_ctx:
@@ -257,6 +261,9 @@ def sweep(rm, prompt: str, features, values, *, op: str = "scale", relative: str
     trace = rm.run(ids)
     clean_acts = dense_activations(rm, trace)
     runs = []
+    values = list(values)
+    if not values:
+        raise CircuitlabError("values is empty; pass the strengths to sweep, e.g. [0, 0.5, 1, 2].")
     for v in values:
         edits = resolve(rm, build(features, v, op, pos, relative), clean_acts, _max_activation(rm))
         runs.append((float(v), run_edited(rm, ids, edits, mode, trace, clean_acts).logits[-1]))
@@ -311,6 +318,7 @@ def swap(rm, prompt: str, remove, add, strength: float = 1.0, *, pos=None, mode:
     Returns:
         An ``InterventionResult`` (``before`` and ``after`` list the top tokens).
     """
+    checks.number("strength", strength)
     ids = rm.tokenize(prompt)
     trace = rm.run(ids)
     clean_acts = dense_activations(rm, trace)

@@ -53,7 +53,10 @@ from .hooks import layer_of
 from .replacement import ReplacementModel
 
 EMBEDDED_MODEL = "gemma-3-270m"
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+#: Bundled transcoders and cards: ``circuitlab/data`` in an installed copy, the repository's
+#: top-level ``data/`` in a checkout.
+DATA_DIR = next(p for p in (Path(__file__).resolve().parent / "data",
+                            Path(__file__).resolve().parent.parent / "data") if p.is_dir())
 BUNDLE_DIR = DATA_DIR / "transcoders"
 
 #: Model presets: short name -> Hugging Face id.

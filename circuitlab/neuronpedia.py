@@ -28,12 +28,24 @@ DEFAULT_CLERP = re.compile(r'^Output "(.*)" \(p=[0-9.]+\)$', re.S)
 
 
 def _load(doc) -> dict:
-    if isinstance(doc, dict):
-        return doc
-    try:
-        return json.loads(Path(doc).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CircuitlabError(f"Cannot read Neuronpedia graph JSON {doc}: {e}.") from None
+    if not isinstance(doc, (dict, str, os.PathLike)):
+        raise CircuitlabError(f"Expected Neuronpedia graph JSON (a dict or a file path), got "
+                              f"{type(doc).__name__}.")
+    if not isinstance(doc, dict):
+        try:
+            doc = json.loads(Path(doc).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CircuitlabError(f"Cannot read Neuronpedia graph JSON {doc}: {e}.") from None
+    if not (isinstance(doc, dict) and all(k in doc for k in ("metadata", "nodes", "links"))):
+        raise CircuitlabError("Not Neuronpedia graph JSON: expected an object with 'metadata', "
+                              "'nodes' and 'links'; export one with graph.to_neuronpedia(path).")
+    if not (isinstance(doc["nodes"], list) and doc["nodes"]):
+        raise CircuitlabError("The Neuronpedia graph JSON has no nodes; export a graph with "
+                              "graph.to_neuronpedia(path).")
+    if not (isinstance(doc["metadata"], dict) and isinstance(doc["links"], list)):
+        raise CircuitlabError("In Neuronpedia graph JSON 'metadata' must be an object and "
+                              "'links' a list.")
+    return doc
 
 
 def parse(doc: dict | str | os.PathLike) -> tuple[dict, dict]:
@@ -42,11 +54,21 @@ def parse(doc: dict | str | os.PathLike) -> tuple[dict, dict]:
     Returns:
         ``(parts, annotations)``: the ``Graph`` constructor's arguments by name, and its
         labels ("clerp"), supernodes and pinned ids.
+
+    Raises:
+        CircuitlabError: naming the node or link that is missing a field, holds a value of
+            the wrong type or a position outside the prompt.
     """
     doc = _load(doc)
-    if not all(k in doc for k in ("metadata", "nodes", "links")):
-        raise CircuitlabError("Not Neuronpedia graph JSON: expected 'metadata', 'nodes' and "
-                              "'links'; export one with graph.to_neuronpedia(path).")
+    try:
+        return _parse(doc)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, OverflowError) as err:
+        what = f"lacks the field {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
+        raise CircuitlabError(f"The Neuronpedia graph JSON {what}; it is damaged or not a "
+                              "graph export. Export it again with graph.to_neuronpedia(path).") from None
+
+
+def _parse(doc: dict) -> tuple[dict, dict]:
     meta = doc["metadata"]
     token_strs = list(meta.get("prompt_tokens", []))
     logit_layers = [int(n["layer"]) for n in doc["nodes"] if n.get("feature_type") == "logit"]
@@ -59,6 +81,9 @@ def parse(doc: dict | str | os.PathLike) -> tuple[dict, dict]:
             raise CircuitlabError(f"Node {n.get('node_id')!r} has unknown feature_type "
                                   f"{n.get('feature_type')!r}; known: {sorted(KIND)}.")
         pos = int(n["ctx_idx"])
+        if not 0 <= pos < max(len(token_strs), 1):
+            raise CircuitlabError(f"Node {n['node_id']!r} sits at position {pos}, outside the "
+                                  f"prompt's {len(token_strs)} tokens; the JSON is damaged.")
         layer = {"embedding": -1, "logit": n_layers}.get(kind)
         layer = int(n["layer"]) if layer is None else layer
         token = token_strs[pos] if pos < len(token_strs) else ""
@@ -81,7 +106,10 @@ def parse(doc: dict | str | os.PathLike) -> tuple[dict, dict]:
         tgt = torch.tensor([index[link["target"]] for link in doc["links"]], dtype=torch.long)
     except KeyError as e:
         raise CircuitlabError(f"A link names node {e.args[0]!r}, which is not in 'nodes'.") from None
-    adjacency[tgt, src] = torch.tensor([float(link["weight"]) for link in doc["links"]])
+    weights = torch.tensor([float(link["weight"]) for link in doc["links"]], dtype=torch.float32)
+    if not torch.isfinite(weights).all():
+        raise CircuitlabError("A link of the Neuronpedia graph JSON has a NaN or infinite weight.")
+    adjacency[tgt, src] = weights
     zeros = torch.zeros(len(rows))
     parts = {"prompt": meta.get("prompt") or "".join(token_strs), "tokens": tokens,
              "token_strs": token_strs, "rows": rows, "adjacency": adjacency, "inputs": zeros,

@@ -24,6 +24,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
+from . import checks
 from .errors import CircuitlabError
 from .hooks import (FINAL_NORMALIZED, MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_IN, is_frozen, is_scale,
                     mlp_hooks, pattern_hooks, pattern_name, resid_out, scale_name)
@@ -195,6 +196,8 @@ class ReplacementModel:
             CircuitlabError: for an empty or whitespace prompt or one longer than
                 ``MAX_PROMPT_TOKENS``.
         """
+        if isinstance(prompt, str):
+            checks.text("The prompt", prompt)
         if not isinstance(prompt, str) or not prompt.strip():
             raise CircuitlabError(
                 f"The prompt is empty or whitespace ({prompt!r}); pass some text to trace, "
@@ -221,7 +224,9 @@ class ReplacementModel:
                 raise CircuitlabError(
                     f"Token id {token} is outside the vocabulary (0..{self.cfg.d_vocab - 1}).")
             return int(token)
-        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        if not isinstance(token, str):
+            raise CircuitlabError(f"A token must be a string or an int id, not {token!r}.")
+        ids = self.tokenizer.encode(checks.text("The token", token), add_special_tokens=False)
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([i]) for i in ids]
             raise CircuitlabError(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from . import checks
 from .edits import Intervention, resolve
 from .errors import CircuitlabError
 from .interventions import dense_activations, run_edited
@@ -78,6 +79,11 @@ def validate(graph, rm, n: int = 20, seed: int = 0) -> Validation:
     of the target's input must equal the edge) and in free mode (compared with the
     graph's total-effect prediction, the number that tells how far to trust the graph).
     """
+    if "logit_directions" not in graph.metadata:
+        raise CircuitlabError(
+            "This graph records no logit directions (it was imported, e.g. from Neuronpedia "
+            "JSON); validate a graph traced here with circuitlab.attribute(rm, prompt).")
+    checks.integer("n", n)
     ids = torch.tensor(graph.tokens)
     if graph.tokens != rm.tokenize(graph.prompt).tolist():
         raise CircuitlabError("The graph's tokens differ from this model's tokenization of its "

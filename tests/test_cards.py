@@ -8,6 +8,8 @@ cached examples.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import DOCS, tiny_transcoders
@@ -130,8 +132,15 @@ def test_bundled_cards_are_fresh_and_small(gemma):
 
 @pytest.mark.slow
 def test_cards_command(tmp_path, capsys):
+    """On a held-out corpus the test writes itself (a clean machine has no built corpus)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [f"Document {i}: the river runs past the old mill, and the town sleeps. " * 3
+            for i in range(20)]
+    (corpus / "heldout.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = tmp_path / "cards.safetensors"
-    assert main(["cards", "--tokens", "300", "--context", "64", "--out", str(out)]) == 0
+    assert main(["cards", "--tokens", "300", "--context", "64", "--corpus", str(corpus),
+                 "--out", str(out)]) == 0
     assert "Wrote" in capsys.readouterr().out
     examples = read_examples(out)
     assert examples.n_tokens == 300 and "--tokens 300" in examples.meta["command"]

