@@ -16,17 +16,20 @@ _EXPORTS = {
     "load": "loading", "attribute": "attribution", "Graph": "graph",
     "ReplacementModel": "replacement", "explore": "viz", "compare": "comparison",
     "swap": "interventions", "set_to": "interventions", "scale": "interventions",
-    "ablate": "interventions", "add": "interventions",
+    "ablate": "interventions", "add": "interventions", "Claims": "claims",
+    "plan": "plan",  # the module itself, callable as its plan() (see circuitlab.plan)
 }
 
 __all__ = ["CircuitlabError", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .attribution import attribute
+    from .claims import Claims
     from .comparison import compare
     from .graph import Graph
     from .interventions import ablate, add, scale, set_to, swap
     from .loading import load
+    from .plan import plan
     from .replacement import ReplacementModel
     from .viz import explore
 
@@ -34,7 +37,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'circuitlab' has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    module = import_module(f".{_EXPORTS[name]}", __name__)
+    value = module if _EXPORTS[name] == name else getattr(module, name)
     globals()[name] = value
     return value
 

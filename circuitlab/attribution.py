@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -37,6 +36,7 @@ from .graph import Graph
 from .hooks import scale_name
 from . import checks
 from .errors import CircuitlabError
+from .plan import check_attribution, estimate_memory, memory_parts  # noqa: F401 (re-exported)
 from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
@@ -74,7 +74,8 @@ class _Backward:
         self.center = cfg.normalization_type == "LN"
         self.sandwich = bool(cfg.use_normalization_before_and_after)
         cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
-        factor = lambda ln, name: cast(ln.w / trace.scales[name])  # noqa: E731
+        up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
+        factor = lambda ln, name: cast(up(ln.w) / up(trace.scales[name]))  # noqa: E731
         self.layers = []
         for l, block in enumerate(rm.model.blocks):
             attn = block.attn
@@ -159,11 +160,13 @@ class _Sources:
             p, f, a = self.pos[start:start + n], self.feature[start:start + n], self.activation[start:start + n]
             counts = torch.bincount(p, minlength=P)
             kmax = int(counts.max()) if n else 0
-            slot = torch.arange(n) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-            dec = torch.zeros(P, kmax, rm.d_model, dtype=dtype)
-            cols = torch.full((P, kmax), -1, dtype=torch.long)
-            dec[p, slot] = (rm.transcoders[l].W_dec[f] * a[:, None]).to(dtype)
-            cols[p, slot] = torch.arange(start, start + n)
+            dev = p.device
+            slot = (torch.arange(n, device=dev)
+                    - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts))
+            dec = torch.zeros(P, kmax, rm.d_model, dtype=dtype, device=dev)
+            cols = torch.full((P, kmax), -1, dtype=torch.long, device=dev)
+            dec[p, slot] = rm.transcoders[l].W_dec[f].to(dtype) * a[:, None].to(dtype)
+            cols[p, slot] = torch.arange(start, start + n, device=dev)
             self.dec.append(dec), self.cols.append(cols)
             start += n
 
@@ -181,8 +184,8 @@ def _rows(bw: _Backward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: 
     """
     L, B = src.L, len(layer)
     top, P = int(layer.max()), int(pos.max()) + 1
-    g = torch.zeros(P, B, grads.shape[-1], dtype=bw.dtype)                # [P, B, d]
-    batch = torch.arange(B)
+    g = torch.zeros(P, B, grads.shape[-1], dtype=bw.dtype, device=grads.device)  # [P, B, d]
+    batch = torch.arange(B, device=grads.device)
     at_top = layer == L
     g[pos[at_top], batch[at_top]] = grads[at_top]
     errors = trace.errors[:, :P].to(bw.dtype)
@@ -207,13 +210,13 @@ def _rows(bw: _Backward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: 
 
 def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[LogitTarget]:
     W_U, b_U = rm.model.W_U.detach(), rm.model.b_U.detach()
-    W_U_mean, b_U_mean = W_U.mean(1), b_U.mean()
+    W_U_mean, b_U_mean = W_U.mean(1, dtype=torch.float32), b_U.float().mean()
     probs = torch.softmax(trace.logits[-1].double(), -1).float()
     tok_str = lambda t: rm.tokenizer.decode([t])  # noqa: E731
 
     def token_target(t: int) -> LogitTarget:
         t = rm.token_id(t)
-        return LogitTarget(tok_str(t), W_U[:, t] - W_U_mean, float(b_U[t] - b_U_mean),
+        return LogitTarget(tok_str(t), W_U[:, t].float() - W_U_mean, float(b_U[t] - b_U_mean),
                            t, float(probs[t]))
 
     if logit_targets is None:
@@ -233,7 +236,8 @@ def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[Log
             if not torch.isfinite(spec).all():
                 raise CircuitlabError(f"Logit target direction {len(targets)} holds NaN or inf; "
                                       "pass a finite direction.")
-            targets.append(LogitTarget(f"direction {len(targets)}", spec.float(), 0.0, None, 0.0))
+            targets.append(LogitTarget(f"direction {len(targets)}", spec.float().to(W_U.device),
+                                       0.0, None, 0.0))
         else:
             raise CircuitlabError(
                 f"Unknown logit target {spec!r}: use a token string, a token id, a pair (a, b) "
@@ -243,20 +247,6 @@ def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[Log
     if len(set(labels)) < len(labels):
         raise CircuitlabError(f"A logit target is listed twice in {labels}; list each once.")
     return targets
-
-
-def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
-                    n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype) -> int:
-    """Bytes an attribution needs at peak: rows over all sources, the bf16 influence shares
-    used to pick nodes, the final float32 adjacency (twice, while assembling) and a batch."""
-    kept = n_features if max_feature_nodes is None else min(n_features, max_feature_nodes)
-    cols = n_features + (n_layers + 1) * n_positions
-    n_nodes = kept + (n_layers + 1) * n_positions + n_logits
-    rows = dtype.itemsize * (kept + n_logits) * cols
-    shares = 2 * kept * n_features if kept < n_features else 0
-    adjacency = 4 * n_nodes * n_nodes
-    backward = 4 * 8 * batch_size * n_positions * d_model
-    return rows + shares + 2 * adjacency + backward
 
 
 def _check_args(logit_targets, max_logits, logit_prob, max_feature_nodes, batch_size, dtype,
@@ -322,40 +312,39 @@ def attribute(
     dtype = dtype or default_dtype(rm.model.cfg.device)
     trace = rm.run(tokens)
     targets = _logit_targets(rm, trace, logit_targets, max_logits, logit_prob)
+    L, P = rm.n_layers, len(tokens)
+    N = sum(len(f[0]) for f in trace.features)
+    parts = memory_parts(N, P, L, max_feature_nodes, len(targets), rm.d_model, batch_size, dtype,
+                         _copied_params(rm))
+    check_attribution(parts, rm.device, memory_limit, f"{N} active features, {P} tokens")
     src = _Sources(rm, trace, dtype)
-    L, P, N = rm.n_layers, len(tokens), src.n_features
-    need = estimate_memory(N, P, L, max_feature_nodes, len(targets), rm.d_model, batch_size, dtype)
-    limit = memory_limit or int(0.8 * psutil.virtual_memory().available)
-    if need > limit:
-        raise CircuitlabError(
-            f"This graph needs about {need / 2**30:.1f} GiB ({N} active features, {P} tokens) but "
-            f"only {limit / 2**30:.1f} GiB is available. Lower max_feature_nodes, shorten the "
-            "prompt, or free memory.")
     bw = _Backward(rm, trace, dtype)
     n_keep = N if max_feature_nodes is None else min(N, max_feature_nodes)
     bar = tqdm(total=len(targets) + n_keep, desc="Attribution", disable=not progress, unit="row")
 
+    # Every tensor below lives on the model's device; the Graph is assembled on the CPU.
+    dev = rm.device
     # Logit rows: inject d logit / d resid at the last position.
-    logit_rows = torch.zeros(len(targets), src.n_cols, dtype=dtype)
+    logit_rows = torch.zeros(len(targets), src.n_cols, dtype=dtype, device=dev)
     directions = torch.stack([t.direction for t in targets])
     for i in range(0, len(targets), batch_size):
-        grads = bw.injection(None, torch.full((len(directions[i:i + batch_size]),), P - 1),
-                             directions[i:i + batch_size])
-        layer = torch.full((len(grads),), L)
+        grads = bw.injection(None, torch.full((len(directions[i:i + batch_size]),), P - 1,
+                                              device=dev), directions[i:i + batch_size])
+        layer = torch.full((len(grads),), L, device=dev)
         _rows(bw, src, trace, layer, layer * 0 + P - 1, grads, logit_rows[i:i + batch_size])
         bar.update(len(grads))
 
     # Feature rows, visited in order of estimated influence (all of them if n_keep == N).
-    feat_rows = torch.empty(n_keep, src.n_cols, dtype=dtype)
-    shares = torch.empty(n_keep if n_keep < N else 0, N, dtype=torch.bfloat16)
-    weights = torch.tensor([t.prob for t in targets])
+    feat_rows = torch.empty(n_keep, src.n_cols, dtype=dtype, device=dev)
+    shares = torch.empty(n_keep if n_keep < N else 0, N, dtype=torch.bfloat16, device=dev)
+    weights = torch.tensor([t.prob for t in targets], device=dev)
     weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(targets))
     direct = weights @ _shares(logit_rows, N).float()
-    visited = torch.zeros(N, dtype=torch.bool)
-    order = torch.empty(0, dtype=torch.long)
+    visited = torch.zeros(N, dtype=torch.bool, device=dev)
+    order = torch.empty(0, dtype=torch.long, device=dev)
     while len(order) < n_keep:
         if n_keep == N:
-            nxt = torch.arange(N)
+            nxt = torch.arange(N, device=dev)
         else:
             score = _feature_influence(direct, shares[:len(order)], order)
             score[visited] = -1
@@ -378,9 +367,16 @@ def attribute(
     return _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt)
 
 
+def _copied_params(rm) -> int:
+    """Parameters ``_Backward`` copies in its dtype: value and output matrices, skips."""
+    blocks = rm.model.blocks
+    return sum(b.attn.W_O.numel() + getattr(b.attn, "_W_V", b.attn.W_V).numel() for b in blocks) \
+        + sum(s.numel() for s in map(rm.skip_matrix, range(rm.n_layers)) if s is not None)
+
+
 def _feature_grads(rm, bw: _Backward, src: _Sources, ids: torch.Tensor) -> torch.Tensor:
     """d pre-activation / d resid_mid for the features ``ids`` (encoder columns through ln2)."""
-    grads = torch.empty(len(ids), rm.d_model, dtype=bw.dtype)
+    grads = torch.empty(len(ids), rm.d_model, dtype=bw.dtype, device=ids.device)
     layers = src.layer[ids]
     for l in layers.unique().tolist():
         here = layers == l
@@ -411,41 +407,44 @@ def _feature_influence(direct: torch.Tensor, shares: torch.Tensor, order: torch.
 def _columns(rows: torch.Tensor, src: _Sources, kept: torch.Tensor, dropped: torch.Tensor,
              out: torch.Tensor, order: torch.Tensor | None = None, chunk: int = 1024) -> None:
     """Write ``rows`` (taken in ``order``) restricted to the graph's sources into ``out``
-    (float32): kept features, then errors with the dropped features' columns folded into
-    their ``(layer, pos)``, then embeddings. Done in chunks of rows to bound memory."""
+    (float32, on the CPU): kept features, then errors with the dropped features' columns
+    folded into their ``(layer, pos)``, then embeddings. Done in chunks of rows to bound
+    memory; ``rows`` and the indices stay on their device until a chunk is copied out."""
     K = len(kept)
     err_idx = src.layer[dropped] * src.P + src.pos[dropped]
-    order = torch.arange(len(rows)) if order is None else order
+    order = torch.arange(len(rows), device=rows.device) if order is None else order
     for i in range(0, len(rows), chunk):
         r = rows[order[i:i + chunk]]
-        out[i:i + chunk, :K] = r[:, kept].float()
+        out[i:i + chunk, :K] = r[:, kept].float().cpu()
         tail = r[:, src.error_offset:].float().T.contiguous()                # [(L+1)P, b]
         tail.index_add_(0, err_idx, r[:, dropped].float().T.contiguous())
-        out[i:i + chunk, K:] = tail.T
+        out[i:i + chunk, K:] = tail.T.cpu()
 
 
 def _feature_inputs(rm, src: _Sources, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Pre-activations of features ``ids`` given MLP inputs ``x [L, P, d]``."""
-    out = torch.empty(len(ids))
+    """Pre-activations of features ``ids`` given MLP inputs ``x [L, P, d]`` (float32, on the
+    CPU)."""
+    out = torch.empty(len(ids), device=ids.device)
     layers = src.layer[ids]
     for l in layers.unique().tolist():
         here = layers == l
         f, p = src.feature[ids[here]], src.pos[ids[here]]
         tc = rm.transcoders[l]
-        out[here] = (x[l, p] * tc.W_enc.detach()[:, f].T).sum(-1) + tc.b_enc.detach()[f]
-    return out
+        out[here] = ((x[l, p].float() * tc.W_enc.detach()[:, f].T.float()).sum(-1)
+                     + tc.b_enc.detach()[f].float())
+    return out.cpu()
 
 
 def _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt) -> Graph:
     L, P = rm.n_layers, len(trace.tokens)
     kept, rank = torch.sort(order)
-    dropped = torch.ones(src.n_features, dtype=torch.bool)
+    dropped = torch.ones(src.n_features, dtype=torch.bool, device=order.device)
     dropped[kept] = False
     dropped = dropped.nonzero()[:, 0]
     K = len(kept)
     n_src = K + (L + 1) * P
     n = n_src + len(targets)
-    adjacency = torch.zeros(n, n)
+    adjacency = torch.zeros(n, n)  # host: the Graph's adjacency
     _columns(feat_rows, src, kept, dropped, adjacency[:K, :n_src], order=rank)
     _columns(logit_rows, src, kept, dropped, adjacency[n_src:, :n_src])
 
@@ -454,20 +453,22 @@ def _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt) -> 
     for l in src.layer[dropped].unique().tolist():
         ids = dropped[src.layer[dropped] == l]
         contrib = src.activation[ids, None] * rm.transcoders[l].W_dec.detach()[src.feature[ids]]
-        errors[l].index_add_(0, src.pos[ids], contrib)
+        errors[l].index_add_(0, src.pos[ids], contrib.to(errors.dtype))
 
     # Each target's input, and its constant part from the frozen model with all sources zero.
     zero = torch.zeros_like(trace.embed)
     x0, resid0 = rm.frozen_run(
-        trace, lambda l, x: rm.decode(l, torch.zeros(rm.d_sae(l)), x), embed=zero)
+        trace, lambda l, x: rm.decode(l, rm.transcoders[l].W_dec.new_zeros(rm.d_sae(l)), x),
+        embed=zero)
     directions = torch.stack([t.direction for t in targets])
-    bias = torch.tensor([t.bias for t in targets])
-    inputs, constants = torch.zeros(n), torch.zeros(n)
+    bias = torch.tensor([t.bias for t in targets], device=directions.device)
+    inputs, constants = torch.zeros(n), torch.zeros(n)  # host: the Graph's
     with torch.no_grad():
         inputs[:K] = _feature_inputs(rm, src, kept, trace.mlp_in)
         constants[:K] = _feature_inputs(rm, src, kept, x0)
-        inputs[n_src:] = directions @ rm.final_normed(trace, trace.resid_final)[-1] + bias
-        constants[n_src:] = directions @ rm.final_normed(trace, resid0)[-1] + bias
+        final = rm.final_normed(trace, trace.resid_final)[-1].float()
+        inputs[n_src:] = (directions @ final + bias).cpu()
+        constants[n_src:] = (directions @ rm.final_normed(trace, resid0)[-1].float() + bias).cpu()
 
     token_strs = [rm.tokenizer.decode([t]) for t in trace.tokens.tolist()]
     rows = [dict(node_id=f"{l}_{f}_{p}", kind="feature", layer=l, pos=p, feature=f, activation=a,

@@ -206,7 +206,7 @@ class Examples:
         counts = self.hist[layer, feature]
         if counts.sum() == 0:
             return None
-        edges = torch.linspace(0, float(self.max_act[layer, feature]), N_BINS + 1)
+        edges = torch.linspace(0, float(self.max_act[layer, feature]), N_BINS + 1)  # host: cards
         return edges.tolist(), counts.tolist()
 
 
@@ -311,7 +311,7 @@ def activations(rm, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
 
 def _as_tokens(rm, prompt) -> torch.Tensor:
     """A prompt string or token tensor as ``[P]`` token ids."""
-    return rm.tokenize(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
+    return rm.tokenize(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt, device=rm.device)
 
 
 # ----------------------------------------------------------------------------- cards

@@ -5,8 +5,9 @@
     circuitlab train --out DIR ...           train transcoders
     circuitlab pack --out DIR ...            compact training inputs for an offline GPU host
     circuitlab finetune DIR --out DIR ...    fine-tune their decoders on the spliced-in KL
-    circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text
+    circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text and prose
     circuitlab cards ...                     precompute feature-card examples over held-out text
+    circuitlab plan --model M --device t4    will a model, its transcoders and a graph fit? (no download)
 
 Run ``circuitlab COMMAND --help`` for a command's options and their defaults.
 """
@@ -71,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: the cache's corpus/)")
     p.add_argument("--tokens", type=int, default=20_000_000, help="approximate tokens to collect")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the held-out split")
+    p.add_argument("--prose-tokens", type=int, default=16_000,
+                   help="approximate tokens of the prose evaluation split")
+    p.add_argument("--tokenizer", default="gemma-3-270m",
+                   help="model whose tokenizer counts the tokens, or none to estimate them "
+                   "from characters")
 
     p = command("train", "train", "train one transcoder per layer")
     p.add_argument("--out", required=True, help="output folder (layer_XX/ folders, manifest.json)")
@@ -130,7 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("transcoders", help="SAE-Lens release or folder of transcoders")
     model_options(p)
     p.add_argument("--corpus", default=None, help=corpus_help)
-    p.add_argument("--tokens", type=int, default=50_000, help="held-out tokens to evaluate on")
+    p.add_argument("--tokens", type=int, default=50_000,
+                   help="tokens to evaluate on, per split (a split may hold fewer)")
+    p.add_argument("--split", default="heldout,prose",
+                   help="comma-separated corpus splits, shown side by side: heldout (the "
+                   "training mix's held-out documents), prose (short paragraphs from sources "
+                   "training never reads)")
     p.add_argument("--json", default=None, help="also write the table to this JSON file")
     p.add_argument("--per-layer", action="store_true",
                    help="also the CE increase of splicing each layer alone (slower)")
@@ -146,6 +157,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-band", type=int, default=2,
                    help="contexts sampled per lower activation band")
     p.add_argument("--out", default=None, help="output file (default: beside a bundle, else the cache)")
+
+    p = command("plan", "plan", "memory of a model, its transcoders and one attribution, from "
+                "shapes alone (nothing is downloaded), and whether they fit a device")
+    p.add_argument("--model", default="gemma-3-270m",
+                   help="model preset: gemma-3-270m, gemma-2-2b, qwen3-0.6b, llama-3.2-1b")
+    p.add_argument("--transcoders", default=None,
+                   help="release, bundled set, folder, or features per layer (default: the "
+                   "model's usual set)")
+    p.add_argument("--device", default="cpu",
+                   help="t4 (15 GiB), cpu24 (24 GiB), h100 (80 GiB), or a torch device of this "
+                   "machine (cpu, cuda, cuda:N: its free memory now)")
+    p.add_argument("--dtype", default="auto", help="weights: auto (bfloat16 on CUDA, float32 on "
+                   "a CPU, as load), bfloat16, float32 or float16")
+    p.add_argument("--tokens", type=int, default=30, help="prompt tokens of the attribution")
+    p.add_argument("--max-feature-nodes", type=int, default=8192,
+                   help="as for trace; the attribution's size grows with it")
+    p.add_argument("--table", action="store_true",
+                   help="print the README's markdown table (4 presets on t4, cpu24 and h100)")
     return parser
 
 

@@ -14,6 +14,8 @@ from .attribution import attribute
 from .errors import CircuitlabError
 from .files import atomic_write_text, cache_dir
 from .loading import is_pack, load, load_model, load_transcoders
+from .plan import plan as make_plan
+from .plan import table as plan_table
 from .precision import check_device, fast_bf16
 from .train.build_cards import build_examples
 from .train.corpus import build_corpus
@@ -75,8 +77,15 @@ def trace(args) -> None:
 
 
 def corpus(args) -> None:
-    """``circuitlab corpus``: build the offline training corpus."""
-    print(build_corpus(args.out, tokens=args.tokens, seed=args.seed))
+    """``circuitlab corpus``: build the offline training corpus and its evaluation splits."""
+    tokenizer = None if args.tokenizer == "none" else load_model(args.tokenizer).tokenizer
+    t0 = time.perf_counter()
+    out = build_corpus(args.out, tokens=args.tokens, seed=args.seed, prose_tokens=args.prose_tokens,
+                       tokenizer=tokenizer)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    langs = ", ".join(f"{lang} {share:.1%}" for lang, share in manifest["languages"].items())
+    print(f"Wrote {out} in {time.perf_counter() - t0:.0f} s: {manifest['tokens']:,} tokens "
+          f"({langs}), prose split {manifest['prose']['tokens']:,} tokens")
 
 
 def command(args) -> str:
@@ -130,15 +139,19 @@ def finetune(args) -> None:
 
 
 def evaluate(args) -> None:
-    """``circuitlab eval-transcoders``: FVU, L0, dead share and spliced-in CE."""
+    """``circuitlab eval-transcoders``: FVU, L0, dead share and spliced-in CE, per split."""
     device = check_device(args.device)
     model = load_model(args.model, device=device)
     tcs = load_transcoders(args.transcoders, args.model, model.cfg.n_layers, device=device)
-    table = evaluate_transcoders(model, tcs, corpus_dir(args), tokens=args.tokens,
-                                 per_layer=args.per_layer)
-    print(format_table(table))
+    result = evaluate_transcoders(model, tcs, corpus_dir(args), tokens=args.tokens,
+                                  split=args.split, per_layer=args.per_layer)
+    print(format_table(result))
     if args.json:
-        doc = {"layers": table.to_dict("records"), **table.attrs}
+        def record(df):
+            return {"layers": df.to_dict("records"), **df.attrs}
+
+        doc = ({"splits": {split: record(df) for split, df in result.items()}}
+               if isinstance(result, dict) else record(result))
         atomic_write_text(args.json, json.dumps(doc, indent=1, default=float))
 
 
@@ -153,3 +166,19 @@ def cards(args) -> None:
                           per_band=args.per_band, command=command(args))
     size = path.stat().st_size / 1e6
     print(f"Wrote {path} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+
+
+def plan(args) -> None:
+    """``circuitlab plan``: memory of a model, its transcoders and one attribution on a device,
+    from shapes alone; or, with ``--table``, the README's table."""
+    if args.table:
+        print(plan_table(tokens=args.tokens, max_feature_nodes=args.max_feature_nodes))
+        return
+    transcoders = args.transcoders
+    if transcoders is not None and transcoders.isdigit():
+        transcoders = int(transcoders)
+    p = make_plan(args.model, transcoders, tokens=args.tokens, device=args.device,
+                  max_feature_nodes=args.max_feature_nodes, dtype=args.dtype)
+    print(p)
+    if not p.fits:
+        print(f"To make it fit: {p.fixes()}.")

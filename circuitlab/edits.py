@@ -188,7 +188,7 @@ def resolve(rm, interventions, clean_acts: list[torch.Tensor], max_acts=None) ->
         clean_acts: per layer, the clean activations ``[P, d_sae]`` on the prompt.
         max_acts: callable ``(layer, feature) -> float`` for ``relative="max"``.
     """
-    P = clean_acts[0].shape[0]
+    P, device = clean_acts[0].shape[0], clean_acts[0].device
     edits: dict[int, list[Edit]] = {}
     for iv in _as_interventions(interventions):
         checks.integer("layer", iv.layer, 0)
@@ -204,8 +204,8 @@ def resolve(rm, interventions, clean_acts: list[torch.Tensor], max_acts=None) ->
         if iv.relative not in RELATIVE:
             raise CircuitlabError(f"Unknown relative {iv.relative!r}; use None, 'prompt' or 'max'.")
         value = checks.number(f"The value for feature ({iv.layer}, {iv.feature})", iv.value)
-        pos = torch.tensor(positions(iv.pos, P), dtype=torch.long)
-        values = torch.full((len(pos),), value)
+        pos = torch.tensor(positions(iv.pos, P), dtype=torch.long, device=device)
+        values = torch.full((len(pos),), value, device=device)
         if iv.relative == "prompt":
             act = clean_acts[iv.layer][pos, iv.feature]
             if (act == 0).any():
@@ -214,7 +214,7 @@ def resolve(rm, interventions, clean_acts: list[torch.Tensor], max_acts=None) ->
                     f"Feature ({iv.layer}, {iv.feature}) is not active at positions {where}, so a "
                     "value relative to its activation there is undefined; use relative='max', an "
                     "absolute value, or the positions where it is active.")
-            values = values * act
+            values = values * act.float()
         elif iv.relative == "max":
             if max_acts is None:
                 raise CircuitlabError("relative='max' needs the features' maximum activations; "
@@ -226,9 +226,11 @@ def resolve(rm, interventions, clean_acts: list[torch.Tensor], max_acts=None) ->
 
 
 def apply_edits(acts: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
-    """A copy of ``acts [P, d_sae]`` with ``edits`` applied in order."""
+    """A copy of ``acts [P, d_sae]`` with ``edits`` applied in order (values in float32, the
+    result in ``acts``' dtype)."""
     acts = acts.clone()
     for e in edits:
-        cur = acts[e.pos, e.feature]
-        acts[e.pos, e.feature] = {"set": e.value, "scale": cur * e.value, "add": cur + e.value}[e.op]
+        cur = acts[e.pos, e.feature].float()
+        new = {"set": e.value, "scale": cur * e.value, "add": cur + e.value}[e.op]
+        acts[e.pos, e.feature] = new.to(acts.dtype)
     return acts

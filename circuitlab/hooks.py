@@ -66,10 +66,12 @@ def mlp_input(model: HookedTransformer, layer: int, normalized: torch.Tensor) ->
 
     TransformerLens exposes the norm output only before its weight; Gemma Scope 2 and
     circuitlab transcoders read ``ln2.hook_normalized * ln2.w`` (+ ``ln2.b`` for LayerNorm),
-    which equals HF Gemma 3's ``pre_feedforward_layernorm`` output.
+    which equals HF Gemma 3's ``pre_feedforward_layernorm`` output. In a bf16 or fp16 model
+    the hook holds float32 (TransformerLens normalizes in float32) and the norm rounds it to
+    the model's dtype before the weight, as here.
     """
     ln2 = model.blocks[layer].ln2
-    out = normalized * ln2.w
+    out = normalized.to(ln2.w.dtype) * ln2.w
     return out + ln2.b if hasattr(ln2, "b") else out
 
 

@@ -38,12 +38,13 @@ MODES = ("free", "frozen-attention", "constrained")
 
 
 def dense_activations(rm, trace) -> list[torch.Tensor]:
-    """Per layer, the clean activations ``[P, d_sae]`` recorded in ``trace``."""
+    """Per layer, the clean activations ``[P, d_sae]`` recorded in ``trace`` (on the model's
+    device, in the transcoders' dtype)."""
     P = len(trace.tokens)
     out = []
     for l, (pos, feat, act) in enumerate(trace.features):
-        dense = torch.zeros(P, rm.d_sae(l))
-        dense[pos, feat] = act.float()
+        dense = act.new_zeros(P, rm.d_sae(l))
+        dense[pos, feat] = act
         out.append(dense)
     return out
 
@@ -212,17 +213,17 @@ def generate(rm, prompt: str, interventions=(), max_new_tokens: int = 20, *,
         raise CircuitlabError(f"{P0} prompt tokens + {max_new_tokens} new ones exceed the "
                               f"model's context of {rm.cfg.n_ctx}; generate fewer tokens.")
     edits = resolve(rm, interventions, dense_activations(rm, rm.run(ids)), _max_activation(rm))
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None  # samples on the CPU
     for _ in range(max_new_tokens):
         step = _extend(edits, P0, len(ids)) if new_positions else edits
-        logits = run_edited(rm, ids, step, "free").logits[-1].double()
+        logits = run_edited(rm, ids, step, "free").logits[-1].double().cpu()
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
             if top_k is not None:
                 logits[logits < logits.topk(top_k).values[-1]] = -math.inf
             nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
-        ids = torch.cat([ids, torch.tensor([nxt])])
+        ids = torch.cat([ids, torch.tensor([nxt], device=ids.device)])
         if stop_at_eos and nxt == rm.tokenizer.eos_token_id:
             break
     return rm.tokenizer.decode(ids[P0:].tolist())
@@ -230,11 +231,11 @@ def generate(rm, prompt: str, interventions=(), max_new_tokens: int = 20, *,
 
 def _extend(edits: dict[int, list[Edit]], start: int, stop: int) -> dict[int, list[Edit]]:
     """``edits`` plus the same edits at positions ``start..stop-1``."""
-    new = torch.arange(start, stop)
     out = {}
     for layer, es in edits.items():
         out[layer] = list(es)
         for e in es:
+            new = torch.arange(start, stop, device=e.pos.device)
             v = e.value[e.value.abs().argmax()]
             out[layer].append(Edit(new, e.feature[:1].expand(len(new)), e.op, v.expand(len(new))))
     return out

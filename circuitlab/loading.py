@@ -6,7 +6,9 @@ Models:
       GGUF support, converted to a TransformerLens ``HookedTransformer`` and cached
       (safetensors + JSON, sha256-checked) so later loads take seconds. No hub access.
     * Other presets (``"gemma-2-2b"``, ``"qwen3-0.6b"``, ``"llama-3.2-1b"``) and any
-      TransformerLens model name load from the Hugging Face hub as usual.
+      TransformerLens model name load from the Hugging Face hub as usual (transformers'
+      ``from_pretrained`` through TransformerLens; the hub cache works offline). So does
+      the full id ``"google/gemma-3-270m"``: the hub's weights, not the embedded ones.
     * A folder written by ``circuitlab pack`` (compact training inputs for a machine
       with no registries, see ``circuitlab.train.pack``) loads with ``load_pack``.
 
@@ -48,16 +50,13 @@ except ImportError:  # the embedded model's weights; reported when first needed
     gguf_pkg = None
 
 from .errors import CircuitlabError
-from .files import atomic_dir, cache_dir, sha256, verify_manifest
+from .files import DATA_DIR, BUNDLE_DIR, atomic_dir, cache_dir, sha256, verify_manifest  # noqa: F401
 from .hooks import layer_of
+from .plan import check_load
+from .precision import check_device, check_dtype
 from .replacement import ReplacementModel
 
 EMBEDDED_MODEL = "gemma-3-270m"
-#: Bundled transcoders and cards: ``circuitlab/data`` in an installed copy, the repository's
-#: top-level ``data/`` in a checkout.
-DATA_DIR = next(p for p in (Path(__file__).resolve().parent / "data",
-                            Path(__file__).resolve().parent.parent / "data") if p.is_dir())
-BUNDLE_DIR = DATA_DIR / "transcoders"
 
 #: Model presets: short name -> Hugging Face id.
 MODEL_PRESETS = {
@@ -84,29 +83,48 @@ DEFAULT_BUNDLE = {"gemma-3-270m": "gemma-3-270m-skip-jumprelu"}
 PACK_FILE = "pack.json"
 
 
-def load(model="gemma-3-270m", transcoders=None, *, device: str = "cpu", rebuild: bool = False):
+def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, dtype=None,
+         rebuild: bool = False):
     """Load a ``ReplacementModel``.
 
     Args:
         model: a preset name (``"gemma-3-270m"`` works offline), a TransformerLens/HF model
-            name, or a ``HookedTransformer``.
+            name, or a ``HookedTransformer`` (moved to ``device`` and cast to ``dtype`` in
+            place when they are given and differ).
         transcoders: ``None`` for the bundled set of the embedded model; an SAE-Lens release
             name; a directory (SAE-Lens folders or circuit-tracer ``config.yaml``); or a list
             of SAE-Lens transcoders, one per layer.
-        device: torch device.
+        device: torch device; default ``"cpu"``, or a given model's own device.
+        dtype: of the model's and every transcoder's weights: ``torch.float32``,
+            ``torch.bfloat16`` or ``torch.float16`` (or their names); default bfloat16 on
+            CUDA, float32 on a CPU (a given model then keeps its own dtype).
         rebuild: rebuild the embedded model's cache.
+
+    Raises:
+        CircuitlabError: for an unknown device or dtype, or, before anything is downloaded,
+            when the weights of known shapes would not fit on the device (``circuitlab.plan``).
 
     Examples:
         >>> rm = circuitlab.load("gemma-3-270m")
         >>> rm = circuitlab.load("gemma-2-2b", transcoders="gemma-scope-2b-pt-transcoders")
     """
-    if isinstance(model, HookedTransformer):
-        hooked, name = model, model.cfg.model_name
+    given = isinstance(model, HookedTransformer)
+    weight = next(model.parameters()) if given else None
+    device = check_device(device or (weight.device if given else "cpu"))
+    tc_dtype = check_dtype(dtype, device)
+    model_dtype = weight.dtype if given and dtype is None else tc_dtype
+    name = model.cfg.model_name if given else model
+    check_load(model, DEFAULT_BUNDLE.get(name) if transcoders is None else transcoders, device,
+               tc_dtype, model_dtype)
+    if given:
+        hooked = model
+        if (weight.device, weight.dtype) != (torch.device(device), model_dtype):
+            hooked = model.to(device, print_details=False).to(model_dtype, print_details=False)
     else:
-        hooked, name = load_model(model, device=device, rebuild=rebuild), model
+        hooked = load_model(model, device=device, dtype=model_dtype, rebuild=rebuild)
     source = transcoders if isinstance(transcoders, (str, type(None))) else (
         str(transcoders) if not isinstance(transcoders, (list, tuple)) else "custom")
-    tcs = load_transcoders(transcoders, name, hooked.cfg.n_layers, device=device)
+    tcs = load_transcoders(transcoders, name, hooked.cfg.n_layers, device=device, dtype=tc_dtype)
     return ReplacementModel(hooked, tcs, name=name,
                             transcoder_source=source or DEFAULT_BUNDLE.get(name))
 
@@ -309,8 +327,15 @@ def load_transcoders(
     n_layers: int,
     *,
     device: str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> list[SAE]:
-    """Load one transcoder per layer from any supported source (see module docstring)."""
+    """Load one transcoder per layer from any supported source (see module docstring), on
+    ``device`` and, unless ``dtype`` is ``None``, in ``dtype`` (a list given is moved in place)."""
+    saes = _load_transcoders(source, model_name, n_layers, device)
+    return saes if dtype is None else [sae.to(device=device, dtype=dtype) for sae in saes]
+
+
+def _load_transcoders(source, model_name: str | None, n_layers: int, device: str) -> list[SAE]:
     if source is None:
         if model_name not in DEFAULT_BUNDLE:
             raise CircuitlabError(

@@ -43,3 +43,33 @@ def check_device(device) -> str:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise CircuitlabError(f"Device {device!r} is not supported; use 'cpu' or 'cuda'.")
     return str(dev)
+
+
+#: Weight dtypes ``load`` accepts, by the names a user may type.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64}
+
+
+def model_dtype(device) -> torch.dtype:
+    """The default dtype of loaded weights: bfloat16 on CUDA (half the memory of float32,
+    native on Ampere and later), float32 on a CPU (where bf16 is exact enough but often
+    emulated, see ``fast_bf16``)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def check_dtype(dtype, device="cpu", name: str = "dtype") -> torch.dtype:
+    """``dtype`` (a torch dtype, one of ``DTYPES``' names, or ``None``/``"auto"`` for
+    ``model_dtype(device)``) as a torch dtype.
+
+    Raises:
+        CircuitlabError: naming the argument, the value and the dtypes to use.
+    """
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
+        return model_dtype(device)
+    found = DTYPES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if not any(found is d for d in DTYPES.values()):
+        raise CircuitlabError(
+            f"{name}={dtype!r} is not a weight dtype; use torch.float32 (exact), torch.bfloat16 "
+            "(half the memory; the default on CUDA) or torch.float16, or None for the default.")
+    return found

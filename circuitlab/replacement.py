@@ -127,6 +127,11 @@ class ReplacementModel:
         return self.model.cfg
 
     @property
+    def device(self) -> torch.device:
+        """The device of the model's weights, where every tensor of a run lives."""
+        return self.model.W_E.device
+
+    @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
 
@@ -250,13 +255,13 @@ class ReplacementModel:
     def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Transcoder pre-activations ``x @ W_enc + b_enc`` (a feature target's input)."""
         tc = self.transcoders[layer]
-        return x @ tc.W_enc + tc.b_enc
+        return x.to(tc.W_enc.dtype) @ tc.W_enc + tc.b_enc
 
     def decode(self, layer: int, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Transcoder output (reconstruction of ``hook_mlp_out``) incl. the skip path."""
         out = acts @ self.transcoders[layer].W_dec + self.transcoders[layer].b_dec
         skip = self.skip_matrix(layer)
-        return out if skip is None else out + x @ skip.T
+        return out if skip is None else out + x.to(skip.dtype) @ skip.T
 
     # ------------------------------------------------------------------ runs
 
@@ -330,7 +335,7 @@ class ReplacementModel:
 
         def replace(layer, x, out):
             xs[layer] = x[0]
-            return mlp_out_fn(layer, x[0])[None]
+            return mlp_out_fn(layer, x[0])[None].to(out.dtype)
 
         hooks += mlp_hooks(self.model, replace)
         if embed is not None:
@@ -356,7 +361,7 @@ class ReplacementModel:
         ln = self.model.ln_final
         if self.cfg.normalization_type == "LN":
             resid = resid - resid.mean(-1, keepdim=True)
-        out = resid / trace.scales[scale_name("ln_final")] * ln.w
+        out = (resid / trace.scales[scale_name("ln_final")]).to(ln.w.dtype) * ln.w
         return out + ln.b if hasattr(ln, "b") else out
 
     def unembed(self, final: torch.Tensor) -> torch.Tensor:
@@ -382,11 +387,11 @@ class ReplacementModel:
         def edit(layer, x, out):
             xs[layer] = x[0]
             new = None if mlp_out_fn is None else mlp_out_fn(layer, x[0], out[0])
-            return None if new is None else new[None]
+            return None if new is None else new[None].to(out.dtype)
 
         def grab_final(act, hook):
             ln = self.model.ln_final
-            final["x"] = act[0] * ln.w + (ln.b if hasattr(ln, "b") else 0)
+            final["x"] = act[0].to(ln.w.dtype) * ln.w + (ln.b if hasattr(ln, "b") else 0)
 
         hooks = mlp_hooks(self.model, edit) + [(FINAL_NORMALIZED, grab_final)]
         if patterns is not None:

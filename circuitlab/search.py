@@ -27,13 +27,16 @@ def _ranked(rm, layers: list[int], score: torch.Tensor, top: int, keep: torch.Te
             **columns: torch.Tensor) -> pd.DataFrame:
     """The ``top`` entries of ``score [len(layers), F]`` (where ``keep``) as a DataFrame with
     ``layer, feature, score``, the ``columns`` at the same entries, and, when examples are
-    cached for ``rm``, each feature's held-out ``frequency`` and ``max_activation``."""
-    keep = torch.ones_like(score, dtype=torch.bool) if keep is None else keep
+    cached for ``rm``, each feature's held-out ``frequency`` and ``max_activation``. Works on
+    CPU float32 copies (results are small; examples live on the CPU)."""
+    score = score.float().cpu()
+    columns = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in columns.items()}
+    keep = torch.ones_like(score, dtype=torch.bool) if keep is None else keep.cpu()
     flat = torch.where(keep, score, -torch.inf).flatten()
     n = int(min(top, keep.sum()))
     idx = flat.topk(n).indices
     rows, feats = idx // score.shape[1], idx % score.shape[1]
-    layer_ids = torch.tensor(layers)[rows]
+    layer_ids = torch.tensor(layers)[rows]  # host: indexes CPU results
     frame = {"layer": layer_ids.numpy(), "feature": feats.numpy(), "score": flat[idx].numpy()}
     frame.update({k: v.flatten()[idx].numpy() for k, v in columns.items()})
     examples, _ = find_examples(rm)
@@ -79,8 +82,8 @@ def features_for(rm, prompt, token_or_text: str | None = None, layer=None, pos=N
         at = positions(pos, len(tokens))
     else:
         at = [len(tokens) - 1] if token_or_text is None else locate(rm, tokens, token_or_text)
-    acts, arg = activations(rm, tokens, layers)[:, at].max(1)
-    where = torch.tensor(at)[arg]
+    acts, arg = activations(rm, tokens, layers)[:, at].float().cpu().max(1)
+    where = torch.tensor(at)[arg]  # host: indexes CPU results
     scale = _scale(rm, layers)
     rel = acts / scale if scale is not None else torch.full_like(acts, float("nan"))
     df = _ranked(rm, layers, acts if scale is None else rel, top, acts > 0, pos=where,
@@ -151,7 +154,7 @@ def _concept_acts(rm, items: list, layers: list[int]) -> torch.Tensor:
         prompt, text = item if isinstance(item, tuple) else (item, None)
         tokens = rm.tokenize(prompt)
         at = [len(tokens) - 1] if text is None else locate(rm, tokens, text)
-        rows.append(activations(rm, tokens, layers)[:, at].max(1).values)
+        rows.append(activations(rm, tokens, layers)[:, at].max(1).values.float().cpu())
     return torch.stack(rows)
 
 

@@ -42,17 +42,18 @@ class Validation:
 def _target_inputs(rm, graph, out: Outcome, targets: list[int]) -> torch.Tensor:
     """Inputs of graph nodes ``targets`` (feature pre-activations, demeaned logits) in ``out``."""
     nodes = graph.nodes
-    directions = torch.tensor(graph.metadata["logit_directions"], dtype=torch.float32)
+    directions = torch.tensor(graph.metadata["logit_directions"], dtype=torch.float32,
+                              device=out.final.device)
     logit_rows = nodes.index[nodes["kind"] == "logit"].tolist()
     vals = []
     for t in targets:
         r = nodes.iloc[t]
         if r["kind"] == "feature":
             x = out.mlp_in[r["layer"], r["pos"]]
-            vals.append(rm.pre_activations(int(r["layer"]), x)[int(r["feature"])])
+            vals.append(rm.pre_activations(int(r["layer"]), x)[int(r["feature"])].double())
         else:
-            vals.append(directions[logit_rows.index(t)] @ out.final[-1].float())
-    return torch.stack(vals).double()
+            vals.append((directions[logit_rows.index(t)] @ out.final[-1].float()).double())
+    return torch.stack(vals).cpu()
 
 
 def _total_effects(graph, sources: list[int]) -> torch.Tensor:
@@ -61,7 +62,7 @@ def _total_effects(graph, sources: list[int]) -> torch.Tensor:
     (Jump)ReLU features do while active). Paths only go up the layers, so none returns to
     its source."""
     A = graph.adjacency.double()
-    act = torch.tensor(graph.nodes["activation"].to_numpy(), dtype=torch.float64)
+    act = torch.tensor(graph.nodes["activation"].to_numpy(), dtype=torch.float64)  # host: graph
     feat = graph.mask("feature")
     W = torch.zeros_like(A)
     W[:, feat] = A[:, feat] / act[feat]
@@ -84,7 +85,7 @@ def validate(graph, rm, n: int = 20, seed: int = 0) -> Validation:
             "This graph records no logit directions (it was imported, e.g. from Neuronpedia "
             "JSON); validate a graph traced here with circuitlab.attribute(rm, prompt).")
     checks.integer("n", n)
-    ids = torch.tensor(graph.tokens)
+    ids = torch.tensor(graph.tokens, device=rm.device)
     if graph.tokens != rm.tokenize(graph.prompt).tolist():
         raise CircuitlabError("The graph's tokens differ from this model's tokenization of its "
                               "prompt; validate a graph with the model that traced it.")
@@ -105,7 +106,8 @@ def validate(graph, rm, n: int = 20, seed: int = 0) -> Validation:
     # Weighted sampling without replacement (Efraimidis-Spirakis keys), over nonzero edges.
     t_idx, s_idx = A.nonzero(as_tuple=True)
     gen = torch.Generator().manual_seed(seed)
-    keys = torch.rand(len(t_idx), generator=gen, dtype=torch.float64).log() / A[t_idx, s_idx].double()
+    keys = torch.rand(len(t_idx), generator=gen,  # host: sampling the graph's edges
+                      dtype=torch.float64).log() / A[t_idx, s_idx].double()
     picked = keys.topk(min(n, len(keys))).indices
     pairs = [(int(t_idx[i]), int(s_idx[i])) for i in picked]
     sources = sorted({s for _, s in pairs})
@@ -125,7 +127,8 @@ def validate(graph, rm, n: int = 20, seed: int = 0) -> Validation:
                              weight=float(graph.adjacency[t, s]), constrained=float(effect["constrained"][i]),
                              total=float(total[t, sources.index(s)]), free=float(effect["free"][i])))
     df = pd.DataFrame(rows)
-    w, c, tot, fr = (torch.tensor(df[k].to_numpy()) for k in ("weight", "constrained", "total", "free"))
+    w, c, tot, fr = (torch.tensor(df[k].to_numpy())  # host: the table's columns
+                     for k in ("weight", "constrained", "total", "free"))
     summary = dict(
         constrained_max_error=float((c - w).abs().max()),
         constrained_agreement=float(1 - (c - w).norm() / w.norm()),

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from hub_cache import HubCache, offline_hub, write_gemma_3, write_tiny
 from sae_lens import SAE
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -177,3 +178,32 @@ def gemma():
     import circuitlab
 
     return circuitlab.load("gemma-3-270m")
+
+
+# ----------------------------------------------------------------------- hub cache (test_hub)
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory):
+    """A temporary ``HF_HOME`` whose hub cache (the hub's on-disk layout, see
+    ``tests/hub_cache.py``) holds tiny random models with GemmaScope and mwhanna /
+    circuit-tracer transcoders (a few seconds). Activate it with ``offline_hub_cache``."""
+    home = tmp_path_factory.mktemp("hf_home")
+    return HubCache(home, write_tiny(home, char_tokenizer()))
+
+
+@pytest.fixture(scope="session")
+def gemma_hub_cache(hub_cache):
+    """``hub_cache`` plus the real ``google/gemma-3-270m`` (the embedded GGUF dequantized)
+    and random Gemma Scope 2 transcoders for it (about a minute; slow tests)."""
+    if "gemma-scope-2" not in hub_cache.params:
+        hub_cache.params["gemma-scope-2"] = write_gemma_3(hub_cache.home)
+    return hub_cache
+
+
+@pytest.fixture(scope="module")
+def offline_hub_cache(hub_cache):
+    """``hub_cache`` as the Hugging Face cache (``HF_HOME``, ``HF_HUB_OFFLINE=1``, no
+    network), with SAE-Lens's one network-only call replaced (``hub_cache.offline_hub``)."""
+    with offline_hub(hub_cache.home):
+        yield hub_cache

@@ -1,5 +1,5 @@
 """The guided notebooks: all present, a Colab badge and runtime up front, a papermill
-parameters cell, and no outputs in git. `make test` also executes each one (nbmake)."""
+parameters cell, an EXPECTED table of claims per setting, and no outputs in git. `make test` also executes each one (nbmake)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,13 @@ def test_notebook_shape(name):
     assert re.search(r"^MODEL\s*=", params[0].source, re.M)
     assert re.search(r"^TRANSCODERS\s*=", params[0].source, re.M)
     assert any("google.colab" in c.source for c in nb.cells if c.cell_type == "code")
-    assert any(re.search(r"^\s*assert ", c.source, re.M) for c in nb.cells if c.cell_type == "code")
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    assert any(re.search(r"^\s*assert ", s, re.M) for s in code)
+    # findings are named claims, asserted on the settings of the EXPECTED table, reported elsewhere
+    assert any(re.search(r"^EXPECTED = ", s, re.M) for s in code)
+    assert any("claims = circuitlab.Claims(EXPECTED, MODEL, TRANSCODERS)" in s for s in code)
+    assert not any(re.search(r"^\s*(el)?if MODEL\b", s, re.M) for s in code), \
+        f"{name}: put per-setting expectations in EXPECTED, not in if MODEL == ... branches"
 
 
 @pytest.mark.parametrize("name", EXPECTED)

@@ -66,6 +66,55 @@ def test_evaluate_trained_beats_skip_only(model, corpus, trained, tmp_path):
     assert table.startswith("| layer |") and "| mean |" in table and "spliced" in table
 
 
+def test_evaluate_reports_both_splits_side_by_side(model, corpus, trained, tmp_path, monkeypatch,
+                                                  capsys):
+    from functools import partial
+
+    from circuitlab import cli, commands
+
+    transcoders = load_transcoders(trained, None, 3)
+    docs = corpus.read_text().split("\n\n")
+    (tmp_path / "heldout.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:60]))
+    (tmp_path / "prose.jsonl").write_text("\n".join(json.dumps({"text": d.upper()}) for d in docs[60:120]))
+    both = evaluate_transcoders(model, transcoders, tmp_path, tokens=1_000, context=64,
+                                split="heldout,prose")
+    assert list(both) == ["heldout", "prose"]
+    alone = {s: evaluate_transcoders(model, transcoders, tmp_path, tokens=1_000, context=64, split=s)
+             for s in both}
+    for split, df in both.items():
+        assert df.attrs == alone[split].attrs and df.attrs["split"] == split
+        assert df.equals(alone[split]) and list(df.columns) == ["layer", "fvu", "l0", "dead"]
+    assert not both["heldout"].fvu.equals(both["prose"].fvu)
+    assert both["heldout"].attrs["ce_increase"] != both["prose"].attrs["ce_increase"]
+    listed = evaluate_transcoders(model, transcoders, tmp_path, tokens=1_000, context=64,
+                                  split=["prose"])
+    assert list(listed) == ["prose"] and listed["prose"].equals(both["prose"])
+
+    table = format_table(both)
+    head, _, *layers = table.splitlines()
+    assert head == ("| layer | FVU (heldout) | L0 (heldout) | dead (heldout) | FVU (prose) | L0 (prose) "
+                    "| dead (prose) |")
+    assert [row.count("|") for row in layers[:4]] == [8] * 4 and layers[3].startswith("| mean |")
+    ce = both["prose"].attrs["ce_increase"]
+    assert "| | heldout | prose |" in table and f" {ce:+.3f} |" in table.split("| CE increase |")[1]
+
+    # The command line evaluates both splits by default and writes both to JSON.
+    monkeypatch.setattr(commands, "load_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr(commands, "load_transcoders", lambda *args, **kwargs: transcoders)
+    monkeypatch.setattr(commands, "evaluate_transcoders", partial(evaluate_transcoders, context=64))
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval-transcoders", str(trained), "--corpus", str(tmp_path), "--tokens",
+                     "1000", "--json", str(out)]) == 0
+    assert "FVU (prose)" in capsys.readouterr().out
+    doc = json.loads(out.read_text())["splits"]
+    assert list(doc) == ["heldout", "prose"] and len(doc["prose"]["layers"]) == 3
+    assert doc["prose"]["ce_increase"] == pytest.approx(ce)
+    (tmp_path / "prose.jsonl").unlink()
+    with pytest.raises(CircuitlabError, match="no prose.jsonl.*circuitlab corpus"):
+        evaluate_transcoders(model, transcoders, tmp_path, tokens=1_000, context=64,
+                             split="heldout,prose")
+
+
 def test_per_layer_ce_splices_one_layer_at_a_time(model, corpus, trained, tmp_path):
     transcoders = load_transcoders(trained, None, 3)
     lines = [json.dumps({"text": doc}) for doc in corpus.read_text().split("\n\n")[:50]]

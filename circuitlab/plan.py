@@ -1,0 +1,492 @@
+"""Will it fit? The memory of a model, its transcoders and an attribution, from shapes alone.
+
+Nothing is read from the hub: model shapes come from ``MODEL_SHAPES``, transcoder shapes from
+``TRANSCODER_SHAPES`` or a local folder's ``cfg.json`` files and safetensors headers (the
+bundle). The attribution's share is ``estimate_memory``, which ``attribute`` checks too, with
+``tokens x layers x L0`` active features. A device is a named machine (``DEVICE_SIZES``) or a
+torch device (what is free on this machine now). On a GPU the graph's adjacency is built in
+host memory (the ``Graph`` lives on the CPU); the rest of an attribution on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors import safe_open
+
+from . import checks
+from .errors import CircuitlabError
+from .files import BUNDLE_DIR
+from .precision import check_device, check_dtype
+
+GiB = 2 ** 30
+
+#: Named machines for planning: (size in bytes, torch device type). The usable share of a
+#: named device is ``NAMED_SHARE`` (the rest: CUDA context, fragmentation, Python objects).
+DEVICE_SIZES = {"t4": (15 * GiB, "cuda"), "cpu24": (24 * GiB, "cpu"), "h100": (80 * GiB, "cuda")}
+NAMED_SHARE = 0.9
+#: The share of the memory free right now that an allocation may take (as ``attribute``).
+FREE_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shapes that size a TransformerLens model (``HookedTransformer`` parameter layout)."""
+
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    n_heads: int
+    d_head: int
+    n_kv_heads: int
+    n_ctx: int                    # TransformerLens' context (sizes the rotary tables)
+    sandwich_norms: bool = False  # post-attention and post-MLP norms (Gemma 2 and 3)
+    qk_norm: bool = False         # per-head query and key norms (Gemma 3, Qwen3)
+
+    def n_params(self) -> int:
+        """Parameters and buffers of the ``HookedTransformer``: untied W_E and W_U, b_U, the
+        zero attention and MLP biases TransformerLens keeps, gated MLPs, RMS norm weights
+        and each layer's rotary sin/cos tables (``min(n_ctx, 2048)`` rows of ``d_head``) and
+        its scalar ``IGNORE`` buffer."""
+        d, dh, H, kv = self.d_model, self.d_head, self.n_heads, self.n_kv_heads
+        attn = 2 * H * d * dh + 2 * kv * d * dh + H * dh + 2 * kv * dh + d
+        mlp = 3 * d * self.d_mlp + self.d_mlp + d
+        norms = d * (4 if self.sandwich_norms else 2) + (2 * dh if self.qk_norm else 0)
+        rotary = 2 * min(self.n_ctx, 2048) * dh + 1
+        return 2 * self.d_vocab * d + self.d_vocab + d + self.n_layers * (attn + mlp + norms + rotary)
+
+    def copied_params(self, skip: bool) -> int:
+        """Parameters the attribution's backward copies in its own dtype (value and output
+        matrices, transcoder skip matrices)."""
+        d = self.d_model
+        return self.n_layers * ((self.n_heads + self.n_kv_heads) * self.d_head * d + (d * d if skip else 0))
+
+
+#: Preset model shapes. Sources: each model's published config.json (hidden_size,
+#: intermediate_size, vocab_size, num_attention_heads, head_dim, num_key_value_heads,
+#: num_hidden_layers); TransformerLens 3.9 ``loading_from_pretrained.py`` hard-codes the same
+#: values for gemma-3-270m, gemma-2-2b and llama-3.2-1b (and n_ctx 8192, 8192 and 2048 there);
+#: for Qwen3 it reads config.json and sets n_ctx 2048.
+MODEL_SHAPES = {
+    # google/gemma-3-270m config.json; TL: "google/gemma-3-270m" branch.
+    "gemma-3-270m": ModelShape(18, 640, 2048, 262144, 4, 256, 1, 8192, sandwich_norms=True,
+                               qk_norm=True),
+    # google/gemma-2-2b config.json; TL: "google/gemma-2-2b" branch.
+    "gemma-2-2b": ModelShape(26, 2304, 9216, 256000, 8, 256, 4, 8192, sandwich_norms=True),
+    # Qwen/Qwen3-0.6B config.json (head_dim 128, 8 KV heads); TL: Qwen3ForCausalLM, n_ctx 2048.
+    "qwen3-0.6b": ModelShape(28, 1024, 3072, 151936, 16, 128, 8, 2048, qk_norm=True),
+    # meta-llama/Llama-3.2-1B config.json; TL: "Llama-3.2-1B" branch (n_ctx capped at 2048).
+    "llama-3.2-1b": ModelShape(16, 2048, 8192, 128256, 32, 64, 8, 2048),
+}
+
+
+@dataclass(frozen=True)
+class TranscoderShape:
+    """One transcoder per layer: ``width`` features, an optional ``d x d`` skip matrix, a
+    JumpReLU threshold or not, and the typical number of active features per token and
+    layer (``l0``) that sizes an attribution."""
+
+    width: int
+    skip: bool
+    jumprelu: bool
+    l0: float
+    label: str
+
+    def n_params(self, d_model: int) -> int:
+        """Parameters of one layer's transcoder (W_enc, W_dec, b_enc, b_dec, threshold, W_skip)."""
+        return (2 * d_model * self.width + self.width + d_model + (self.width if self.jumprelu else 0)
+                + (d_model * d_model if self.skip else 0))
+
+
+#: L0 assumed where a transcoder set publishes none.
+ASSUMED_L0 = 64.0
+
+#: Transcoder sets by name. Sources: SAE-Lens 6.54 ``pretrained_saes.yaml`` (ids, per-layer
+#: L0) and its loaders (architecture), and the model cards named below.
+TRANSCODER_SHAPES = {
+    # Gemma Scope 2: ids layer_N_width_16k_l0_small_affine (16,384 features, JumpReLU, an
+    # affine skip connection); pretrained_saes.yaml gives L0 10-20 per layer, 17.9 on average.
+    "gemma-scope-2-270m-pt-transcoders-all": TranscoderShape(
+        16384, True, True, 17.9, "Gemma Scope 2, 16,384 wide"),
+    # Gemma Scope 2B transcoders: width_16k (16,384, JumpReLU, no skip); loading picks the L0
+    # closest to 100 per layer, which pretrained_saes.yaml lists as 5-95, 39.2 on average.
+    "gemma-scope-2b-pt-transcoders": TranscoderShape(
+        16384, False, True, 39.2, "Gemma Scope, 16,384 wide"),
+    # mwhanna/qwen3-0.6b-transcoders-lowl0: plain ReLU transcoders (SAE-Lens loads them as
+    # "transcoder"), W_enc [163840, 1024] per layer file; no L0 published ("lowl0").
+    "mwhanna-qwen3-0.6b-transcoders-lowl0": TranscoderShape(
+        163840, False, False, ASSUMED_L0, "mwhanna lowl0, 163,840 wide"),
+    # circuit-tracer's "llama" set, mntss/transcoder-Llama-3.2-1B: ReLU skip transcoders of
+    # 131,072 features (16 layers of 2 x 131072 x 2048 bf16 weights: the repository's ~16 GiB);
+    # no SAE-Lens release: load its downloaded folder (config.yaml). No L0 published.
+    "mntss/transcoder-Llama-3.2-1B": TranscoderShape(
+        131072, True, False, ASSUMED_L0, "circuit-tracer llama, 131,072 wide"),
+}
+
+#: The transcoders ``plan`` assumes for a model when none are named (the embedded model's
+#: bundle; for the others the set named in the README).
+PLAN_TRANSCODERS = {
+    "gemma-3-270m": "gemma-3-270m-skip-jumprelu",
+    "gemma-2-2b": "gemma-scope-2b-pt-transcoders",
+    "qwen3-0.6b": "mwhanna-qwen3-0.6b-transcoders-lowl0",
+    "llama-3.2-1b": "mntss/transcoder-Llama-3.2-1B",
+}
+
+
+# --------------------------------------------------------------------------- attribution
+
+
+def memory_parts(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
+                 n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
+                 copied_params: int = 0) -> dict[str, int]:
+    """Bytes of what an attribution holds at its peak: ``rows`` over all sources for the
+    visited features and the logits, the bf16 influence ``shares`` used to pick nodes,
+    the act-scaled ``decoders`` of the active features, the ``weights`` the backward copies
+    in its dtype, a ``backward`` batch, and the float32 ``adjacency`` (twice, while
+    assembling; always in host memory)."""
+    kept = n_features if max_feature_nodes is None else min(n_features, max_feature_nodes)
+    cols = n_features + (n_layers + 1) * n_positions
+    n_nodes = kept + (n_layers + 1) * n_positions + n_logits
+    return {
+        "rows": dtype.itemsize * (kept + n_logits) * cols,
+        "shares": 2 * kept * n_features if kept < n_features else 0,
+        "decoders": dtype.itemsize * n_features * d_model,
+        "weights": dtype.itemsize * copied_params,
+        "backward": 4 * 8 * batch_size * n_positions * d_model,
+        "adjacency": 2 * 4 * n_nodes * n_nodes,
+    }
+
+
+def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
+                    n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
+                    copied_params: int = 0) -> int:
+    """Bytes an attribution needs at peak, in all (the sum of ``memory_parts``)."""
+    return sum(memory_parts(n_features, n_positions, n_layers, max_feature_nodes, n_logits,
+                            d_model, batch_size, dtype, copied_params).values())
+
+
+def pools(parts: dict[str, int], device_type: str) -> dict[str, int]:
+    """``parts`` summed per memory pool: ``{"cpu": bytes}`` on a CPU, else the device's
+    share under ``device_type`` and the adjacency under ``"cpu"``."""
+    if device_type == "cpu":
+        return {"cpu": sum(parts.values())}
+    return {device_type: sum(v for k, v in parts.items() if k != "adjacency"),
+            "cpu": parts["adjacency"]}
+
+
+def free_memory(device) -> int:
+    """Bytes free now on ``device`` (a torch device): CUDA's free memory, or the host's
+    available memory."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    return psutil.virtual_memory().available
+
+
+def check_attribution(parts: dict[str, int], device, memory_limit: int | None, what: str) -> None:
+    """Refuse an attribution whose ``parts`` do not fit: in all within ``memory_limit``, else
+    each pool within ``FREE_SHARE`` of what is free on it.
+
+    Raises:
+        CircuitlabError: naming the need, what is available and the fixes.
+    """
+    dev = torch.device(device)
+    need = sum(parts.values())
+    if memory_limit is not None:
+        checks = [(need, memory_limit, "")]
+    else:
+        checks = [(n, int(FREE_SHARE * free_memory("cpu" if pool == "cpu" else dev)),
+                   "" if dev.type == "cpu" else f" on {'the host' if pool == 'cpu' else dev}")
+                  for pool, n in pools(parts, dev.type).items()]
+    for n, limit, where in checks:
+        if n > limit:
+            raise CircuitlabError(
+                f"This graph needs about {n / GiB:.1f} GiB{where} ({what}) but only "
+                f"{limit / GiB:.1f} GiB is available. Lower max_feature_nodes, shorten the "
+                "prompt, pass dtype=torch.bfloat16 (half the rows), or free memory.")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _folder_shape(path: Path) -> TranscoderShape:
+    """The shape of a folder of SAE-Lens transcoders (``*/cfg.json``) or a circuit-tracer
+    folder (``config.yaml`` and per-layer safetensors: their headers), read without
+    loading a weight."""
+    cfgs = sorted(path.glob("*/cfg.json"))
+    if cfgs:
+        docs = [json.loads(p.read_text()) for p in cfgs]
+        arch = docs[0].get("architecture", "")
+        l0s = [d.get("metadata", {}).get("training", {}).get("calibration", {}).get("l0_jumprelu")
+               for d in docs]
+        l0 = sum(l0s) / len(l0s) if all(isinstance(v, (int, float)) for v in l0s) else ASSUMED_L0
+        return TranscoderShape(max(d["d_sae"] for d in docs), "skip" in arch, "jumprelu" in arch,
+                               round(l0, 1), f"{path.name}, {max(d['d_sae'] for d in docs):,} wide")
+    files = sorted(path.glob("*.safetensors"))
+    if (path / "config.yaml").exists() and files:
+        with safe_open(files[0], "pt") as f:
+            names = set(f.keys())
+            width = f.get_slice("W_enc").get_shape()[0]
+        return TranscoderShape(width, "W_skip" in names, bool(names & {"threshold",
+                               "activation_function.threshold"}), ASSUMED_L0,
+                               f"{path.name}, {width:,} wide")
+    raise CircuitlabError(f"Cannot size the transcoders in {path}: it holds neither SAE-Lens "
+                          "folders (*/cfg.json) nor a circuit-tracer config.yaml with local "
+                          "safetensors. Pass transcoders=<features per layer> to plan.")
+
+
+def transcoder_shape(source) -> TranscoderShape:
+    """The shape of a transcoder source: a name in ``TRANSCODER_SHAPES``, a bundled set's
+    name, a folder, an int (features per layer, ReLU, no skip), or a list of SAE-Lens
+    transcoders."""
+    if isinstance(source, bool):
+        raise CircuitlabError(f"transcoders={source!r} is not a transcoder source.")
+    if isinstance(source, int):
+        if source < 1:
+            raise CircuitlabError(f"transcoders={source} features per layer must be at least 1.")
+        return TranscoderShape(source, False, False, ASSUMED_L0, f"{source:,} wide")
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise CircuitlabError("transcoders=[] holds no transcoder.")
+        tc = source[0]
+        return TranscoderShape(tc.cfg.d_sae, hasattr(tc, "W_skip"), hasattr(tc, "threshold"),
+                               ASSUMED_L0, f"{type(tc).__name__}, {tc.cfg.d_sae:,} wide")
+    if isinstance(source, str) and source in TRANSCODER_SHAPES:
+        return TRANSCODER_SHAPES[source]
+    path = BUNDLE_DIR / source if isinstance(source, str) and (BUNDLE_DIR / source).is_dir() \
+        else Path(source)
+    if not path.is_dir():
+        raise CircuitlabError(
+            f"No shapes known for transcoders {str(source)!r}: not a folder and not one of "
+            f"{', '.join(TRANSCODER_SHAPES)}. Pass transcoders=<features per layer>.")
+    return _folder_shape(path)
+
+
+def model_shape(model) -> ModelShape:
+    """The shape of a preset name, or of a ``HookedTransformer`` (from its config)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        return ModelShape(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.d_vocab, cfg.n_heads,
+                          cfg.d_head, cfg.n_key_value_heads or cfg.n_heads, cfg.n_ctx,
+                          bool(cfg.use_normalization_before_and_after), bool(cfg.use_qk_norm))
+    if model not in MODEL_SHAPES:
+        raise CircuitlabError(f"No shapes known for model {model!r}; plan knows "
+                              f"{', '.join(MODEL_SHAPES)} (or pass a HookedTransformer).")
+    return MODEL_SHAPES[model]
+
+
+def model_bytes(model, shape: ModelShape, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights in ``dtype``: from ``shape`` for a preset, counted for a
+    ``HookedTransformer`` (parameters and buffers)."""
+    if isinstance(model, str):
+        return shape.n_params() * dtype.itemsize
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() for t in tensors if t.is_floating_point()) * dtype.itemsize
+
+
+def capacity(device) -> tuple[int, str, str]:
+    """``(usable bytes, device type, description)`` of a named device or a torch device."""
+    if isinstance(device, str) and device.lower() in DEVICE_SIZES:
+        size, kind = DEVICE_SIZES[device.lower()]
+        return int(NAMED_SHARE * size), kind, f"{device.lower()} ({size / GiB:.0f} GiB)"
+    dev = torch.device(check_device(device))
+    free = free_memory(dev)
+    return int(FREE_SHARE * free), dev.type, f"{dev} ({free / GiB:.1f} GiB free now)"
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass
+class Plan:
+    """What a model, its transcoders and one attribution need on a device, and whether it
+    fits. ``attribution`` holds bytes per pool (``pools``: on a GPU the adjacency is on
+    ``"cpu"``); ``n_features`` is ``tokens x layers x L0``; ``usable`` the device's bytes."""
+
+    model: str
+    transcoders: TranscoderShape
+    device: str
+    device_type: str
+    dtype: torch.dtype
+    attribution_dtype: torch.dtype
+    tokens: int
+    max_feature_nodes: int | None
+    n_features: int
+    model_bytes: int
+    transcoder_bytes: int
+    attribution: dict
+    usable: int
+
+    weights = property(lambda self: self.model_bytes + self.transcoder_bytes)
+
+    @property
+    def on_device(self) -> int:
+        """Bytes on the device: the weights and the attribution's device share."""
+        return self.weights + self.attribution.get(self.device_type, 0)
+
+    fits_load = property(lambda self: self.weights <= self.usable)
+    fits = property(lambda self: self.on_device <= self.usable)
+
+    def fixes(self) -> str:
+        """What to change when it does not fit."""
+        return fixes(self.dtype, self.fits_load, self.device_type)
+
+    def __str__(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        host = (f" (+ {g(self.attribution['cpu'])} adjacency in host memory)"
+                if self.device_type != "cpu" else "")
+        return (f"{self.model} + {self.transcoders.label} on {self.device}, "
+                f"{str(self.dtype).removeprefix('torch.')} weights: model {g(self.model_bytes)}, "
+                f"transcoders {g(self.transcoder_bytes)}, attribution of {self.tokens} tokens "
+                f"(~{self.n_features:,} active features, max_feature_nodes="
+                f"{self.max_feature_nodes}) {g(self.attribution.get(self.device_type, 0))}{host}; "
+                f"{g(self.on_device)} of {g(self.usable)} usable: "
+                f"{'fits' if self.fits else 'does not fit'}.")
+
+
+def plan(model="gemma-3-270m", transcoders=None, *, tokens: int = 30,
+         max_feature_nodes: int | None = 8192, device="cpu", dtype=None,
+         attribution_dtype=torch.float32, max_logits: int = 10, batch_size: int = 128) -> Plan:
+    """The memory a model, its transcoders and an attribution need on ``device``, from
+    shapes alone (nothing is downloaded or allocated).
+
+    Args:
+        model: a preset (``MODEL_SHAPES``) or a ``HookedTransformer``.
+        transcoders: a release name, a bundled set, a folder, features per layer (an int) or
+            a list of transcoders; ``None`` for ``PLAN_TRANSCODERS[model]``.
+        tokens: prompt length (BOS included) of the attribution.
+        max_feature_nodes: as for ``attribute``.
+        device: ``"t4"``, ``"cpu24"``, ``"h100"`` (``DEVICE_SIZES``) or a torch device (then
+            what is free on this machine now).
+        dtype: the weights' dtype; default bfloat16 on CUDA, float32 on a CPU (as ``load``).
+        attribution_dtype: the attribution rows' dtype (float32: ``attribute``'s default on
+            CUDA and on CPUs without bf16 units).
+        max_logits, batch_size: as for ``attribute``.
+
+    Returns:
+        A ``Plan``; ``print`` it, or read ``fits`` and ``fits_load``.
+    """
+    for name, value in (("tokens", tokens), ("max_logits", max_logits), ("batch_size", batch_size)):
+        checks.integer(name, value)
+    checks.integer("max_feature_nodes", max_feature_nodes, none=True)
+    shape = model_shape(model)
+    name = model if isinstance(model, str) else model.cfg.model_name
+    if transcoders is None:
+        if name not in PLAN_TRANSCODERS:
+            raise CircuitlabError(f"Name the transcoders to plan for {name!r}: transcoders=...")
+        transcoders = PLAN_TRANSCODERS[name]
+    tc = transcoder_shape(transcoders)
+    usable, kind, where = capacity(device)
+    dtype = check_dtype(dtype, kind)
+    attribution_dtype = check_dtype(attribution_dtype, kind, "attribution_dtype")
+    n_features = int(tokens * shape.n_layers * tc.l0)
+    parts = memory_parts(n_features, tokens, shape.n_layers, max_feature_nodes, max_logits,
+                         shape.d_model, batch_size, attribution_dtype, shape.copied_params(tc.skip))
+    return Plan(name, tc, where, kind, dtype, attribution_dtype, tokens, max_feature_nodes,
+                n_features, model_bytes(model, shape, dtype),
+                shape.n_layers * tc.n_params(shape.d_model) * dtype.itemsize,
+                pools(parts, kind), usable)
+
+
+def fixes(dtype: torch.dtype, weights_fit: bool, device_type: str) -> str:
+    """What to change when weights in ``dtype`` (that fit or not) and an attribution do not
+    fit a device of ``device_type``."""
+    out = ["dtype=torch.bfloat16 (halves the weights)"] if dtype.itemsize > 2 else []
+    if weights_fit:
+        out.append("a lower max_feature_nodes or a shorter prompt (the attribution)")
+    if device_type != "cpu":
+        out.append("device='cpu' where the host has the memory (circuitlab keeps the "
+                   "transcoders on the model's device; it does not offload them alone)")
+    return "; ".join(out + ["a device with more memory"])
+
+
+def check_load(model, transcoders, device, dtype: torch.dtype,
+               model_dtype: torch.dtype | None = None) -> None:
+    """Refuse, before anything is downloaded or allocated, a load whose weights (the model's
+    in ``model_dtype``, default ``dtype``) would not fit on ``device``. A model of unknown
+    shapes is not checked; unknown transcoders count as zero, and so does a
+    ``HookedTransformer`` already on ``device`` in ``model_dtype``.
+
+    Raises:
+        CircuitlabError: naming the need, the device and the fixes.
+    """
+    try:
+        shape = model_shape(model)
+    except CircuitlabError:
+        return
+    try:
+        tc = None if transcoders is None else transcoder_shape(transcoders)
+    except CircuitlabError:
+        tc = None
+    usable, kind, where = capacity(device)
+    model_dtype = model_dtype or dtype
+    weight = None if isinstance(model, str) else next(model.parameters())
+    here = weight is not None and (weight.device, weight.dtype) == (torch.device(device), model_dtype)
+    need = 0 if here else model_bytes(model, shape, model_dtype)
+    tc_bytes = 0 if tc is None else shape.n_layers * tc.n_params(shape.d_model) * dtype.itemsize
+    if need + tc_bytes > usable:
+        name = model if isinstance(model, str) else model.cfg.model_name
+        raise CircuitlabError(
+            f"Loading {name} with {tc.label if tc else 'no'} transcoders in "
+            f"{str(dtype).removeprefix('torch.')} needs about {(need + tc_bytes) / GiB:.1f} GiB "
+            f"(model {need / GiB:.1f}, transcoders {tc_bytes / GiB:.1f}) but {where} has "
+            f"{usable / GiB:.1f} GiB to use; nothing was downloaded or allocated. Use "
+            f"{fixes(dtype, False, kind)}.")
+
+
+# --------------------------------------------------------------------------- the README table
+
+#: The table ``circuitlab plan --table`` prints (and the README shows).
+TABLE_MODELS = ("gemma-3-270m", "gemma-2-2b", "qwen3-0.6b", "llama-3.2-1b")
+TABLE_DEVICES = ("t4", "cpu24", "h100")
+
+
+def table(models=TABLE_MODELS, devices=TABLE_DEVICES, tokens: int = 30,
+          max_feature_nodes: int | None = 8192) -> str:
+    """A markdown table of ``plan`` for ``models`` (with ``PLAN_TRANSCODERS``) on named
+    ``devices``, each in ``load``'s default dtype for its kind, followed by its assumptions."""
+    plans = {(m, d): plan(m, tokens=tokens, max_feature_nodes=max_feature_nodes, device=d)
+             for m in models for d in devices}
+    head = ["model", "transcoders (per layer)"]
+    for d in devices:
+        p = plans[models[0], d]
+        head.append(f"{d} ({DEVICE_SIZES[d][0] / GiB:.0f} GiB, "
+                    f"{str(p.dtype).removeprefix('torch.')})")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        p0 = plans[m, devices[0]]
+        cells = [m, p0.transcoders.label]
+        for d in devices:
+            p = plans[m, d]
+            cells.append(f"{'yes' if p.fits else '**no**'}: {p.model_bytes / GiB:.1f} + "
+                         f"{p.transcoder_bytes / GiB:.1f} + "
+                         f"{p.attribution.get(p.device_type, 0) / GiB:.1f} = "
+                         f"{p.on_device / GiB:.1f} GiB")
+        lines.append("| " + " | ".join(cells) + " |")
+    l0 = ", ".join(f"{m} {plans[m, devices[0]].transcoders.l0:g}" for m in models)
+    lines += ["", f"Cells: model + transcoders + attribution = total GiB on the device, which "
+              f"may use {NAMED_SHARE:.0%} of its size. The attribution: {tokens} tokens, "
+              f"max_feature_nodes={max_feature_nodes}, float32 rows, active features = tokens x "
+              f"layers x L0 per layer ({l0}; {ASSUMED_L0:g} where none is published). On a GPU "
+              "the graph's adjacency is built in host memory and not counted."]
+    return "\n".join(lines)
+
+
+class _CallableModule(types.ModuleType):
+    """``circuitlab.plan`` is this module (``circuitlab.plan.table``, ...) and, called, its
+    ``plan`` function: Python binds a package's submodule to the package attribute of the
+    same name, so the two must be one object."""
+
+    def __call__(self, *args, **kwargs) -> Plan:
+        return plan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
