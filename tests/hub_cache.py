@@ -162,6 +162,12 @@ def cached_safetensors_shapes(repo_id: str, filename: str) -> dict[str, list[int
         return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
+def patch_sae_lens() -> None:
+    """In a fresh process (a notebook's kernel) whose environment points ``HF_HOME`` at a
+    cache written here: replace SAE-Lens's one network-only call (see ``offline_hub``)."""
+    pretrained_sae_loaders.get_safetensors_tensor_shapes = cached_safetensors_shapes
+
+
 def _no_network(*args, **kwargs):
     raise OSError("tests/hub_cache.offline_hub: no network in the hub tests")
 

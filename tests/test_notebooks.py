@@ -1,13 +1,18 @@
 """The guided notebooks: all present, a Colab badge and runtime up front, a papermill
-parameters cell, an EXPECTED table of claims per setting, and no outputs in git. `make test` also executes each one (nbmake)."""
+parameters cell, an EXPECTED table of claims per setting, and no outputs in git. `make test`
+also executes each one (nbmake)."""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from set_repository import colab_badge_target, repository  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["00_quickstart", "01_multihop_dallas_austin", "02_rhyme_planning",
@@ -24,13 +29,14 @@ def test_notebook_shape(name):
     nbformat.validate(nb)
     first = nb.cells[0]
     assert first.cell_type == "markdown" and first.source.startswith("# ")
-    assert f"colab.research.google.com/github/circuitlab/circuitlab/blob/main/notebooks/{name}.ipynb" in first.source
+    assert f"]({colab_badge_target(repository(), name + '.ipynb')})" in first.source
     assert re.search(r"[Rr]untime", first.source)
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1 and params[0].cell_type == "code"
     assert re.search(r"^MODEL\s*=", params[0].source, re.M)
     assert re.search(r"^TRANSCODERS\s*=", params[0].source, re.M)
-    assert any("google.colab" in c.source for c in nb.cells if c.cell_type == "code")
+    setup = [c for c in nb.cells if c.cell_type == "code" and "google.colab" in c.source]
+    assert setup and f'"circuitlab @ git+{repository()}"' in setup[0].source
     code = [c.source for c in nb.cells if c.cell_type == "code"]
     assert any(re.search(r"^\s*assert ", s, re.M) for s in code)
     # findings are named claims, asserted on the settings of the EXPECTED table, reported elsewhere

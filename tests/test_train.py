@@ -4,12 +4,14 @@ import errno
 import json
 import math
 import re
+from functools import partial
 
 import pytest
 import torch
 from conftest import SMALL
 from sae_lens import SAE
 
+from circuitlab import cli, commands
 from circuitlab.errors import CircuitlabError
 from circuitlab.files import sha256, verify_manifest
 from circuitlab.loading import load_transcoders
@@ -68,10 +70,6 @@ def test_evaluate_trained_beats_skip_only(model, corpus, trained, tmp_path):
 
 def test_evaluate_reports_both_splits_side_by_side(model, corpus, trained, tmp_path, monkeypatch,
                                                   capsys):
-    from functools import partial
-
-    from circuitlab import cli, commands
-
     transcoders = load_transcoders(trained, None, 3)
     docs = corpus.read_text().split("\n\n")
     (tmp_path / "heldout.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:60]))
@@ -137,9 +135,7 @@ def test_per_layer_ce_splices_one_layer_at_a_time(model, corpus, trained, tmp_pa
 
 
 def test_cli_train_on_the_tiny_model(model, corpus, tmp_path, monkeypatch, capsys):
-    from circuitlab import cli, loading
-
-    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr(commands, "load_model", lambda *args, **kwargs: model)
     out = tmp_path / "tc"
     args = ["train", "--out", str(out), "--corpus", str(corpus), "--tokens", "20000",
             "--width", "64", "--k", "4", "--context", "64", "--batch-tokens", "512",
