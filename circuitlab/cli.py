@@ -51,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
                            help="dtype of the model that produces the activations (auto: "
                            "bfloat16 where bf16 is fast, as on CPUs with AVX-512 BF16, else float32)")
 
+    def training_options(p, whose: str) -> None:
+        p.add_argument("--tokens", type=int, help=f"training tokens (default: {whose})")
+        p.add_argument("--time-budget", type=float, help="seconds (default: none)")
+        p.add_argument("--context", type=int, help=f"tokens per row (default: {whose})")
+        p.add_argument("--lr", type=float, help=f"learning rate (default: {whose})")
+        p.add_argument("--seed", type=int, help=f"random seed (default: {whose})")
+        p.add_argument("--checkpoint-every", type=float,
+                       help=f"seconds between checkpoints, each also exports the transcoders "
+                       f"(default: {whose})")
+        p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+
     corpus_help = "corpus folder or file (default: a pack's own tokens, else the built corpus)"
 
     p = command("trace", "trace", "trace a prompt into an attribution graph")
@@ -86,21 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=WIDTH, help="features per layer (the bundle's)")
     p.add_argument("--k", type=int, default=K,
                    help="active features per token, TopK (the bundle's)")
-    p.add_argument("--tokens", type=int, help="training tokens (default: the trainer's)")
-    p.add_argument("--time-budget", type=float, help="seconds (default: none)")
-    p.add_argument("--context", type=int, help="tokens per row (default: the trainer's)")
+    training_options(p, "the trainer's")
     p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step (default: the trainer's)")
     p.add_argument("--buffer-tokens", type=int,
                    help="size of the shuffled activation buffer (default: the trainer's)")
     p.add_argument("--passes", type=int, help="times each buffer is trained on (default: the trainer's)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the trainer's)")
-    p.add_argument("--seed", type=int, help="random seed (default: the trainer's)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 products and buffer in training (default: where bf16 is fast)")
-    p.add_argument("--checkpoint-every", type=float,
-                   help="seconds between checkpoints, each also exports the transcoders "
-                   "(default: the trainer's)")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--init-from", default=None,
                    help="warm start from exported transcoders of the same width (e.g. the bundle)")
 
@@ -117,20 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--corpus", default=None, help=corpus_help)
     model_options(p)
-    p.add_argument("--tokens", type=int, help="training tokens (default: the fine-tuner's)")
-    p.add_argument("--time-budget", type=float, help="seconds (default: none)")
-    p.add_argument("--context", type=int, help="tokens per row (default: the fine-tuner's)")
+    training_options(p, "the fine-tuner's")
     p.add_argument("--batch-rows", type=int, help="rows per optimizer step (default: the fine-tuner's)")
     p.add_argument("--kl-positions", type=int,
                    help="positions per row where the KL is taken (default: the fine-tuner's)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the fine-tuner's)")
     p.add_argument("--fvu-coef", type=float,
                    help="weight of the mean FVU against the KL (default: the fine-tuner's)")
-    p.add_argument("--seed", type=int, help="random seed (default: the fine-tuner's)")
-    p.add_argument("--checkpoint-every", type=float,
-                   help="seconds between checkpoints, each also exports the folders "
-                   "(default: the fine-tuner's)")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
 
     p = command("eval-transcoders", "evaluate", "FVU, L0, dead latents and spliced-in CE")
     p.add_argument("transcoders", help="SAE-Lens release or folder of transcoders")
