@@ -109,9 +109,9 @@ def test_finetune_corpus_too_short(model, trained, tmp_path):
 
 
 def test_cli_finetune(model, corpus, trained, tmp_path, monkeypatch):
-    from circuitlab import cli, loading
+    from circuitlab import cli, commands
 
-    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr(commands, "load_model", lambda *args, **kwargs: model)
     args = ["finetune", str(trained), "--out", str(tmp_path / "ft"), "--corpus", str(corpus),
             "--tokens", "1000", "--context", "64", "--kl-positions", "8", "--lr", "1e-3"]
     assert cli.main(args) == 0
