@@ -50,7 +50,7 @@ except ImportError:  # the embedded model's weights; reported when first needed
     gguf_pkg = None
 
 from .errors import CircuitlabError
-from .files import DATA_DIR, BUNDLE_DIR, atomic_dir, cache_dir, sha256, verify_manifest  # noqa: F401
+from .files import BUNDLE_DIR, atomic_dir, cache_dir, sha256, verify_manifest
 from .hooks import layer_of
 from .plan import check_load
 from .precision import check_device, check_dtype
