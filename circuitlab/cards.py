@@ -55,7 +55,7 @@ class FeatureCard:
 
     Attributes:
         layer, feature: which feature.
-        label: a user label, if any.
+        label: the user's label if any, else the automatic label (see ``circuitlab.labels``).
         contexts: top-activating contexts, each a dict ``{"quantile": str, "tokens":
             [str, ...], "acts": [float, ...], "max": float}`` (``acts`` aligned with
             ``tokens``), grouped by activation quantile, strongest first.
@@ -200,6 +200,17 @@ class Examples:
         """All stored contexts of a feature, strongest group first."""
         found = (self.context(layer, feature, k) for k in range(self.centers.shape[-1]))
         return [c for c in found if c is not None]
+
+    def label(self, layer: int, feature: int) -> str:
+        """The feature's automatic label (see ``circuitlab.labels``), ``""`` if none was built."""
+        labels = self.meta.get("labels", {}).get(str(int(layer)))
+        return labels[int(feature)] if labels and 0 <= int(feature) < len(labels) else ""
+
+    def outputs(self, layer: int, feature: int) -> list[str]:
+        """The feature's top output tokens among the held-out text's words (see
+        ``circuitlab.labels``), ``[]`` if none were built."""
+        outputs = self.meta.get("outputs", {}).get(str(int(layer)))
+        return outputs[int(feature)] if outputs and 0 <= int(feature) < len(outputs) else []
 
     def histogram(self, layer: int, feature: int) -> tuple[list, list] | None:
         """``(bin_edges, counts)`` of a feature's nonzero activations, ``None`` if it never fired."""
@@ -363,6 +374,7 @@ def feature_card(rm, layer: int, feature: int, *, tokens=None, pos=None, label: 
         if not (0 <= layer < L and 0 <= feature < n):
             raise CircuitlabError(f"No feature ({layer}, {feature}) in the cached examples: "
                                   f"they cover layers 0-{L - 1} and features 0-{n - 1}.")
+        card.label = label or examples.label(layer, feature)
         card.contexts = examples.contexts(layer, feature)
         card.histogram = examples.histogram(layer, feature)
         card.frequency = float(examples.frequency()[layer, feature])

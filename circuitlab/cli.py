@@ -6,7 +6,7 @@
     circuitlab pack --out DIR ...            compact training inputs for an offline GPU host
     circuitlab finetune DIR --out DIR ...    fine-tune their decoders on the spliced-in KL
     circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text and prose
-    circuitlab cards ...                     precompute feature-card examples over held-out text
+    circuitlab cards ...                     precompute feature cards and labels over held-out text
     circuitlab plan --model M --device t4    will a model, its transcoders and a graph fit? (no download)
 
 Run ``circuitlab COMMAND --help`` for a command's options and their defaults.
@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-layer", action="store_true",
                    help="also the CE increase of splicing each layer alone (slower)")
 
-    p = command("cards", "cards", "precompute feature-card examples over held-out text")
+    p = command("cards", "cards", "precompute feature cards and automatic labels over held-out text")
     model_options(p, dtype=True)
     p.add_argument("--transcoders", default=None, help="release or folder (default: the bundled set)")
     p.add_argument("--corpus", default=None, help="corpus folder (default: the built corpus)")
@@ -152,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-band", type=int, default=2,
                    help="contexts sampled per lower activation band")
     p.add_argument("--out", default=None, help="output file (default: beside a bundle, else the cache)")
+    p.add_argument("--labels-only", action="store_true",
+                   help="only rebuild the automatic feature labels of the existing cards file")
 
     p = command("plan", "plan", "memory of a model, its transcoders and one attribution, from "
                 "shapes alone (nothing is downloaded), and whether they fit a device")

@@ -17,7 +17,7 @@ from .loading import is_pack, load, load_model, load_transcoders
 from .plan import plan as make_plan
 from .plan import table as plan_table
 from .precision import check_device, fast_bf16
-from .train.build_cards import build_examples
+from .train.build_cards import build_examples, relabel
 from .train.corpus import build_corpus
 from .train.evaluate import evaluate_transcoders, format_table
 from .train.finetune import finetune_transcoders
@@ -156,11 +156,15 @@ def evaluate(args) -> None:
 
 
 def cards(args) -> None:
-    """``circuitlab cards``: precompute feature-card examples over held-out text."""
+    """``circuitlab cards``: precompute feature cards and labels over held-out text."""
     device = check_device(args.device)
     t0 = time.perf_counter()
     model = load_model(args.model, device=device, dtype=model_dtype(args))
     rm = load(model, args.transcoders, device=device)
+    if args.labels_only:
+        path = relabel(rm, args.out)
+        print(f"Relabelled {path} in {time.perf_counter() - t0:.0f} s")
+        return
     path = build_examples(rm, args.corpus, tokens=args.tokens, context=args.context,
                           batch_size=args.batch_size, out=args.out, n_top=args.top,
                           per_band=args.per_band, command=command(args))

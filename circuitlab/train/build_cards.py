@@ -3,7 +3,8 @@
 Runs the model over the held-out split of a corpus built by ``circuitlab corpus`` and
 writes, atomically, the examples file that ``circuitlab.cards`` reads at runtime: per
 feature its top-activating contexts, contexts sampled from bands of its max activation,
-an activation histogram and its max and summed activation.
+an activation histogram and its max and summed activation, and its automatic label
+(``circuitlab.labels``). ``relabel`` rebuilds only the labels of an existing file.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from circuitlab.cards import FORMAT, N_BINS, N_TOP, _bundle_name, cards_path, manifest_key, transcoder_key
+from circuitlab.cards import (FORMAT, N_BINS, N_TOP, Examples, _bundle_name, cards_path, manifest_key,
+                              read_examples, transcoder_key)
 from circuitlab.errors import CircuitlabError
 from circuitlab.files import atomic_file, cache_dir, sha256
 from circuitlab.hooks import mlp_io
+from circuitlab.labels import build_labels
 from circuitlab.loading import BUNDLE_DIR
 from circuitlab.train.corpus import iter_documents
 
@@ -216,9 +219,39 @@ def build_examples(rm, corpus=None, *, tokens: int = 200_000, context: int = 128
     tensors["starts"] = torch.cumsum(torch.tensor([0] + [len(s) for s in seqs]), 0).int()
     settings = {"seed": seed, "n_top": n_top, "per_band": per_band, "context": context}
     meta = _metadata(rm, corpus, seqs, settings, command, time.perf_counter() - t0)
+    _write(out, Examples(meta=meta, **tensors), rm)
+    return out
+
+
+def relabel(rm, path: str | os.PathLike | None = None) -> Path:
+    """Rebuild the automatic labels of an existing cards file (no text is scanned again).
+
+    Args:
+        rm: the ``ReplacementModel`` whose transcoders the file was built for.
+        path: the cards file (default ``cards_path(rm)``).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path) if path is not None else cards_path(rm)
+    if not path.exists():
+        raise CircuitlabError(f"No cards file at {path}; build one with `circuitlab cards`.")
+    examples = read_examples(path)
+    if examples.meta["transcoder_sha256"] != transcoder_key(rm):
+        raise CircuitlabError(f"{path} was built for other transcoders than {rm.transcoder_source}; "
+                              "rebuild it with `circuitlab cards`.")
+    _write(path, examples, rm)
+    return path
+
+
+def _write(out: Path, examples: Examples, rm) -> None:
+    """Label ``examples`` and write them to ``out`` atomically."""
+    labels, outputs = build_labels(rm, examples)
+    meta = {**examples.meta, "labels": labels, "outputs": outputs}
+    tensors = {k: getattr(examples, k).contiguous() for k in
+               ("tokens", "starts", "centers", "acts", "max_act", "total", "hist")}
     with atomic_file(out) as tmp:
         save_file(tensors, tmp, metadata={"circuitlab": json.dumps(meta, ensure_ascii=False)})
-    return out
 
 
 def _check_budget(rm, out: Path, tokens: int, n_top: int, per_band: int, max_bytes) -> None:

@@ -12,21 +12,29 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..cards import unembedding
+from ..cards import Examples, find_examples, unembedding
+from ..loading import DEFAULT_BUNDLE
 from ..graph import Graph
 from ..errors import CircuitlabError
 from ..prune import scores
 from .. import sidecar
+from .grid import default_thresholds
 from .layout import layout, visible
+from .legend import MAX_LINKS
 from .links import shares
 
 LINK_TYPES = ("input", "output", "both")
 
 
-def node_name(row: dict, labels: dict) -> str:
-    """A node's short name: its label, else ``L{layer}/F{feature}`` and the like."""
+def node_name(row: dict, labels: dict, examples: Examples | None = None) -> str:
+    """A node's short name: the user's label, else a feature's automatic label (from
+    ``examples``), else ``L{layer}/F{feature}`` and the like."""
     if labels.get(row["node_id"]):
         return labels[row["node_id"]]
+    if row["kind"] == "feature" and examples is not None:
+        auto = examples.label(row["layer"], row["feature"])
+        if auto:
+            return auto
     return {"feature": f"L{row['layer']}/F{row['feature']}",
             "error": f"Error L{row['layer']}",
             "embedding": f"Emb {visible(str(row['token']))}",
@@ -38,19 +46,24 @@ def place(kind: str, layer: int) -> str:
     return {"embedding": "Emb", "logit": "Out"}.get(kind, f"L{layer}")
 
 
-def output_tokens(rm, nodes: pd.DataFrame, k: int = 3, chunk: int = 128) -> dict:
-    """Per feature node id, the ``k`` tokens its decoder direction raises most (through the
-    unembedding, as on the feature card), batched over features."""
+def output_tokens(rm, nodes: pd.DataFrame, k: int = 5, chunk: int = 128) -> dict:
+    """Per feature node id, ``{"raises": [(token, effect), ...], "lowers": [...]}``: the
+    ``k`` tokens its decoder direction raises and lowers most through the unembedding (as
+    ``circuitlab.cards.output_tokens``), batched over features."""
     out = {}
     feats = nodes[nodes["kind"] == "feature"]
     W_U = unembedding(rm).detach().float()
+    decode = rm.tokenizer.decode
     for layer, group in feats.groupby("layer"):
         W_dec = rm.transcoders[int(layer)].W_dec.detach().float()
         for start in range(0, len(group), chunk):
             part = group.iloc[start:start + chunk]
-            top = (W_dec[torch.tensor(part["feature"].to_numpy())] @ W_U).topk(k).indices
-            for node_id, ids in zip(part["node_id"], top.tolist()):
-                out[node_id] = [rm.tokenizer.decode([i]) for i in ids]
+            effect = W_dec[torch.tensor(part["feature"].to_numpy())] @ W_U
+            up, down = effect.topk(k), (-effect).topk(k)
+            for n, node_id in enumerate(part["node_id"]):
+                out[node_id] = {
+                    "raises": [(decode([i]), v) for i, v in zip(up.indices[n].tolist(), up.values[n].tolist())],
+                    "lowers": [(decode([i]), -v) for i, v in zip(down.indices[n].tolist(), down.values[n].tolist())]}
     return out
 
 
@@ -62,6 +75,8 @@ class ViewState:
         prune: prune an unpruned graph once for display (default thresholds); the
             thresholds then prune this display base further.
         rm: optional ``ReplacementModel`` for top output tokens and feature cards.
+
+    It starts at ``default_thresholds`` (a few hundred features at most).
     """
 
     def __init__(self, graph: Graph, prune: bool = True, rm=None):
@@ -70,8 +85,11 @@ class ViewState:
         self.base = graph.prune() if prune and not graph.metadata.get("pruned") else graph
         self.link_type = "both"
         self.selected: str | None = None
+        self.hovered: str | None = None
         self.outputs = output_tokens(rm, self.base.nodes) if rm is not None else {}
-        self.set_thresholds(1.0, 1.0)
+        bundled = graph.metadata.get("transcoders") in DEFAULT_BUNDLE.values()
+        self.examples = find_examples(rm)[0] if rm is not None or bundled else None
+        self.set_thresholds(*default_thresholds(self.base))
 
     # ------------------------------------------------------------------ display graph
 
@@ -87,6 +105,8 @@ class ViewState:
         self.share = shares(self.shown.adjacency)
         if self.selected not in self.row:
             self.selected = None
+        if self.hovered not in self.row:
+            self.hovered = None
 
     def counts(self) -> dict:
         """Nodes and edges shown and in the display base."""
@@ -202,24 +222,33 @@ class ViewState:
 
     def names(self) -> list[str]:
         """Short names of the shown nodes."""
-        return [node_name(r, self.labels) for r in self.shown.nodes.to_dict("records")]
+        return [node_name(r, self.labels, self.examples) for r in self.shown.nodes.to_dict("records")]
 
-    def focus(self) -> list[int]:
-        """Rows of the selected and pinned shown nodes."""
+    def focus(self, hovered: bool = False) -> list[int]:
+        """Rows of the selected and pinned shown nodes (and the hovered one if ``hovered``)."""
         ids = ([self.selected] if self.selected else []) + self.pinned
+        ids += [self.hovered] if hovered and self.hovered else []
         return sorted({self.row[i] for i in ids if i in self.row})
 
-    def links(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(sources, targets, shares)`` of the links of the focused nodes (by link type)."""
+    def all_links(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(targets, sources)`` of every link of the hovered, selected and pinned nodes
+        (by link type)."""
         focus = torch.zeros(len(self.ids), dtype=torch.bool)
-        focus[self.focus()] = True
+        focus[self.focus(hovered=True)] = True
         adj = self.shown.adjacency != 0
         keep = torch.zeros_like(adj)
         if self.link_type in ("input", "both"):
             keep |= adj & focus[:, None]
         if self.link_type in ("output", "both"):
             keep |= adj & focus[None, :]
-        t, s = keep.nonzero(as_tuple=True)
+        return keep.nonzero(as_tuple=True)
+
+    def links(self, limit: int = MAX_LINKS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(sources, targets, shares)`` of the ``limit`` strongest links by |weight|
+        among ``all_links``."""
+        t, s = self.all_links()
+        strongest = self.shown.adjacency[t, s].abs().argsort(descending=True)[:limit]
+        t, s = t[strongest], s[strongest]
         return s.numpy(), t.numpy(), self.share[t, s].numpy()
 
     def neighbour_shares(self) -> dict[int, float]:
