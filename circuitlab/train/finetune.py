@@ -200,7 +200,7 @@ def _frozen(model: HookedTransformer):
 
 
 class _Finetune(Budgets):
-    """One fine-tuning session: decoder parameters, Adam, data, budgets and exports."""
+    """One fine-tuning run: decoder parameters, Adam, data, budgets and exports."""
 
     def __init__(self, model, tcs: list[SAE], settings: FinetuneSettings, out_dir: Path,
                  device: str, tokens: int, time_budget, command: str, earlier: dict):

@@ -1,4 +1,4 @@
-"""Compact training inputs for a machine with no registries and no hub (issue 3).
+"""Compact training inputs for a machine with no registries and no hub.
 
 A GPU host often has torch and transformers but no PyPI, no Hugging Face hub and room for
 only tens of MB per transfer. ``pack_inputs`` writes what ``circuitlab train`` needs there

@@ -1,4 +1,4 @@
-"""Interpretability sanity check of a transcoder set (issue 3).
+"""Interpretability sanity check of a transcoder set.
 
 Two concepts, each found by code, never by index: ``features_by_examples`` ranks the
 middle layers' features on example prompts against contrast prompts, and each candidate's

@@ -1,4 +1,4 @@
-"""How far along a training run is (token and time budgets over resumed sessions) and its
+"""How far along a training run is (token and time budgets over resumed runs) and its
 learning rate at that point. Shared by ``train_transcoders`` and ``finetune_transcoders``.
 """
 
@@ -13,9 +13,9 @@ def lr_at(lr: float, progress: float) -> float:
 
 
 class Budgets:
-    """Token and time budgets over resumed sessions, for a run with ``counters["tokens_seen"]``,
-    ``tokens``, ``time_budget``, ``seconds_before`` (earlier sessions), ``started``
-    (``time.monotonic()`` at this session's start) and ``stopped``."""
+    """Token and time budgets over resumed runs, for a run with ``counters["tokens_seen"]``,
+    ``tokens``, ``time_budget``, ``seconds_before`` (earlier runs), ``started``
+    (``time.monotonic()`` at this run's start) and ``stopped``."""
 
     def seconds(self) -> float:
         return self.seconds_before + time.monotonic() - self.started

@@ -253,7 +253,7 @@ def _check_init_from(folder: Path, layers: list[int], width: int, d_model: int) 
 
 
 class _Run(Budgets):
-    """One training session: the loop, its budgets, checkpoints and exports."""
+    """One training run: the loop, its budgets, checkpoints and exports."""
 
     def __init__(self, model, settings: Settings, state, counters: dict, out_dir: Path,
                  ckpt_dir: Path, device: str, tokens: int, time_budget, checkpoint_every,
@@ -343,7 +343,7 @@ class _Run(Budgets):
 
     def save(self) -> None:
         """Export the bundle, then write the checkpoint."""
-        if self.sample is None:  # nothing trained in this session: calibrate on the first rows
+        if self.sample is None:  # nothing trained in this run: calibrate on the first rows
             self._fill(TokenRows(self.model.tokenizer, self.s.corpus, self.s.context), 0)
         self.counters["seconds"] = self.seconds()
         self.export()

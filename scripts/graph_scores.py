@@ -1,0 +1,60 @@
+"""Replacement and completeness scores of the demo graph and the notebooks' prompts, for
+one transcoder set: how much of each graph the transcoders explain (see the README's
+glossary). Used to compare a retrained bundle with the one it replaces.
+
+    python scripts/graph_scores.py [--transcoders FOLDER] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import circuitlab
+from circuitlab.attribution import attribute
+from circuitlab.files import atomic_write_text
+
+#: (name, prompt, max feature nodes): the demo (``make demo``) and the notebooks' prompts.
+PROMPTS = [
+    ("demo", 'The opposite of "small" is "', 8192),
+    ("00 quickstart", 'The opposite of "small" is "', 1000),
+    ("01 hop 1", "Dallas is a city in the state of", 500),
+    ("01 hop 2", "The capital of Texas is the city of", 500),
+    ("02 rhyme", "The cat sat on the mat,\nIt was wearing a big", 500),
+    ("03 fr", 'Le contraire de "petit" est "', 500),
+    ("03 es", 'Lo contrario de "pequeño" es "', 500),
+    ("04 hinted", "Q: What is the capital of France? (I think it's Lyon)\nA: The capital of France is", 500),
+    ("05 probe", "The capital of France is the city of", 1000),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transcoders", default=None, help="folder (default: the bundled set)")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    rm = circuitlab.load("gemma-3-270m", args.transcoders)
+    rows = []
+    print("| graph | feature nodes | replacement | completeness | pruned replacement | pruned completeness |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, prompt, max_nodes in PROMPTS:
+        t0 = time.perf_counter()
+        graph = attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False)
+        full, pruned = graph.scores(), graph.prune().scores()
+        row = {"graph": name, "prompt": prompt, "max_feature_nodes": max_nodes,
+               "features": int((graph.nodes["kind"] == "feature").sum()),
+               "replacement": full["replacement"], "completeness": full["completeness"],
+               "pruned_replacement": pruned["replacement"],
+               "pruned_completeness": pruned["completeness"],
+               "seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(row)
+        print(f"| {name} | {row['features']} | {row['replacement']:.3f} | {row['completeness']:.3f} | "
+              f"{row['pruned_replacement']:.3f} | {row['pruned_completeness']:.3f} |", flush=True)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"transcoders": str(rm.transcoder_source),
+                                                 "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
