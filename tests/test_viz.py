@@ -24,6 +24,8 @@ from circuitlab.viz import explore, to_html
 
 from_neuronpedia = Graph.from_neuronpedia
 from circuitlab.viz.card import fetch, render
+from circuitlab.viz.figure import NODE_TRACES
+from circuitlab.viz.legend import MAX_LINKS
 from circuitlab.viz.layout import MIN_WIDTH, layout, visible
 from circuitlab.viz.links import N_BINS, NEGATIVE, POSITIVE, bin_style, link_bin, segments, shares
 
@@ -106,20 +108,20 @@ def test_explorer_draws_binned_traces(graph):
     assert isinstance(view, Explorer)
     fig = view.figure
     assert isinstance(fig, go.FigureWidget)
-    assert len(fig.data) == N_BINS + 4, "link bins plus one trace per node kind"
-    assert sum(len(t.x) for t in fig.data[N_BINS:]) == len(graph.nodes)
+    assert len(fig.data) == N_BINS + 5, "link bins, one trace per node kind, the text labels"
+    assert sum(len(t.x) for t in fig.data[NODE_TRACES]) == len(graph.nodes)
     assert sum(len(t.x or ()) for t in fig.data[:N_BINS]) == 0, "no links before a click"
     target = graph.nodes.node_id[graph.mask("logit").nonzero()[0, 0].item()]
     view.select(target)
     i = view.state.row[target]
-    expected = int(((graph.adjacency[i] != 0) | (graph.adjacency[:, i] != 0)).sum())
+    expected = min(MAX_LINKS, int(((graph.adjacency[i] != 0) | (graph.adjacency[:, i] != 0)).sum()))
     assert sum(list(t.x).count(None) for t in fig.data[:N_BINS]) == expected
     view.link_type.value = "output"  # logits have no outputs
     assert sum(list(t.x).count(None) for t in fig.data[:N_BINS]) == 0
     view.link_type.value = "input"
     assert sum(list(t.x).count(None) for t in fig.data[:N_BINS]) == expected
     # Neighbours are recoloured by their link to the selected node.
-    colours = [c for t in fig.data[N_BINS:] for c in t.marker.color]
+    colours = [c for t in fig.data[NODE_TRACES] for c in t.marker.color]
     assert any(c in POSITIVE + NEGATIVE for c in colours)
 
 
@@ -160,14 +162,14 @@ def test_html_escapes_prompt_and_labels(tiny_rm, tmp_path):
     blob = re.search(r'<script id="cl-data" type="application/json">(.*?)</script>', text, re.S).group(1)
     assert "<" not in blob and ">" not in blob, "no '</script>' or '<!--' inside the data"
     data = json.loads(blob)
-    assert data["nodes"][0]["name"] == g.labels[node]
-    ticks = data["figure"]["layout"]["xaxis"]["ticktext"]  # Plotly renders tags in texts
+    assert data["labels"][node] == g.labels[node] and data["prompt"] == EVIL
+    ticks = data["layout"]["xaxis"]["ticktext"]  # Plotly renders tags in texts
     assert "&lt;bos&gt;" in ticks and not any("<" in t for t in ticks)
-    hovers = [h for t in data["figure"]["data"][N_BINS:] for h in t["hovertext"]]
-    assert any("&lt;/script&gt;" in h for h in hovers)
-    assert not any("<script" in h or "</script" in h for h in hovers)
-    assert len(data["links"]["s"]) == g.n_edges
-    assert sum(len(t["customdata"]) for t in data["figure"]["data"][N_BINS:]) == len(g.nodes)
+    hovers = data["nodes"]["hover"]
+    assert any("&lt;bos&gt;" in h for h in hovers)
+    assert not any("<script" in h or "</script" in h or "<bos>" in h for h in hovers)
+    assert data["grid"]["counts"][-1][-1][2] == g.prune(1.0, data["grid"]["edge"][-1]).n_edges
+    assert len(data["nodes"]["id"]) == len(g.nodes)
 
 
 def test_card_render_escapes_and_falls_back():
@@ -321,7 +323,7 @@ def test_labels_show_in_hover_and_connections(graph):
     view = explore(graph, prune=False)
     a = feature_ids(view, 1)[0]
     view.label(a, "<cat> feature")
-    hover = [h for t in view.figure.data[N_BINS:] for h in t.hovertext]
+    hover = [h for t in view.figure.data[NODE_TRACES] for h in t.hovertext]
     assert any("&lt;cat&gt; feature" in h for h in hover) or view.labels[a] == "<cat> feature"
     assert view.state.names()[view.state.row[a]] == "<cat> feature"
     view.label(a, "")
@@ -361,7 +363,7 @@ def test_static_fallback(graph, monkeypatch):
         fig = module(graph, prune=False)
     assert isinstance(fig, go.Figure) and not isinstance(fig, go.FigureWidget)
     assert "static figure" in fig.layout.title.text
-    assert len(fig.data) == N_BINS + 4
+    assert len(fig.data) == N_BINS + 5
 
 
 def test_colab_widget_manager(monkeypatch, graph):
@@ -399,7 +401,7 @@ def test_large_graph_stays_responsive():
     view = explore(graph)
     shown = view.state.counts()
     assert shown["nodes"] < n, "pruned for display by default"
-    assert len(view.figure.data) == N_BINS + 4
+    assert len(view.figure.data) == N_BINS + 5
     start = time.perf_counter()
     view.select(graph.nodes.node_id[n - 1])
     assert time.perf_counter() - start < 5
@@ -411,7 +413,7 @@ def test_feature_card_in_explorer(graph, tiny_rm):
     node = feature_ids(view, 1)[0]
     view.select(node)
     assert "raises:" in view.card.value and "activation on this prompt" in view.card.value
-    hover = [h for t in view.figure.data[N_BINS:] for h in t.hovertext]
+    hover = [h for t in view.figure.data[NODE_TRACES] for h in t.hovertext]
     assert any("top tokens:" in h for h in hover)
     bare = explore(graph, prune=False)  # no model: the card still shows what it can
     bare.select(node)

@@ -32,6 +32,27 @@ def fetch(rm, layer: int, feature: int, *, tokens=None, pos=None, label: str = "
     return card
 
 
+def card_data(card: FeatureCard, vocab: dict, n_top: int = 5) -> dict:
+    """``card`` as compact JSON for the offline viewer: the first ``n_top`` contexts of
+    the strongest group and the first of every other, their tokens as indices into
+    ``vocab`` (token -> index, extended here), activations as integers in units of
+    ``scale``; the histogram as ``[largest bin edge, counts]``."""
+    groups = [c["quantile"] for c in card.contexts]
+    contexts = [c for k, c in enumerate(card.contexts)
+                if groups.index(c["quantile"]) == 0 and k < n_top or k == groups.index(c["quantile"]) > 0]
+    top = max([card.max_activation or 0.0] + [max(c["acts"], default=0) for c in contexts])
+    scale = top / 255 if top > 0 else 1.0
+    index = lambda t: vocab.setdefault(str(t), len(vocab))  # noqa: E731
+    return {
+        "label": card.label, "message": card.message, "frequency": card.frequency,
+        "max": card.max_activation, "scale": scale,
+        "histogram": [card.histogram[0][-1], card.histogram[1]] if card.histogram else None,
+        "raises": [[t, round(v, 3)] for t, v in card.top_tokens],
+        "lowers": [[t, round(v, 3)] for t, v in card.bottom_tokens],
+        "contexts": [[c["quantile"], [index(t) for t in c["tokens"]],
+                      [max(0, round(a / scale)) for a in c["acts"]]] for c in contexts]}
+
+
 def _tokens(pairs) -> str:
     return " ".join(f"<code>{html.escape(repr(str(t)))}</code>&nbsp;{v:+.2f}" for t, v in pairs)
 

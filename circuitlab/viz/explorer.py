@@ -10,7 +10,9 @@ import plotly.graph_objects as go
 
 from ..errors import CircuitlabError
 from .card import fetch, render
-from .figure import METRICS, graph_figure, link_updates, node_updates, subgraph_figure
+from .figure import (METRICS, NODE_TRACES, graph_figure, link_updates, node_updates, pixels,
+                     subgraph_figure)
+from .legend import LEGEND
 from .links import N_BINS
 from .state import LINK_TYPES, ViewState
 
@@ -20,33 +22,37 @@ SIDES = [("input", "positive"), ("input", "negative"), ("output", "positive"), (
 class Explorer(widgets.VBox):
     """An attribution graph explorer (see ``circuitlab.viz.explore``).
 
-    Click a node to select it (ctrl/shift-click pins it), pick rows in the connections
-    panel to move along edges, group pinned nodes into supernodes in the subgraph tab,
-    and prune with the sliders. Everything is also available from Python.
+    Hover a node to draw its links, click it to select it (ctrl/shift-click pins it),
+    pick rows in the connections panel to move along edges, search by name or id, group
+    pinned nodes into supernodes in the subgraph tab, and prune with the sliders.
+    Everything is also available from Python.
     """
 
     def __init__(self, graph, rm=None, *, prune: bool = True, height: int = 560, width: int = 820):
         self.state = ViewState(graph, prune, rm)
         self._filling = False
-        self.figure = go.FigureWidget(graph_figure(self.state, height=height))
-        self.figure.layout.width = width
-        for trace in self.figure.data[N_BINS:]:
+        self.px = pixels(self.state, width, height)
+        self.figure = go.FigureWidget(graph_figure(self.state, height=height, width=width))
+        for trace in self.figure.data[NODE_TRACES]:
             trace.on_click(self._on_click)
+            trace.on_hover(self._on_hover)
         self.subfigure = go.FigureWidget(subgraph_figure(self.state))
         self.controls = self._controls()
         self.status = widgets.HTML()
+        self.drawn = widgets.HTML()
         self.connections = [widgets.Select(options=[], rows=7, layout={"width": "99%"})
                             for _ in SIDES]
         for sel in self.connections:
             sel.observe(self._on_row, "value")
         self.card = widgets.HTML("<i>select a feature</i>")
-        self.tabs = widgets.Tab([self._connections_panel(), self.card, self._subgraph_panel()])
-        for i, title in enumerate(["Connections", "Feature", "Subgraph"]):
+        legend = widgets.HTML(LEGEND, layout={"width": "98%"})
+        self.tabs = widgets.Tab([self._connections_panel(), self.card, self._subgraph_panel(), legend])
+        for i, title in enumerate(["Connections", "Feature", "Subgraph", "Legend"]):
             self.tabs.set_title(i, title)
         self.tabs.layout = {"width": "440px", "min_width": "440px"}
         plot = widgets.Box([self.figure], layout={"width": f"{width + 10}px", "overflow": "hidden"})
         main = widgets.HBox([plot, self.tabs], layout={"flex_flow": "row wrap"})  # panel wraps below
-        super().__init__([self.controls, self.status, main])
+        super().__init__([self.controls, widgets.HBox([self.status, self.drawn]), main])
         self.add_class("circuitlab-explorer")
         self._refresh()
 
@@ -118,16 +124,19 @@ class Explorer(widgets.VBox):
         self.colour_by = widgets.Dropdown(options=METRICS, description="colour", layout={"width": "170px"})
         self.link_type = widgets.ToggleButtons(options=LINK_TYPES, value="both",
                                                style={"button_width": "70px"})
-        slider = dict(min=0.05, max=1.0, step=0.01, value=1.0, continuous_update=False,
+        slider = dict(min=0.05, max=1.0, step=0.01, continuous_update=False,
                       readout_format=".2f", style={"description_width": "90px"})
-        self.node_slider = widgets.FloatSlider(description="node thresh.", **slider)
-        self.edge_slider = widgets.FloatSlider(description="edge thresh.", **slider)
+        self.node_slider = widgets.FloatSlider(description="node thresh.", value=self.state.node_threshold, **slider)
+        self.edge_slider = widgets.FloatSlider(description="edge thresh.", value=self.state.edge_threshold, **slider)
+        self.search = widgets.Combobox(placeholder="search label, token or id", ensure_option=True,
+                                       layout={"width": "260px"})
+        self.search.observe(self._on_search, "value")
         for w in (self.size_by, self.colour_by, self.link_type):
             w.observe(lambda _: self._refresh(), "value")
         for w in (self.node_slider, self.edge_slider):
             w.observe(self._on_threshold, "value")
         return widgets.VBox([widgets.HBox([self.size_by, self.colour_by, self.link_type]),
-                             widgets.HBox([self.node_slider, self.edge_slider])])
+                             widgets.HBox([self.node_slider, self.edge_slider, self.search])])
 
     def _connections_panel(self) -> widgets.Widget:
         self.pin_button = widgets.Button(description="pin / unpin", layout={"width": "100px"})
@@ -181,6 +190,16 @@ class Explorer(widgets.VBox):
         else:
             self.select(None if node_id == self.selected else node_id)
 
+    def _on_hover(self, trace, points, state) -> None:
+        if points.point_inds:
+            self.state.hovered = self.state.ids[int(trace.customdata[points.point_inds[0]])]
+            self._draw_links()
+
+    def _on_search(self, change) -> None:
+        node_id = self._search_ids.get(change["new"])
+        if node_id is not None and node_id != self.selected:
+            self.select(node_id)
+
     def _on_unit_click(self, trace, points, state) -> None:
         units, _ = self.state.subgraph()
         if points.point_inds:
@@ -200,10 +219,12 @@ class Explorer(widgets.VBox):
     def _rebuild(self) -> None:
         """Redraw everything after the shown nodes changed."""
         fresh = graph_figure(self.state, self.size_by.value, self.colour_by.value,
-                             height=self.figure.layout.height)
+                             height=self.figure.layout.height, width=self.figure.layout.width)
+        self.px = pixels(self.state, self.figure.layout.width, self.figure.layout.height)
         with self.figure.batch_update():
             for old, new in zip(self.figure.data, fresh.data):
-                old.update(x=new.x, y=new.y, customdata=new.customdata, hovertext=new.hovertext)
+                old.update(x=new.x, y=new.y, customdata=new.customdata, hovertext=new.hovertext,
+                           text=new.text)
             self.figure.layout.xaxis.update(fresh.layout.xaxis)
             self.figure.layout.shapes = fresh.layout.shapes
         self._refresh()
@@ -212,11 +233,13 @@ class Explorer(widgets.VBox):
         """Redraw styles, links and panels from the state."""
         self.state.link_type = self.link_type.value
         with self.figure.batch_update():
-            for trace, marker in zip(self.figure.data[N_BINS:], node_updates(
-                    self.state, self.size_by.value, self.colour_by.value)):
+            for trace, marker in zip(self.figure.data[NODE_TRACES], node_updates(
+                    self.state, self.size_by.value, self.colour_by.value, self.px)):
                 trace.marker.update(marker)
-            for trace, (x, y) in zip(self.figure.data[:N_BINS], link_updates(self.state)):
-                trace.x, trace.y = x, y
+        self._draw_links()
+        names = self.state.names()
+        self._search_ids = {f"{name} · {i}": i for name, i in zip(names, self.state.ids)}
+        self.search.options = list(self._search_ids)
         fresh = subgraph_figure(self.state)
         with self.subfigure.batch_update():
             self.subfigure.data = []
@@ -226,6 +249,15 @@ class Explorer(widgets.VBox):
         self.supernode_pick.options = list(self.state.supernodes)
         self._show_counts()
         self._show_selection()
+
+    def _draw_links(self) -> None:
+        """Redraw the links of the hovered, selected and pinned nodes."""
+        with self.figure.batch_update():
+            for trace, (x, y) in zip(self.figure.data[:N_BINS], link_updates(self.state)):
+                trace.x, trace.y = x, y
+        drawn, total = len(self.state.links()[0]), len(self.state.all_links()[0])
+        self.drawn.value = f"{drawn:,} links drawn" + (
+            f" (the strongest of {total:,})" if total > drawn else "")
 
     def _show_counts(self) -> None:
         c, s = self.state.counts(), self.state.scores()

@@ -11,6 +11,8 @@ import plotly.colors
 import plotly.graph_objects as go
 
 from ..graph import KINDS
+from .layout import diameters, marker_sizes, scaled
+from .legend import N_TEXT, error_text
 from .links import N_BINS, bin_style, link_bin, segments, share_colour
 from .state import ViewState
 
@@ -20,47 +22,93 @@ OPACITY = {"feature": 0.95, "error": 0.45, "embedding": 0.95, "logit": 0.95}
 SELECTED, PINNED = "#111111", "#d4a017"
 
 
+METRICS = ("influence", "activation")
+#: The node traces of a graph figure (one per kind, ``KINDS`` order).
+NODE_TRACES = slice(N_BINS, N_BINS + len(KINDS))
+MARGIN = {"l": 50, "r": 10, "t": 10, "b": 90}
+
+
 def plain(text: str) -> str:
     """``text`` escaped for Plotly, which renders some HTML tags in texts (quotes are safe)."""
     return html.escape(text, quote=False)
-METRICS = ("influence", "activation")
 
 
-def hover_texts(state: ViewState) -> list[str]:
-    """Hover text per shown node: name, place, activation, influence, top output tokens."""
+def short(text: str, n: int = 28) -> str:
+    """``text`` cut to ``n`` characters (with an ellipsis)."""
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def hover_details(state: ViewState) -> list[str]:
+    """Hover lines after the name per shown node (escaped): id, place, activation,
+    influence, top output tokens, supernode; for error nodes what they are."""
     nodes = state.shown.nodes
     member = {i: name for name, ids in state.supernodes.items() for i in ids}
     out = []
-    for name, r in zip(state.names(), nodes.to_dict("records")):
-        lines = [f"<b>{plain(name)}</b>"]
-        if state.labels.get(r["node_id"]) and r["kind"] == "feature":
-            lines.append(f"L{r['layer']}/F{r['feature']}")
+    for r in nodes.to_dict("records"):
+        lines = []
+        if r["kind"] == "feature":
+            lines.append(f"L{r['layer']}/F{r['feature']} · node {plain(r['node_id'])}")
         lines.append(f"{r['kind']} · pos {r['pos']} {plain(repr(str(r['token'])))}")
         lines.append(f"activation {r['activation']:.3g} · influence {r['influence']:.3g}")
         if r["kind"] == "logit":
             lines.append(f"probability {r['prob']:.3f}")
         if r["node_id"] in state.outputs:
-            lines.append("top tokens: " + plain(", ".join(map(repr, state.outputs[r["node_id"]]))))
+            raises = [t for t, _ in state.outputs[r["node_id"]]["raises"][:3]]
+            lines.append("top tokens: " + plain(", ".join(map(repr, raises))))
         if r["node_id"] in member:
             lines.append(f"supernode: {plain(member[r['node_id']])}")
+        if r["kind"] == "error":
+            lines.append("<i>" + plain(error_text(r["layer"], r["pos"])).replace("; ", ";<br>") + "</i>")
         out.append("<br>".join(lines))
     return out
 
 
-def node_style(state: ViewState, size_by: str = "influence", colour_by: str = "influence") -> dict:
-    """Per shown node: ``size``, ``colour``, ``line_width`` and ``line_colour`` arrays."""
+def hover_texts(state: ViewState) -> list[str]:
+    """Hover text per shown node: its name in bold, then ``hover_details``."""
+    return [f"<b>{plain(name)}</b><br>{details}"
+            for name, details in zip(state.names(), hover_details(state))]
+
+
+def text_rows(state: ViewState) -> np.ndarray:
+    """Rows of the shown nodes labelled beside their marker: the ``N_TEXT`` most
+    influential features and every logit."""
+    nodes = state.shown.nodes
+    feats = nodes[nodes["kind"] == "feature"]["influence"].fillna(0)
+    top = feats.nlargest(N_TEXT).index
+    return np.flatnonzero(nodes.index.isin(top) | (nodes["kind"] == "logit").to_numpy())
+
+
+def trace_rows(state: ViewState, kind: str) -> np.ndarray:
+    """Rows of the shown nodes of ``kind``, weakest first (the strongest is drawn on top)."""
+    nodes = state.shown.nodes
+    rows = np.flatnonzero((nodes["kind"] == kind).to_numpy())
+    return rows[np.argsort(nodes["influence"].fillna(0).to_numpy()[rows], kind="stable")]
+
+
+def fill_colours(state: ViewState, colour_by: str = "influence") -> np.ndarray:
+    """Per shown node, its fill: features shaded by ``colour_by``, other kinds by kind."""
+    nodes = state.shown.nodes
+    fill = plotly.colors.sample_colorscale("Oranges", list(0.25 + 0.75 * scaled(nodes, colour_by)))
+    return np.array([fill[i] if k == "feature" else FILL[k] for i, k in enumerate(nodes["kind"])],
+                    dtype=object)
+
+
+def pixels(state: ViewState, width: int, height: int) -> tuple[float, float]:
+    """Pixels per x unit and per row of a graph figure ``width`` by ``height`` pixels."""
+    lay = state.layout
+    right = float(lay.left[-1] + lay.width[-1])
+    return ((width - MARGIN["l"] - MARGIN["r"]) / (right + 1),
+            (height - MARGIN["t"] - MARGIN["b"]) / (lay.n_rows + 0.2))
+
+
+def node_style(state: ViewState, size_by: str = "influence", colour_by: str = "influence",
+               px: tuple[float, float] = (8.0, 25.0)) -> dict:
+    """Per shown node: ``size``, ``colour``, ``line_width`` and ``line_colour`` arrays
+    (``px``: pixels per x unit and per row, see ``pixels``)."""
     nodes = state.shown.nodes
     kind = nodes["kind"].to_numpy()
-    feature = kind == "feature"
-
-    def scaled(metric):
-        v = np.nan_to_num(nodes[metric].to_numpy(dtype=float)).clip(min=0)
-        top = v[feature].max() if feature.any() else 1.0
-        return np.sqrt(v / top).clip(max=1) if top > 0 else np.zeros_like(v)
-
-    size = np.where(feature, 5 + 13 * scaled(size_by), np.where(kind == "error", 8, 12))
-    fill = plotly.colors.sample_colorscale("Oranges", list(0.25 + 0.75 * scaled(colour_by)))
-    colour = np.array([fill[i] if k == "feature" else FILL[k] for i, k in enumerate(kind)], dtype=object)
+    size = diameters(nodes, size_by) * marker_sizes(state.layout, *px) / state.layout.size
+    colour = fill_colours(state, colour_by)
     for j, share in state.neighbour_shares().items():
         colour[j] = share_colour(share)
     line_width = np.full(len(kind), 0.5)
@@ -71,13 +119,13 @@ def node_style(state: ViewState, size_by: str = "influence", colour_by: str = "i
     return {"size": size, "colour": colour, "line_width": line_width, "line_colour": line_colour}
 
 
-def node_updates(state: ViewState, size_by: str, colour_by: str) -> list[dict]:
+def node_updates(state: ViewState, size_by: str, colour_by: str,
+                 px: tuple[float, float] = (8.0, 25.0)) -> list[dict]:
     """Per kind (``KINDS`` order), the marker of its node trace."""
-    style = node_style(state, size_by, colour_by)
-    kind = state.shown.nodes["kind"].to_numpy()
+    style = node_style(state, size_by, colour_by, px)
     out = []
     for k in KINDS:
-        rows = np.flatnonzero(kind == k)
+        rows = trace_rows(state, k)
         out.append({"size": style["size"][rows].tolist(), "color": style["colour"][rows].tolist(),
                     "line": {"width": style["line_width"][rows].tolist(),
                              "color": style["line_colour"][rows].tolist()}})
@@ -100,20 +148,32 @@ def link_traces() -> list[go.Scatter]:
     return traces
 
 
+def text_trace(state: ViewState) -> go.Scatter:
+    """The labels beside the top features and logits (``text_rows``); no hover."""
+    rows = text_rows(state)
+    names = state.names()
+    return go.Scatter(x=state.layout.x[rows].tolist(), y=state.layout.y[rows].tolist(),
+                      mode="text", text=[plain(short(names[r])) for r in rows],
+                      textposition="top center", textfont={"size": 10, "color": "#333333"},
+                      hoverinfo="skip", showlegend=False, name="labels")
+
+
 def graph_figure(state: ViewState, size_by: str = "influence", colour_by: str = "influence",
-                 height: int = 560) -> go.Figure:
-    """The attribution graph: link traces first, then one node trace per kind."""
-    lay, nodes = state.layout, state.shown.nodes
-    kind = nodes["kind"].to_numpy()
+                 height: int = 560, width: int = 820) -> go.Figure:
+    """The attribution graph: link traces first, one node trace per kind (``KINDS``
+    order), then the text labels."""
+    lay = state.layout
     hover = np.array(hover_texts(state), dtype=object)
     traces = link_traces()
-    for k, marker in zip(KINDS, node_updates(state, size_by, colour_by)):
-        rows = np.flatnonzero(kind == k)
+    markers = node_updates(state, size_by, colour_by, pixels(state, width, height))
+    for k, marker in zip(KINDS, markers):
+        rows = trace_rows(state, k)
         traces.append(go.Scatter(
             x=lay.x[rows].tolist(), y=lay.y[rows].tolist(), mode="markers", name=k,
             customdata=rows.tolist(),
             hovertext=hover[rows].tolist(), hoverinfo="text", opacity=OPACITY[k],
             marker={**marker, "symbol": SYMBOLS[k]}, showlegend=False))
+    traces.append(text_trace(state))
     for b, (x, y) in enumerate(link_updates(state)):
         traces[b].x, traces[b].y = x, y
     L = lay.n_rows - 2
@@ -123,7 +183,7 @@ def graph_figure(state: ViewState, size_by: str = "influence", colour_by: str = 
                "line": {"color": "#eeeeee", "width": 1}} for x in lay.left[1:]]
     fig = go.Figure(traces)
     fig.update_layout(
-        height=height, margin={"l": 50, "r": 10, "t": 10, "b": 90}, plot_bgcolor="white",
+        height=height, width=width, margin=MARGIN, plot_bgcolor="white",
         hovermode="closest", clickmode="event", dragmode="pan", shapes=shapes,
         xaxis={"tickvals": lay.ticks.tolist(), "ticktext": [plain(t) for t in lay.tick_text],
                "tickangle": -50, "showgrid": False, "zeroline": False, "range": [-0.5, right + 0.5]},

@@ -76,7 +76,8 @@ class ViewState:
             thresholds then prune this display base further.
         rm: optional ``ReplacementModel`` for top output tokens and feature cards.
 
-    It starts at ``default_thresholds`` (a few hundred features at most).
+    With ``prune`` it starts at ``default_thresholds`` (a few hundred features at most),
+    else at thresholds 1 (everything).
     """
 
     def __init__(self, graph: Graph, prune: bool = True, rm=None):
@@ -89,7 +90,7 @@ class ViewState:
         self.outputs = output_tokens(rm, self.base.nodes) if rm is not None else {}
         bundled = graph.metadata.get("transcoders") in DEFAULT_BUNDLE.values()
         self.examples = find_examples(rm)[0] if rm is not None or bundled else None
-        self.set_thresholds(*default_thresholds(self.base))
+        self.set_thresholds(*(default_thresholds(self.base) if prune else (1.0, 1.0)))
 
     # ------------------------------------------------------------------ display graph
 

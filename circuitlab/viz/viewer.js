@@ -1,20 +1,32 @@
-// circuitlab offline graph viewer: hover, click-to-select with connections, pins,
-// supernodes and labels as saved. Reads its data from <script id="cl-data">; every user
-// text goes into the page through textContent, never innerHTML.
+// circuitlab offline graph viewer. Reads its data from <script id="cl-data">: nodes, edges
+// (base64 typed arrays) with the grid pruning codes, layouts, cards, labels, pins and
+// supernodes. Every user text goes into the page through textContent, and into Plotly
+// texts through esc(); annotations changed here can be downloaded as labels.json.
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("cl-data").textContent);
-  var plot = document.getElementById("cl-plot");
-  var nodes = data.nodes, L = data.links, nBins = data.n_bins;
-  var inEdges = nodes.map(function () { return []; });
-  var outEdges = nodes.map(function () { return []; });
-  for (var e = 0; e < L.s.length; e++) { inEdges[L.t[e]].push(e); outEdges[L.s[e]].push(e); }
+  var $ = function (id) { return document.getElementById(id); };
+  var plot = $("cl-plot"), svg = $("cl-links"), N = data.nodes, G = data.grid;
+  var n = N.id.length, nBins = data.bins.colours.length, never = G.edge.length;
+
+  function bytes(b64) {
+    var s = atob(b64), out = new Uint8Array(s.length);
+    for (var k = 0; k < s.length; k++) out[k] = s.charCodeAt(k);
+    return out;
+  }
+  var src = new (data.edges.src_bytes === 2 ? Uint16Array : Uint32Array)(bytes(data.edges.src).buffer), w = new Float32Array(bytes(data.edges.w).buffer);
+  var code3 = bytes(data.edges.code), E = src.length, tgt = new Uint32Array(E);
+  var off = data.edges.offsets, outEdges = [];
+  for (var i = 0; i < n; i++) { outEdges.push([]); for (var e = off[i]; e < off[i + 1]; e++) tgt[e] = i; }
+  for (e = 0; e < E; e++) outEdges[src[e]].push(e);
   var index = {};
-  nodes.forEach(function (n, i) { index[n.id] = i; });
-  var state = { selected: null, pinned: new Set(), linkType: "both" };
-  data.pinned.forEach(function (id) { if (id in index) state.pinned.add(index[id]); });
-  var baseColours = data.figure.data.slice(nBins).map(function (t) { return t.marker.color.slice(); });
-  var drawn = 0;
+  N.id.forEach(function (id, r) { index[id] = r; });
+
+  var state = { i: G["default"][0], j: G["default"][1], hovered: null, selected: null,
+                pinned: [], labels: Object.assign({}, data.labels), supernodes: {}, linkType: "both" };
+  data.pinned.forEach(function (id) { if (id in index) state.pinned.push(id); });
+  Object.keys(data.supernodes).forEach(function (k) { state.supernodes[k] = data.supernodes[k].slice(); });
+  var kept = new Uint8Array(E), shown = new Uint8Array(n), total = new Float64Array(n), share = new Float32Array(E);
 
   function el(tag, text, cls) {
     var x = document.createElement(tag);
@@ -22,118 +34,378 @@
     if (cls) x.className = cls;
     return x;
   }
+  function esc(t) { return String(t).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"); }
+  function short(t) { return t.length <= 28 ? t : t.slice(0, 27) + "…"; }
+  function name(r) { return state.labels[N.id[r]] || N.auto[r]; }
+  function fid(r) { return "L" + N.layer[r] + "/F" + N.feature[r]; }
+  function status(text, bad) { var s = $("cl-status"); s.textContent = text || ""; s.className = bad ? "cl-error" : "cl-muted"; }
+  function fmt(x) { return x.toLocaleString("en-US"); }
 
-  function focusEdges() {
-    var focus = new Set(state.pinned), edges = new Set();
+  // ------------------------------------------------------------------ pruning on the grid
+  function prune() {
+    var shift = 3 * state.i, nodes = 0, feats = 0, edges = 0;
+    shown.fill(0); total.fill(0);
+    for (var r = 0; r < n; r++) if (N.kind[r] === "logit") shown[r] = 1;
+    for (var e = 0; e < E; e++) {
+      var c = code3[3 * e] | (code3[3 * e + 1] << 8) | (code3[3 * e + 2] << 16);
+      kept[e] = ((c >> shift) & 7) <= state.j ? 1 : 0;
+      if (kept[e]) { shown[src[e]] = 1; total[tgt[e]] += Math.abs(w[e]); edges++; }
+    }
+    for (e = 0; e < E; e++) share[e] = kept[e] ? w[e] / Math.max(total[tgt[e]], 1e-30) : 0;
+    for (r = 0; r < n; r++) if (shown[r]) { nodes++; if (N.kind[r] === "feature") feats++; }
+    var c = { nodes: nodes, features: feats, edges: edges };
+    var sc = G.scores[state.i][state.j];
+    $("cl-counts").textContent = fmt(nodes) + " nodes (" + fmt(feats) + " features) · " + fmt(edges) + " links";
+    $("cl-counts").dataset.nodes = nodes; $("cl-counts").dataset.features = feats; $("cl-counts").dataset.links = edges;
+    $("cl-scores").textContent = "replacement " + sc[0].toFixed(3) + " · completeness " + sc[1].toFixed(3);
+    $("cl-node-value").textContent = G.node[state.i]; $("cl-edge-value").textContent = G.edge[state.j];
+    if (state.selected !== null && !shown[state.selected]) state.selected = null;
+    return c;
+  }
+  function binOf(s) {
+    var m = data.bins.magnitudes, k = 0;
+    while (k + 1 < m.length && Math.abs(s) >= m[k + 1]) k++;
+    return (s < 0 ? 0 : m.length) + k;
+  }
+  function edgesOf(r, side) {  // kept in- or out-edges of node r
+    var out = [], e;
+    if (side !== "output") for (e = off[r]; e < off[r + 1]; e++) if (kept[e]) out.push(e);
+    if (side !== "input") outEdges[r].forEach(function (e) { if (kept[e]) out.push(e); });
+    return out;
+  }
+
+  // ------------------------------------------------------------------ the plot
+  var lay = function () { return G.layouts[state.i]; };
+  function pixels() {
+    var fl = plot._fullLayout, xa = fl.xaxis, ya = fl.yaxis;
+    return [xa._length / (xa.range[1] - xa.range[0]), ya._length / (ya.range[1] - ya.range[0])];
+  }
+  function neighbours() {
+    var out = {};
+    if (state.selected === null) return out;
+    edgesOf(state.selected, "output").forEach(function (e) { out[tgt[e]] = data.bins.colours[binOf(share[e])]; });
+    edgesOf(state.selected, "input").forEach(function (e) { out[src[e]] = data.bins.colours[binOf(share[e])]; });
+    return out;
+  }
+  function traces() {
+    var L = lay(), px = plot._fullLayout ? pixels() : [8, 25], nb = neighbours();
+    var pinned = new Set(state.pinned.map(function (id) { return index[id]; }));
+    var out = data.kinds.map(function (k) {
+      var rs = [];
+      for (var r = 0; r < n; r++) if (shown[r] && N.kind[r] === k) rs.push(r);
+      rs.sort(function (a, b) { return N.influence[a] - N.influence[b]; });  // strongest on top
+      return { type: "scatter", mode: "markers", name: k, hoverinfo: "text", opacity: data.opacity[k],
+        x: rs.map(function (r) { return L.x[r]; }), y: rs.map(function (r) { return N.y[r]; }), customdata: rs,
+        hovertext: rs.map(function (r) { return "<b>" + esc(name(r)) + "</b><br>" + N.hover[r]; }),
+        marker: { symbol: data.symbols[k],
+          size: rs.map(function (r) { return N.size[r] * Math.min(1, L.room[r] * px[0], 0.9 * px[1] / 20); }),
+          color: rs.map(function (r) { return nb[r] || N.fill[r]; }),
+          line: { width: rs.map(function (r) { return r === state.selected || pinned.has(r) ? 3 : 0.5; }),
+                  color: rs.map(function (r) { return r === state.selected ? "#111111" : pinned.has(r) ? "#d4a017" : "#555555"; }) } } };
+    });
+    var feats = [];
+    for (var r = 0; r < n; r++) if (shown[r] && N.kind[r] === "feature") feats.push(r);
+    feats.sort(function (a, b) { return N.influence[b] - N.influence[a]; });
+    var text = feats.slice(0, data.n_text);
+    for (r = 0; r < n; r++) if (shown[r] && N.kind[r] === "logit") text.push(r);
+    out.push({ type: "scatter", mode: "text", hoverinfo: "skip", name: "labels", textposition: "top center",
+      textfont: { size: 10, color: "#333333" }, x: text.map(function (r) { return L.x[r]; }),
+      y: text.map(function (r) { return N.y[r]; }),
+      text: text.map(function (r) { return esc(short(N.kind[r] === "logit" ? N.auto[r].replace(/^Logit /, "") : name(r))); }) });
+    return out;
+  }
+  function figureLayout() {
+    var L = lay(), top = data.layout.yaxis.range[1];
+    var shapes = L.left.slice(1).map(function (x) {
+      return { type: "line", x0: x - 0.3, x1: x - 0.3, y0: -0.5, y1: top - 0.1, line: { color: "#eeeeee", width: 1 } };
+    });
+    var xaxis = Object.assign({}, data.layout.xaxis, { tickvals: L.ticks, range: [-0.5, L.right + 0.5] });
+    return Object.assign({}, data.layout, { xaxis: xaxis, shapes: shapes, autosize: true,
+      paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)", showlegend: false });
+  }
+  function redraw() { return Plotly.react(plot, traces(), figureLayout()).then(drawLinks); }
+
+  // ------------------------------------------------------------------ links (an SVG under the plot)
+  function focusLinks() {
+    var focus = new Set(state.pinned.map(function (id) { return index[id]; }).filter(function (r) { return shown[r]; }));
     if (state.selected !== null) focus.add(state.selected);
-    focus.forEach(function (i) {
-      if (state.linkType !== "output") inEdges[i].forEach(function (e) { edges.add(e); });
-      if (state.linkType !== "input") outEdges[i].forEach(function (e) { edges.add(e); });
+    if (state.hovered !== null) focus.add(state.hovered);
+    var edges = new Set();
+    focus.forEach(function (r) { edgesOf(r, state.linkType).forEach(function (e) { edges.add(e); }); });
+    var all = Array.from(edges).sort(function (a, b) { return Math.abs(w[b]) - Math.abs(w[a]); });
+    return { all: all.length, drawn: all.slice(0, data.max_links) };
+  }
+  var drawnCount = 0;
+  function drawLinks() {
+    var fl = plot._fullLayout;
+    if (!fl) return;
+    var xa = fl.xaxis, ya = fl.yaxis, L = lay(), f = focusLinks(), ns = "http://www.w3.org/2000/svg";
+    svg.replaceChildren();
+    var clip = document.createElementNS(ns, "svg");
+    clip.setAttribute("x", xa._offset); clip.setAttribute("y", ya._offset);
+    clip.setAttribute("width", xa._length); clip.setAttribute("height", ya._length);
+    f.drawn.slice().reverse().forEach(function (e) {  // strongest last: on top
+      var b = binOf(share[e]), line = document.createElementNS(ns, "line");
+      line.setAttribute("x1", xa.l2p(L.x[src[e]])); line.setAttribute("y1", ya.l2p(N.y[src[e]]));
+      line.setAttribute("x2", xa.l2p(L.x[tgt[e]])); line.setAttribute("y2", ya.l2p(N.y[tgt[e]]));
+      line.setAttribute("stroke", data.bins.colours[b]); line.setAttribute("stroke-width", data.bins.widths[b]);
+      line.setAttribute("stroke-opacity", 0.85);
+      clip.appendChild(line);
     });
-    return { focus: focus, edges: edges };
+    svg.appendChild(clip);
+    drawnCount = f.drawn.length;
+    $("cl-drawn").textContent = drawnCount + " links drawn" + (f.all > drawnCount ? " (the strongest by |weight| of " + fmt(f.all) + ")" : "");
   }
 
-  function draw() {
-    var f = focusEdges(), xs = [], ys = [], b;
-    for (b = 0; b < nBins; b++) { xs.push([]); ys.push([]); }
-    f.edges.forEach(function (e) {
-      b = L.b[e];
-      xs[b].push(data.x[L.s[e]], data.x[L.t[e]], null);
-      ys[b].push(data.y[L.s[e]], data.y[L.t[e]], null);
-    });
-    drawn = f.edges.size;
-    var bins = []; for (b = 0; b < nBins; b++) bins.push(b);
-    Plotly.restyle(plot, { x: xs, y: ys }, bins);
-    var neighbour = {};
-    if (state.selected !== null) {
-      inEdges[state.selected].forEach(function (e) { neighbour[L.s[e]] = data.bin_colours[L.b[e]]; });
-      outEdges[state.selected].forEach(function (e) { neighbour[L.t[e]] = data.bin_colours[L.b[e]]; });
+  // ------------------------------------------------------------------ side panels
+  function row(text, r, cls) {
+    var x = el("div", text, cls || "cl-row");
+    if (r !== undefined && r !== null) {
+      x.dataset.node = N.id[r];
+      x.addEventListener("click", function () { select(r); });
     }
-    var colours = [], widths = [], lines = [], traces = [];
-    data.figure.data.slice(nBins).forEach(function (t, k) {
-      traces.push(nBins + k);
-      colours.push(t.customdata.map(function (r, j) { return neighbour[r] || baseColours[k][j]; }));
-      widths.push(t.customdata.map(function (r) { return f.focus.has(r) ? 3 : 0.5; }));
-      lines.push(t.customdata.map(function (r) {
-        return r === state.selected ? "#111111" : (state.pinned.has(r) ? "#d4a017" : "#555555");
-      }));
-    });
-    Plotly.restyle(plot, { "marker.color": colours, "marker.line.width": widths,
-                           "marker.line.color": lines }, traces);
-    panels();
+    return x;
   }
-
-  function rows(title, edgeList, other, sign) {
-    var box = el("div", undefined, "cl-section");
-    box.appendChild(el("div", title, "cl-title"));
-    var list = edgeList.filter(function (e) { return sign > 0 ? L.w[e] > 0 : L.w[e] < 0; })
-      .sort(function (a, b) { return Math.abs(L.w[b]) - Math.abs(L.w[a]); }).slice(0, 25);
-    list.forEach(function (e) {
-      var j = other(e), n = nodes[j];
-      var row = el("div", (L.w[e] > 0 ? "+" : "") + L.w[e].toFixed(3) + "  " + (n.place + "    ").slice(0, 5) + n.name +
-        (n.pos !== nodes[state.selected].pos ? "  ↔pos" : ""), "cl-row");
-      row.setAttribute("data-node", n.id);
-      row.addEventListener("click", function () { select(j); });
-      box.appendChild(row);
-    });
-    return box;
-  }
-
-  function panels() {
-    var conn = document.getElementById("cl-connections");
-    conn.replaceChildren();
-    if (state.selected === null) {
-      conn.appendChild(el("i", "click a node (shift-click pins it)"));
-    } else {
-      var s = state.selected, n = nodes[s];
-      conn.appendChild(el("div", n.name + "  (" + n.id + ")", "cl-heading"));
-      var src = function (e) { return L.s[e]; }, tgt = function (e) { return L.t[e]; };
-      conn.appendChild(rows("inputs, positive", inEdges[s], src, 1));
-      conn.appendChild(rows("inputs, negative", inEdges[s], src, -1));
-      conn.appendChild(rows("outputs, positive", outEdges[s], tgt, 1));
-      conn.appendChild(rows("outputs, negative", outEdges[s], tgt, -1));
-    }
-    var pins = document.getElementById("cl-pinned");
-    pins.replaceChildren();
-    state.pinned.forEach(function (i) {
-      var row = el("div", nodes[i].name + "  (" + nodes[i].id + ")", "cl-row");
-      row.addEventListener("click", function () { select(i); });
-      pins.appendChild(row);
-    });
-    var groups = document.getElementById("cl-supernodes");
-    groups.replaceChildren();
-    Object.keys(data.supernodes).forEach(function (name) {
-      groups.appendChild(el("div", name, "cl-title"));
-      data.supernodes[name].forEach(function (id) {
-        var row = el("div", id in index ? nodes[index[id]].name + "  (" + id + ")" : id + " (pruned away)", "cl-row");
-        if (id in index) row.addEventListener("click", function () { select(index[id]); });
-        groups.appendChild(row);
+  function connections(r) {
+    var box = $("cl-connections");
+    box.replaceChildren();
+    [["inputs", "input", 1], ["inputs", "input", -1], ["outputs", "output", 1], ["outputs", "output", -1]].forEach(function (s) {
+      var list = edgesOf(r, s[1]).filter(function (e) { return s[2] > 0 ? w[e] > 0 : w[e] < 0; })
+        .sort(function (a, b) { return Math.abs(w[b]) - Math.abs(w[a]); });
+      box.appendChild(el("div", s[0] + ", " + (s[2] > 0 ? "positive" : "negative") + " (" + list.length + ")", "cl-title"));
+      list.slice(0, 25).forEach(function (e) {
+        var o = s[1] === "input" ? src[e] : tgt[e];
+        box.appendChild(row((w[e] > 0 ? "+" : "") + w[e].toFixed(3) + "  " + (N.place[o] + "    ").slice(0, 5) + name(o) +
+          (N.pos[o] !== N.pos[r] ? "  ↔pos" : ""), o));
       });
     });
-    document.getElementById("cl-drawn").textContent = drawn + " links drawn";
+  }
+  function card(r) {
+    var box = $("cl-card"), c = data.cards[N.layer[r] + "/" + N.feature[r]];
+    box.replaceChildren();
+    if (N.kind[r] !== "feature" || !c) return;
+    box.appendChild(el("div", "activation on this prompt " + N.activation[r].toPrecision(3) + " · influence " + N.influence[r].toPrecision(3)));
+    if (c.label) box.appendChild(el("div", "automatic label: " + c.label));
+    if (c.message) box.appendChild(el("i", c.message));
+    if (c.frequency !== null) box.appendChild(el("div", "fires on " + (100 * c.frequency).toPrecision(3) + "% of held-out tokens · max " + c.max.toPrecision(3)));
+    [["raises", c.raises], ["lowers", c.lowers]].forEach(function (p) {
+      if (p[1].length) box.appendChild(el("div", p[0] + ": " + p[1].map(function (t) { return JSON.stringify(t[0]) + " " + t[1].toFixed(2); }).join("  ")));
+    });
+    if (c.histogram) {
+      var ns = "http://www.w3.org/2000/svg", h = document.createElementNS(ns, "svg"), counts = c.histogram[1];
+      var top = Math.max.apply(null, counts.concat([1])), bw = 240 / counts.length;
+      h.setAttribute("width", 240); h.setAttribute("height", 40);
+      counts.forEach(function (v, k) {
+        var rect = document.createElementNS(ns, "rect"), hh = 40 * v / top;
+        rect.setAttribute("x", k * bw); rect.setAttribute("y", 40 - hh); rect.setAttribute("width", Math.max(bw - 1, 1));
+        rect.setAttribute("height", hh); rect.setAttribute("fill", "#e0904a");
+        h.appendChild(rect);
+      });
+      box.appendChild(el("div", "activation histogram (held-out text), 0 … " + c.histogram[0].toPrecision(3)));
+      box.appendChild(h);
+    }
+    var q = null;
+    c.contexts.forEach(function (ctx) {
+      if (ctx[0] !== q) { q = ctx[0]; box.appendChild(el("div", q, "cl-title")); }
+      var line = el("div", undefined, "cl-ctx"), top = Math.max.apply(null, ctx[2].concat([1]));
+      ctx[1].forEach(function (t, k) {
+        var span = el("span", data.vocab[t].replace(/\n/g, "↵"));
+        span.title = (ctx[2][k] * c.scale).toPrecision(3);
+        span.style.background = "rgba(224,144,74," + (ctx[2][k] / top).toFixed(2) + ")";
+        line.appendChild(span);
+      });
+      box.appendChild(line);
+    });
+  }
+  function panels() {
+    var sel = $("cl-selection"), r = state.selected;
+    sel.replaceChildren();
+    $("cl-node-tools").hidden = r === null;
+    if (r === null) {
+      sel.appendChild(el("i", "hover a node for its links; click to select it (shift-click pins it)"));
+      $("cl-connections").replaceChildren(); $("cl-card").replaceChildren();
+    } else {
+      sel.appendChild(el("div", name(r), "cl-heading"));
+      sel.appendChild(el("div", (N.kind[r] === "feature" ? fid(r) + " · " : "") + "node " + N.id[r], "cl-muted"));
+      $("cl-label").value = state.labels[N.id[r]] || "";
+      card(r); connections(r);
+    }
+    subgraphPanel();
   }
 
-  function select(i) { state.selected = i; draw(); }
-  function togglePin(i) { if (state.pinned.has(i)) state.pinned.delete(i); else state.pinned.add(i); draw(); }
+  // ------------------------------------------------------------------ subgraph
+  function units() {
+    var grouped = new Set(), out = [];
+    Object.keys(state.supernodes).forEach(function (k) {
+      state.supernodes[k].forEach(function (id) { grouped.add(id); });
+      var rs = state.supernodes[k].map(function (id) { return index[id]; }).filter(function (r) { return r !== undefined && shown[r]; });
+      if (rs.length) out.push({ name: k, rows: rs, supernode: true });
+    });
+    state.pinned.forEach(function (id) {
+      var r = index[id];
+      if (!grouped.has(id) && shown[r]) out.push({ name: name(r), rows: [r], supernode: false });
+    });
+    return out;
+  }
+  function subgraph() {
+    var us = units(), unitOf = {}, edges = {}, L = lay();
+    us.forEach(function (u, k) { u.rows.forEach(function (r) { unitOf[r] = k; }); });
+    us.forEach(function (u, t) {
+      var tot = 0;
+      u.rows.forEach(function (r) {
+        tot += total[r];
+        for (var e = off[r]; e < off[r + 1]; e++) {
+          var s = unitOf[src[e]];
+          if (kept[e] && s !== undefined && s !== t) edges[s + ">" + t] = (edges[s + ">" + t] || 0) + w[e];
+        }
+      });
+      u.total = tot;
+      u.x = u.rows.reduce(function (a, r) { return a + L.x[r]; }, 0) / u.rows.length;
+      u.y = u.rows.reduce(function (a, r) { return a + N.y[r]; }, 0) / u.rows.length;
+    });
+    var list = Object.keys(edges).map(function (k) {
+      var p = k.split(">").map(Number);
+      return { source: p[0], target: p[1], weight: edges[k], share: edges[k] / Math.max(us[p[1]].total, 1e-30) };
+    });
+    return { units: us, edges: list };
+  }
+  function subgraphPanel() {
+    var pins = $("cl-pinned"), groups = $("cl-supernodes");
+    pins.replaceChildren(); groups.replaceChildren();
+    state.pinned.forEach(function (id) {
+      var r = index[id];
+      pins.appendChild(row(name(r) + "  (" + id + ")" + (shown[r] ? "" : "  hidden at these thresholds"), shown[r] ? r : null));
+    });
+    Object.keys(state.supernodes).forEach(function (k) {
+      var box = el("div", undefined, "cl-supernode");
+      box.appendChild(el("span", k, "cl-heading"));
+      var input = el("input"); input.placeholder = "new name"; input.size = 12;
+      var rename = el("button", "rename"), ungroup = el("button", "ungroup");
+      rename.addEventListener("click", function () { act(function () { renameGroup(k, input.value); }); });
+      ungroup.addEventListener("click", function () { act(function () { delete state.supernodes[k]; }); });
+      [input, rename, ungroup].forEach(function (x) { box.appendChild(x); });
+      state.supernodes[k].forEach(function (id) {
+        var r = index[id];
+        box.appendChild(row("  " + (r === undefined ? id : name(r) + "  (" + id + ")"), r !== undefined && shown[r] ? r : null));
+      });
+      groups.appendChild(box);
+    });
+    var sg = subgraph(), us = sg.units;
+    $("cl-subscores").textContent = us.length ? us.length + " units, " + sg.edges.length + " aggregated edges (sum of member edges)" : "pin nodes to build a subgraph";
+    var ys = {}, xs = [];
+    us.forEach(function (u, k) { (ys[u.y] = ys[u.y] || []).push(k); });
+    Object.keys(ys).forEach(function (y) {
+      var ks = ys[y].sort(function (a, b) { return us[a].x - us[b].x; });
+      ks.forEach(function (k, m) { xs[k] = (m + 1) / (ks.length + 1); });
+    });
+    var lines = data.bins.colours.map(function (c, b) {
+      return { type: "scatter", mode: "lines", x: [], y: [], hoverinfo: "skip", line: { color: c, width: data.bins.widths[b] } };
+    });
+    sg.edges.forEach(function (e) {
+      var t = lines[binOf(e.share)];
+      t.x.push(xs[e.source], xs[e.target], null); t.y.push(us[e.source].y, us[e.target].y, null);
+    });
+    lines.push({ type: "scatter", mode: "markers+text", x: xs, y: us.map(function (u) { return u.y; }),
+      text: us.map(function (u) { return esc(short(u.name)); }), textposition: "top center", hoverinfo: "text",
+      hovertext: us.map(function (u) { return esc(u.name) + ": " + u.rows.length + " node(s)"; }),
+      marker: { size: us.map(function (u) { return u.supernode ? 18 : 11; }), symbol: us.map(function (u) { return u.supernode ? "hexagon" : "circle"; }),
+                color: us.map(function (u) { return u.supernode ? "#8e6bbf" : "#e0904a"; }) } });
+    Plotly.react($("cl-subplot"), lines, { margin: { l: 10, r: 10, t: 20, b: 10 }, showlegend: false, plot_bgcolor: "white",
+      xaxis: { visible: false, range: [0, 1] }, yaxis: { visible: false } }, { displayModeBar: false });
+  }
+  function groupPinned(label) {
+    var taken = new Set();
+    Object.keys(state.supernodes).forEach(function (k) { state.supernodes[k].forEach(function (id) { taken.add(id); }); });
+    var ids = state.pinned.filter(function (id) { return !taken.has(id); });
+    if (!ids.length) throw new Error("A supernode needs at least one node; pin some and group them.");
+    if (!label.trim()) throw new Error("A supernode needs a non-empty name.");
+    if (label in state.supernodes) throw new Error("A supernode " + JSON.stringify(label) + " exists already; pick another name or ungroup it first.");
+    state.supernodes[label] = ids;
+  }
+  function renameGroup(old, label) {
+    if (!label.trim()) throw new Error("A supernode needs a non-empty name.");
+    if (label in state.supernodes) throw new Error("A supernode " + JSON.stringify(label) + " exists already; pick another name or ungroup it first.");
+    state.supernodes[label] = state.supernodes[old];
+    delete state.supernodes[old];
+  }
+  function act(fn) {
+    try { fn(); status(""); } catch (err) { status(err.message, true); return; }
+    redraw(); panels();
+  }
 
-  Plotly.newPlot(plot, data.figure.data, data.figure.layout,
-                 { responsive: true, displaylogo: false, scrollZoom: true }).then(function () {
+  // ------------------------------------------------------------------ search
+  function search(q) {
+    var box = $("cl-search-results"), hidden = 0, hits = [];
+    box.replaceChildren();
+    q = q.trim().toLowerCase();
+    if (!q) return hits;
+    for (var r = 0; r < n; r++) {
+      var c = data.cards[N.layer[r] + "/" + N.feature[r]];
+      var hay = [name(r), N.id[r], N.kind[r] === "feature" ? fid(r) : "", N.hover[r].split("<br>")[1] || "",
+                 N.kind[r] === "feature" && c ? c.label : ""].join(" \u0000 ").toLowerCase();
+      if (hay.indexOf(q) < 0) continue;
+      if (shown[r]) hits.push(r); else hidden++;
+    }
+    hits.sort(function (a, b) { return N.influence[b] - N.influence[a]; });
+    hits.slice(0, 20).forEach(function (r) { box.appendChild(row(name(r) + "  (" + (N.kind[r] === "feature" ? fid(r) : N.id[r]) + ")", r)); });
+    box.appendChild(el("div", hits.length + " shown" + (hidden ? ", " + hidden + " more hidden at these thresholds" : ""), "cl-muted"));
+    return hits;
+  }
+
+  // ------------------------------------------------------------------ actions
+  function select(r) { state.selected = r; redraw(); panels(); }
+  function togglePin(r) {
+    var id = N.id[r], k = state.pinned.indexOf(id);
+    if (k >= 0) state.pinned.splice(k, 1); else state.pinned.push(id);
+    redraw(); panels();
+  }
+  function setGrid(i, j) {
+    state.i = i; state.j = j;
+    $("cl-node").value = i; $("cl-edge").value = j;
+    prune(); redraw(); panels(); search($("cl-search").value);
+  }
+  function sidecar() {
+    return JSON.stringify({ format: data.format, labels: state.labels, supernodes: state.supernodes, pinned: state.pinned }, null, 1);
+  }
+
+  $("cl-node").max = G.node.length - 1; $("cl-edge").max = G.edge.length - 1;
+  prune();
+  Plotly.newPlot(plot, traces(), figureLayout(), { responsive: true, displaylogo: false, scrollZoom: true }).then(function () {
+    plot.on("plotly_hover", function (ev) {
+      var p = ev.points[0];
+      if (p && p.data.name !== "labels" && p.customdata !== undefined) { state.hovered = p.customdata; drawLinks(); }
+    });
+    plot.on("plotly_unhover", function () { state.hovered = null; drawLinks(); });
     plot.on("plotly_click", function (ev) {
       var p = ev.points[0];
-      if (!p || p.curveNumber < nBins) return;
-      var i = p.customdata;
-      if (ev.event && (ev.event.shiftKey || ev.event.ctrlKey || ev.event.metaKey)) togglePin(i);
-      else select(state.selected === i ? null : i);
+      if (!p || p.customdata === undefined) return;
+      if (ev.event && (ev.event.shiftKey || ev.event.ctrlKey || ev.event.metaKey)) togglePin(p.customdata);
+      else select(state.selected === p.customdata ? null : p.customdata);
     });
-    document.getElementById("cl-pin").addEventListener("click", function () {
-      if (state.selected !== null) togglePin(state.selected);
+    plot.on("plotly_relayout", function () { Plotly.restyle(plot, { "marker.size": traces().slice(0, data.kinds.length).map(function (t) { return t.marker.size; }) }, data.kinds.map(function (k, m) { return m; })).then(drawLinks); });
+    $("cl-node").addEventListener("input", function (ev) { setGrid(+ev.target.value, state.j); });
+    $("cl-edge").addEventListener("input", function (ev) { setGrid(state.i, +ev.target.value); });
+    $("cl-linktype").addEventListener("change", function (ev) { state.linkType = ev.target.value; drawLinks(); });
+    $("cl-pin").addEventListener("click", function () { if (state.selected !== null) togglePin(state.selected); });
+    $("cl-set-label").addEventListener("click", function () {
+      var text = $("cl-label").value.trim(), id = N.id[state.selected];
+      act(function () { if (text) state.labels[id] = text; else delete state.labels[id]; });
     });
-    document.getElementById("cl-linktype").addEventListener("change", function (ev) {
-      state.linkType = ev.target.value; draw();
+    $("cl-group").addEventListener("click", function () { act(function () { groupPinned($("cl-group-name").value); }); });
+    $("cl-search").addEventListener("input", function (ev) { search(ev.target.value); });
+    $("cl-search").addEventListener("keydown", function (ev) {
+      if (ev.key === "Enter") { var hits = search(ev.target.value); if (hits.length) select(hits[0]); }
     });
-    draw();
+    $("cl-download").addEventListener("click", function () {
+      var a = el("a"); a.download = "labels.json";
+      a.href = URL.createObjectURL(new Blob([sidecar()], { type: "application/json" }));
+      a.click();
+    });
+    $("cl-node").value = state.i; $("cl-edge").value = state.j;
+    drawLinks(); panels();
     plot.setAttribute("data-ready", "1");
   });
-  window.circuitlab = { state: state, select: select, togglePin: togglePin,
-                        drawn: function () { return drawn; }, data: data };
+  window.circuitlab = { state: state, data: data, select: select, togglePin: togglePin, setGrid: setGrid,
+                        search: search, sidecar: sidecar, drawn: function () { return drawnCount; },
+                        index: function (id) { return index[id]; } };
 })();
