@@ -1,8 +1,11 @@
 """The explorer in a real browser: Debian's headless Chromium driven by Playwright.
 
-An exported HTML file is opened offline (node and link counts, hover, click, the
-connections list, a screenshot), then JupyterLab runs a notebook with the widget explorer
-and a click in the browser must change ``view.selected`` in the kernel.
+Exported HTML files are opened offline: a graph of the demo prompt on the embedded model
+(hover at each top feature's centre shows it and draws its links, its card shows its
+label and contexts, the sliders' counts and scores match ``graph.prune``, pins group into
+a supernode, search finds labels and ids) and a tiny graph whose user texts must stay
+inert. Then JupyterLab runs a notebook with the widget explorer and a click in the
+browser must change ``view.selected`` in the kernel.
 """
 
 from __future__ import annotations
@@ -74,48 +77,176 @@ def ink(page, box) -> float:
     return page.evaluate(INK_JS, [png, int(box["x"]), int(box["y"]), int(box["width"]), int(box["height"])])
 
 
-def test_exported_html(browser, graph, tmp_path):
-    g = graph.prune(0.9, 0.99)
-    feats = g.nodes.loc[g.nodes["kind"] == "feature", "node_id"].tolist()
-    g.labels = {feats[0]: "cat <feature>"}
-    g.supernodes = {"Pets": feats[1:3]}
-    g.pinned = feats[1:3]
-    path = g.to_html(tmp_path / "graph.html", prune=False)
-    state = ViewState(g, prune=False)
-    page = browser.new_page(viewport={"width": 1400, "height": 800})
+# Screen position of the marker of node row ``r`` in the offline viewer.
+NODE_JS = """r => {
+  const gd = document.getElementById('cl-plot'), fl = gd._fullLayout;
+  const t = gd._fullData.find(t => t.customdata && t.customdata.includes(r));
+  const k = t.customdata.indexOf(r), box = gd.querySelector('.nsewdrag').getBoundingClientRect();
+  return [box.left + fl.xaxis.l2p(t.x[k]), box.top + fl.yaxis.l2p(t.y[k])];
+}"""
+DEMO = 'The opposite of "small" is "'
+EVIL = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
+
+
+def hover(page, row: int, node_id: str) -> str:
+    """Move the mouse to the centre of node ``row``'s marker; the hover label's text once it
+    names ``node_id``."""
+    x, y = page.evaluate(NODE_JS, row)
+    page.mouse.move(x, y)
+    page.wait_for_function("id => (document.querySelector('.hoverlayer .hovertext') || {}).textContent"
+                           "?.includes(id)", arg=f"node {node_id}")
+    return page.text_content(".hoverlayer")
+
+
+def open_viewer(browser, path):
+    page = browser.new_page(viewport={"width": 1400, "height": 850})
     page.set_default_timeout(30_000)
     page.goto(path.as_uri())
     page.wait_for_selector('#cl-plot[data-ready="1"]')
-    # Nodes and links as exported.
-    assert page.locator("#cl-plot .scatterlayer .trace .points path").count() == len(g.nodes)
-    assert int(page.get_attribute("#cl-counts", "data-links")) == g.n_edges
-    assert page.locator("#cl-pinned .cl-row").count() == 2
-    assert "Pets" in page.inner_text("#cl-supernodes")
-    # Hover the top logit: its tooltip; click it: the connections list.
-    kinds = ["feature", "error", "embedding", "logit"]
-    k = N_BINS + kinds.index("logit")
-    plot = page.query_selector("#cl-plot")
-    x, y = page.evaluate(POINT_JS, [plot, k, 0])
-    page.mouse.move(x, y)
-    page.wait_for_selector(".hoverlayer .hovertext")
-    assert "Logit" in page.text_content(".hoverlayer")
+    return page
+
+
+@pytest.fixture(scope="module")
+def demo(gemma, tmp_path_factory):
+    """The demo prompt traced on the embedded model (400 features), its display graph
+    with a user label and the exported viewer."""
+    base = circuitlab.attribute(gemma, DEMO, max_feature_nodes=400, progress=False).prune()
+    feats = base.nodes[base.nodes["kind"] == "feature"].sort_values("influence", ascending=False)
+    base.labels = {feats["node_id"].iloc[2]: "my label for <b>this</b>"}
+    path = base.to_html(tmp_path_factory.mktemp("demo") / "graph.html", prune=False)
+    return base, path
+
+
+def shown_rows(page, base):
+    """The grid point shown, the pruned graph there and the base rows of its features,
+    strongest first (by the display graph's influence, as the viewer orders them)."""
+    i, j = page.evaluate("[window.circuitlab.state.i, window.circuitlab.state.j]")
+    grid = page.evaluate("window.circuitlab.data.grid")
+    pruned = base.prune(grid["node"][i], grid["edge"][j])
+    ids = set(pruned.nodes.loc[pruned.nodes["kind"] == "feature", "node_id"])
+    feats = base.nodes[base.nodes["node_id"].isin(ids)].sort_values("influence", ascending=False)
+    return grid, (i, j), pruned, feats.index.tolist()
+
+
+def test_viewer_hover_top_features_and_cards(browser, demo):
+    base, path = demo
+    page = open_viewer(browser, path)
+    _, _, pruned, rows = shown_rows(page, base)
+    features = int((pruned.nodes["kind"] == "feature").sum())
+    assert 0 < features <= 300, "a legible default: a few hundred features at most"
+    assert int(page.get_attribute("#cl-counts", "data-features")) == features
+    names = page.evaluate("[...Array(window.circuitlab.data.nodes.id.length).keys()].map("
+                          "r => window.circuitlab.data.nodes.auto[r])")
+    for r in rows[:10]:
+        node = base.nodes.loc[r]
+        fid = f"L{node['layer']}/F{node['feature']}"
+        text = hover(page, r, node["node_id"])
+        name = base.labels.get(node["node_id"]) or names[r]
+        assert fid in text and name in text, (fid, name, text)
+        drawn = page.evaluate("window.circuitlab.drawn()")
+        assert 0 < drawn <= page.evaluate("window.circuitlab.data.max_links")
+        assert page.locator("#cl-links line").count() == drawn, "hovering draws the node's links"
+    # Click the strongest feature: its name, id, card (label, contexts) and connections.
+    top = base.nodes.loc[rows[0]]
+    hover(page, rows[0], top["node_id"])
+    x, y = page.evaluate(NODE_JS, rows[0])
     page.mouse.click(x, y)
     page.wait_for_selector("#cl-connections .cl-row")
-    row = state.row[g.nodes.node_id[g.mask("logit").nonzero()[0, 0].item()]]
-    logit_id = state.ids[row]
-    assert logit_id in page.inner_text("#cl-connections .cl-heading")
-    state.select(logit_id)
-    links = len(state.links()[0])  # of the clicked and the pinned nodes
-    assert links > int((g.adjacency[row] != 0).sum())
-    assert page.evaluate("window.circuitlab.drawn()") == links
-    assert f"{links} links drawn" in page.inner_text("#cl-drawn")
-    first = page.locator("#cl-connections .cl-row").first
-    target = first.get_attribute("data-node")
-    first.click()
-    assert target in page.inner_text("#cl-connections .cl-heading")
-    assert "cat <feature>" in page.inner_text("#cl-connections") or target != feats[0]
-    box = page.locator("#cl-plot .nsewdrag").bounding_box()
-    assert ink(page, box) > 0.01, "the plot area is not blank"
+    assert f"L{top['layer']}/F{top['feature']}" in page.inner_text("#cl-selection")
+    assert names[rows[0]] in page.inner_text("#cl-selection")
+    assert page.locator("#cl-card .cl-ctx").count() > 0, "top contexts in the card"
+    assert "activation on this prompt" in page.inner_text("#cl-card")
+    page.mouse.move(5, 5)
+    assert page.evaluate("window.circuitlab.drawn()") > 0, "a click keeps the links"
+    assert ink(page, page.locator("#cl-plot .nsewdrag").bounding_box()) > 0.01
+    page.close()
+
+
+def test_viewer_sliders_match_prune(browser, demo):
+    base, path = demo
+    page = open_viewer(browser, path)
+    grid = page.evaluate("window.circuitlab.data.grid")
+    before = page.inner_text("#cl-scores")
+    for i, j in [(0, 0), (2, 3), (len(grid["node"]) - 1, len(grid["edge"]) - 1), (4, 1)]:
+        page.locator("#cl-node").fill(str(i))
+        page.locator("#cl-edge").fill(str(j))
+        pruned = base.prune(grid["node"][i], grid["edge"][j])
+        s = pruned.scores()
+        assert int(page.get_attribute("#cl-counts", "data-nodes")) == len(pruned.nodes)
+        assert int(page.get_attribute("#cl-counts", "data-links")) == pruned.n_edges
+        assert page.inner_text("#cl-node-value") == str(grid["node"][i])
+        scores = page.inner_text("#cl-scores")
+        assert f"replacement {s['replacement']:.3f}" in scores and f"completeness {s['completeness']:.3f}" in scores
+        markers = page.evaluate("document.getElementById('cl-plot')._fullData.slice(0, 4)"
+                                ".reduce((a, t) => a + t.x.length, 0)")
+        assert markers == len(pruned.nodes)
+    assert page.inner_text("#cl-scores") != before
+    page.close()
+
+
+def test_viewer_pins_supernodes_search(browser, demo):
+    base, path = demo
+    page = open_viewer(browser, path)
+    _, _, _, rows = shown_rows(page, base)
+    for r in rows[:2]:
+        page.evaluate("r => window.circuitlab.select(r)", r)
+        page.click("#cl-pin")
+    assert page.locator("#cl-pinned .cl-row").count() == 2
+    page.fill("#cl-group-name", "")
+    page.click("#cl-group")
+    assert "non-empty name" in page.inner_text("#cl-status")
+    page.fill("#cl-group-name", "Opposites <i>")
+    page.click("#cl-group")
+    assert "Opposites <i>" in page.inner_text("#cl-supernodes")
+    assert "Opposites <i>" in page.inner_text("#cl-subplot"), "the subgraph draws the supernode"
+    box = page.locator(".cl-supernode").first
+    box.locator("input").fill("Renamed")
+    box.locator("button", has_text="rename").click()
+    assert "Renamed" in page.inner_text("#cl-supernodes")
+    doc = json.loads(page.evaluate("window.circuitlab.sidecar()"))
+    assert doc["format"] == "circuitlab-labels/1" and list(doc["supernodes"]) == ["Renamed"]
+    assert sorted(doc["supernodes"]["Renamed"]) == sorted(base.nodes.loc[rows[:2], "node_id"])
+    # Search by the user's label and by feature id; a result selects its node.
+    labelled = next(iter(base.labels))
+    page.fill("#cl-search", "MY LABEL")
+    hit = page.locator(f'#cl-search-results .cl-row[data-node="{labelled}"]')
+    hit.click()
+    assert base.labels[labelled] in page.inner_text("#cl-selection")
+    top = base.nodes.loc[rows[0]]
+    page.fill("#cl-search", f"L{top['layer']}/F{top['feature']}")
+    page.press("#cl-search", "Enter")
+    assert top["node_id"] in page.inner_text("#cl-selection")
+    # A label set in the page names the node everywhere.
+    page.fill("#cl-label", "renamed here")
+    page.click("#cl-set-label")
+    assert "renamed here" in page.inner_text("#cl-selection")
+    assert json.loads(page.evaluate("window.circuitlab.sidecar()"))["labels"][top["node_id"]] == "renamed here"
+    page.close()
+
+
+def test_exported_html_user_text_stays_inert(browser, tiny_rm, tmp_path):
+    prompt = "<script>pwned=3</script>"
+    g = circuitlab.attribute(tiny_rm, prompt, max_feature_nodes=None, progress=False).prune(0.9, 0.99)
+    feats = g.nodes.loc[g.nodes["kind"] == "feature", "node_id"].tolist()
+    g.labels = {feats[0]: EVIL}
+    g.supernodes = {EVIL: feats[1:3]}
+    g.pinned = feats[1:3]
+    page = open_viewer(browser, g.to_html(tmp_path / "graph.html", prune=False))
+    assert page.evaluate("window.pwned") is None
+    assert page.inner_text("#cl-title") == prompt
+    assert page.locator("#cl-pinned .cl-row").count() == 2
+    assert EVIL in page.inner_text("#cl-supernodes")
+    page.evaluate("r => window.circuitlab.select(r)", g.index(feats[0]))
+    assert EVIL in page.inner_text("#cl-selection")
+    page.fill("#cl-search", "<script>")
+    assert page.locator("#cl-search-results .cl-row").count() >= 1
+    x, y = page.evaluate(NODE_JS, g.index(feats[0]))
+    page.mouse.move(x, y)
+    page.wait_for_selector(".hoverlayer .hovertext")
+    assert "<script>" in page.text_content(".hoverlayer")
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("img[src=x]").count() == 0 and page.locator("body script").count() == 3
     page.close()
 
 
