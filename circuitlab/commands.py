@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .attribution import attribute
+from .cards import find_examples
 from .errors import CircuitlabError
 from .files import atomic_write_text, cache_dir
 from .loading import is_pack, load, load_model, load_transcoders
@@ -23,6 +24,7 @@ from .train.evaluate import evaluate_transcoders, format_table
 from .train.finetune import finetune_transcoders
 from .train.pack import pack_inputs
 from .train.trainer import train_transcoders
+from .viz.state import node_name
 
 #: What ``trace`` writes into its folder.
 OUTPUTS = ("graph", "pruned", "neuronpedia.json", "graph.html")
@@ -68,10 +70,11 @@ def trace(args) -> None:
               f"{g.n_edges} edges; replacement {s['replacement']:.3f}, "
               f"completeness {s['completeness']:.3f}")
     feats = graph.nodes[graph.nodes["kind"] == "feature"].nlargest(args.top, "influence")
-    print("\nMost influential features (layer/feature @ position):")
-    for r in feats.itertuples():
-        print(f"  L{r.layer}/F{r.feature} @ {r.pos} {r.token!r:>12}  act={r.activation:7.2f}  "
-              f"influence={r.influence:.4f}")
+    examples = find_examples(rm)[0]
+    print("\nMost influential features (name, layer/feature @ position):")
+    for r in feats.to_dict("records"):
+        print(f"  {node_name(r, graph.labels, examples)[:40]:<40}  L{r['layer']}/F{r['feature']} @ {r['pos']} "
+              f"{r['token']!r:>8}  act={r['activation']:7.2f}  influence={r['influence']:.4f}")
     print(f"\nWrote {out}/graph, {out}/pruned, {out}/neuronpedia.json and {out}/graph.html "
           "(open it in a browser: it works offline)")
 

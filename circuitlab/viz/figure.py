@@ -11,7 +11,7 @@ import plotly.colors
 import plotly.graph_objects as go
 
 from ..graph import KINDS
-from .layout import diameters, marker_sizes, scaled
+from .layout import diameters, marker_sizes, scaled, visible
 from .legend import N_TEXT, error_text
 from .links import N_BINS, bin_style, link_bin, segments, share_colour
 from .state import ViewState
@@ -152,9 +152,14 @@ def text_trace(state: ViewState) -> go.Scatter:
     """The labels beside the top features and logits (``text_rows``); no hover."""
     rows = text_rows(state)
     names = state.names()
+    logit = (state.shown.nodes["kind"] == "logit").to_numpy()[rows]
+    # Logits sit side by side: their tokens alternate above and below to stay apart.
+    where = ["bottom center" if is_logit and k % 2 else "top center"
+             for k, is_logit in zip(np.cumsum(logit) - 1, logit)]
+    text = [visible(str(state.shown.nodes["token"].iat[r])) if is_logit else short(names[r])
+            for r, is_logit in zip(rows, logit)]
     return go.Scatter(x=state.layout.x[rows].tolist(), y=state.layout.y[rows].tolist(),
-                      mode="text", text=[plain(short(names[r])) for r in rows],
-                      textposition="top center", textfont={"size": 10, "color": "#333333"},
+                      mode="text", text=[plain(t) for t in text], textposition=where, textfont={"size": 10, "color": "#333333"},
                       hoverinfo="skip", showlegend=False, name="labels")
 
 

@@ -108,7 +108,9 @@
     feats.sort(function (a, b) { return N.influence[b] - N.influence[a]; });
     var text = feats.slice(0, data.n_text);
     for (r = 0; r < n; r++) if (shown[r] && N.kind[r] === "logit") text.push(r);
-    out.push({ type: "scatter", mode: "text", hoverinfo: "skip", name: "labels", textposition: "top center",
+    var nLogit = 0;  // logits sit side by side: their tokens alternate above and below
+    var where = text.map(function (r) { return N.kind[r] === "logit" && nLogit++ % 2 ? "bottom center" : "top center"; });
+    out.push({ type: "scatter", mode: "text", hoverinfo: "skip", name: "labels", textposition: where,
       textfont: { size: 10, color: "#333333" }, x: text.map(function (r) { return L.x[r]; }),
       y: text.map(function (r) { return N.y[r]; }),
       text: text.map(function (r) { return esc(short(N.kind[r] === "logit" ? N.auto[r].replace(/^Logit /, "") : name(r))); }) });
