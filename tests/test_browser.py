@@ -25,6 +25,7 @@ import nbformat
 import pytest
 
 import circuitlab
+from circuitlab.viz.figure import trace_rows
 from circuitlab.viz.links import N_BINS
 from circuitlab.viz.state import ViewState
 
@@ -332,7 +333,7 @@ def run_cell(page, i: int) -> None:
 
 def test_jupyterlab_widget(browser, graph, lab, tmp_path):
     state = ViewState(graph, prune=False)
-    expected = state.ids[int((graph.nodes["kind"] == "logit").to_numpy().nonzero()[0][0])]
+    expected = state.ids[trace_rows(state, "logit")[0]]  # the logit trace's first point
     page = browser.new_page(viewport={"width": 1500, "height": 950})
     page.set_default_timeout(60_000)
     try:
