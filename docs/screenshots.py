@@ -1,10 +1,11 @@
 """Regenerate the README's screenshots from the demo trace (``make demo`` first).
 
-    .venv/bin/python docs/screenshots.py [out/demo]
+    .venv/bin/python docs/screenshots.py [out/demo/graph]
 
-Writes ``docs/explorer.png`` (the offline HTML viewer ``<demo>/graph.html``, the strongest
-feature selected with its card and links), ``docs/legend.png`` (the viewer with its legend
-open) and ``docs/widget.png`` (the notebook explorer on ``<demo>/pruned`` in JupyterLab).
+From the trace folder holding that graph (``out/demo``), writes ``docs/explorer.png`` (the
+offline HTML viewer ``graph.html``, the strongest feature selected with its card and
+links), ``docs/legend.png`` (the viewer with its legend open) and ``docs/widget.png`` (the
+notebook explorer on ``pruned/`` in JupyterLab).
 """
 
 from __future__ import annotations
@@ -88,13 +89,14 @@ def widget_shot(page, graph: Path) -> None:
             lab.wait(timeout=30)
 
 
-def main(demo: str = "out/demo") -> None:
+def main(graph: str = "out/demo/graph") -> None:
     from playwright.sync_api import sync_playwright
 
+    demo = Path(graph).parent
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS, timeout=60_000)
-        html_shots(browser.new_page(viewport={"width": 1400, "height": 850}), Path(demo) / "graph.html")
-        widget_shot(browser.new_page(viewport={"width": 1500, "height": 1000}), Path(demo) / "pruned")
+        html_shots(browser.new_page(viewport={"width": 1400, "height": 850}), demo / "graph.html")
+        widget_shot(browser.new_page(viewport={"width": 1500, "height": 1000}), demo / "pruned")
         browser.close()
     for name in ("explorer.png", "legend.png", "widget.png"):
         print(HERE / name, f"{(HERE / name).stat().st_size / 1e3:.0f} kB")
