@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from .cards import unembedding
+from .cards import find_examples, unembedding
 from .prune import influence, node_influence
 
 __all__ = ["Comparison", "compare", "suggest_supernodes"]
@@ -110,10 +110,11 @@ def suggest_supernodes(graph, rm=None, *, top: int = 40, threshold: float = 0.5,
 
     Returns:
         ``{name: [node_id, ...]}`` as the explorer's ``view.supernodes``; names come from the
-        group's top output tokens (with ``rm``) or its layers and token.
+        automatic label of the group's most influential member, its top output tokens (with
+        ``rm``) or its layers and token.
     """
     feats = graph.mask("feature").nonzero()[:, 0]
-    rows = feats[_influence(graph)[feats].argsort(descending=True)[:top]]
+    rows = feats[_influence(graph)[feats].argsort(descending=True)[:top]]  # most influential first
     if len(rows) < max(min_size, 2):
         return {}
     profiles = _effect_profiles(graph, rows)
@@ -141,8 +142,14 @@ def _decoder_rows(rm, nodes: pd.DataFrame) -> torch.Tensor:
 
 
 def _group_name(rm, graph, members: pd.DataFrame, taken: dict) -> str:
-    """A readable, unused name for a group of feature nodes."""
-    if rm is not None:
+    """A readable, unused name for a group of feature nodes: the automatic label of its most
+    influential labelled member, else its top output tokens (with ``rm``), else its layers
+    and token."""
+    examples = find_examples(rm)[0] if rm is not None else None
+    labels = [examples.label(l, f) for l, f in zip(members["layer"], members["feature"])] if examples else []
+    if any(labels):
+        name = next(t for t in labels if t)
+    elif rm is not None:
         direction = _decoder_rows(rm, members).sum(0)
         effect = direction.to(rm.model.W_U.dtype) @ unembedding(rm)
         name = "/".join(rm.tokenizer.decode([i]).strip() or repr(rm.tokenizer.decode([i]))

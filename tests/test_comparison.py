@@ -40,3 +40,14 @@ def test_suggest_supernodes(tiny_rm, graphs):
     everything = suggest_supernodes(graph, top=12, threshold=-1.0)
     assert len(everything) == 1 and len(next(iter(everything.values()))) == 12
     assert suggest_supernodes(graph, tiny_rm, top=12, threshold=1.01) == {}
+
+
+def test_supernode_names_are_feature_labels(tiny_rm, graphs, cached):
+    """With feature cards cached, a group is named by its most influential member's label."""
+    graph = graphs[0]
+    groups = suggest_supernodes(graph, tiny_rm, top=12, threshold=0.3)
+    influence = graph.nodes.set_index("node_id")["influence"]
+    assert groups
+    for name, ids in groups.items():
+        labels = [cached.label(*map(int, i.split("_")[:2])) for i in sorted(ids, key=lambda i: -influence[i])]
+        assert name.split(" (")[0] == next(t for t in labels if t)
