@@ -206,12 +206,6 @@ class Examples:
         labels = self.meta.get("labels", {}).get(str(int(layer)))
         return labels[int(feature)] if labels and 0 <= int(feature) < len(labels) else ""
 
-    def outputs(self, layer: int, feature: int) -> list[str]:
-        """The feature's top output tokens among the held-out text's words (see
-        ``circuitlab.labels``), ``[]`` if none were built."""
-        outputs = self.meta.get("outputs", {}).get(str(int(layer)))
-        return outputs[int(feature)] if outputs and 0 <= int(feature) < len(outputs) else []
-
     def histogram(self, layer: int, feature: int) -> tuple[list, list] | None:
         """``(bin_edges, counts)`` of a feature's nonzero activations, ``None`` if it never fired."""
         counts = self.hist[layer, feature]

@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=128, help="tokens per scanned row")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--top", type=int, default=10, help="top contexts per feature")
-    p.add_argument("--per-band", type=int, default=2,
+    p.add_argument("--per-band", type=int, default=1,
                    help="contexts sampled per lower activation band")
     p.add_argument("--out", default=None, help="output file (default: beside a bundle, else the cache)")
     p.add_argument("--labels-only", action="store_true",

@@ -31,7 +31,7 @@ from .cards import Examples, unembedding
 N_READS, N_WRITES = 3, 2
 #: A token must occur this often in the held-out text to be named as an output.
 MIN_COUNT = 3
-#: Output tokens stored per feature beside the label.
+#: Output tokens ranked per feature (the candidates a label names from).
 N_OUTPUTS = 5
 #: How far (in standard deviations of the feature's effect over the vocabulary) an output
 #: token must stand out to be named in the label.
@@ -122,7 +122,8 @@ def build_labels(rm, examples: Examples, chunk: int = 256) -> tuple[dict, dict]:
     Returns:
         ``(labels, outputs)``: per layer (a string key, as in the cards file), a list with
         one label per feature and a list with each feature's ``N_OUTPUTS`` top output
-        tokens (word-like, in the script of its contexts).
+        tokens (word-like, in the script of its contexts; ``[]`` for a dead feature). The
+        cards file stores the labels.
     """
     vocab = Vocabulary(examples)
     W_U = unembedding(rm).detach().float()

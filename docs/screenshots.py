@@ -96,7 +96,7 @@ def main(graph: str = "out/demo/graph") -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS, timeout=60_000)
         html_shots(browser.new_page(viewport={"width": 1400, "height": 850}), demo / "graph.html")
-        widget_shot(browser.new_page(viewport={"width": 1500, "height": 1000}), demo / "pruned")
+        widget_shot(browser.new_page(viewport={"width": 1900, "height": 1300}), demo / "pruned")
         browser.close()
     for name in ("explorer.png", "legend.png", "widget.png"):
         print(HERE / name, f"{(HERE / name).stat().st_size / 1e3:.0f} kB")

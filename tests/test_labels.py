@@ -11,7 +11,7 @@ from conftest import tiny_transcoders
 
 import circuitlab
 from circuitlab.cards import activations, cards_path, feature_card, find_examples, read_examples
-from circuitlab.labels import MIN_COUNT, MIN_Z, N_OUTPUTS, WORD, label, script, shown, writes
+from circuitlab.labels import MIN_COUNT, MIN_Z, N_OUTPUTS, WORD, build_labels, label, script, shown, writes
 from circuitlab.replacement import ReplacementModel
 from circuitlab.train.build_cards import relabel
 from circuitlab.viz.state import node_name
@@ -29,6 +29,8 @@ def test_label_parts():
 def test_labels_match_brute_force(tiny_rm, cached):
     """Each live feature's label names its most common top-context tokens and its top output
     tokens among the held-out text's words, recomputed here from scratch."""
+    labels, outputs = build_labels(tiny_rm, cached)
+    assert labels == cached.meta["labels"]
     counts = Counter(cached.tokens.tolist())
     W_U = (tiny_rm.model.W_U * tiny_rm.model.ln_final.w[:, None]).float()
     checked = 0
@@ -36,7 +38,7 @@ def test_labels_match_brute_force(tiny_rm, cached):
         for feature in range(tiny_rm.d_sae(layer)):
             text = cached.label(layer, feature)
             if cached.max_act[layer, feature] <= 0:
-                assert text == "" and cached.outputs(layer, feature) == []
+                assert text == "" and outputs[str(layer)][feature] == []
                 continue
             centres = Counter(c["tokens"][c["center"]] for c in cached.contexts(layer, feature)
                               if c["quantile"] == "top")
@@ -47,7 +49,7 @@ def test_labels_match_brute_force(tiny_rm, cached):
             same = [i for i in words if script(cached.token_str(i)) == read_script] or words
             effect = tiny_rm.transcoders[layer].W_dec[feature].float() @ W_U[:, same]
             best = [cached.token_str(same[i]) for i in effect.topk(min(N_OUTPUTS, len(same))).indices]
-            assert cached.outputs(layer, feature) == best, (layer, feature)
+            assert outputs[str(layer)][feature] == best, (layer, feature)
             checked += 1
     assert checked > 10
 

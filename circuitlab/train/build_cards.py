@@ -34,10 +34,12 @@ from circuitlab.train.corpus import iter_documents
 LEFT, RIGHT = 11, 4
 #: Contexts sampled per feature from each band of ``BANDS`` after its ``N_TOP`` top ones
 #: (the default of ``build_examples``).
-PER_BAND = 2
+PER_BAND = 1
 #: Size budget of a cards file stored beside a bundled transcoder set in ``data/``.
 BUNDLED_MAX_BYTES = 12_000_000
 BANDS = ((0.5, 0.75), (0.25, 0.5), (0.0, 0.25))
+#: Roughly the bytes of one feature's automatic label in the file's JSON header.
+LABEL_BYTES = 40
 
 
 def held_out_sequences(tokenizer, corpus, n_tokens: int, context: int) -> list[torch.Tensor]:
@@ -164,7 +166,7 @@ def _windows(picks, idx, feat, act, max_act, shape: tuple[int, int], n_tokens: i
 def estimate_bytes(rm, tokens: int, n_top: int = N_TOP, per_band: int = PER_BAND) -> int:
     """Roughly how large ``build_examples`` output is (the vocabulary text estimated)."""
     K = n_top + per_band * len(BANDS)
-    per_feature = K * (4 + LEFT + 1 + RIGHT) + 4 * N_BINS + 8
+    per_feature = K * (4 + LEFT + 1 + RIGHT) + 4 * N_BINS + 8 + LABEL_BYTES
     return sum(rm.d_sae(l) for l in range(rm.n_layers)) * per_feature + 6 * tokens
 
 
@@ -246,8 +248,8 @@ def relabel(rm, path: str | os.PathLike | None = None) -> Path:
 
 def _write(out: Path, examples: Examples, rm) -> None:
     """Label ``examples`` and write them to ``out`` atomically."""
-    labels, outputs = build_labels(rm, examples)
-    meta = {**examples.meta, "labels": labels, "outputs": outputs}
+    labels, _ = build_labels(rm, examples)
+    meta = {**examples.meta, "labels": labels}
     tensors = {k: getattr(examples, k).contiguous() for k in
                ("tokens", "starts", "centers", "acts", "max_act", "total", "hist")}
     with atomic_file(out) as tmp:
