@@ -8,6 +8,7 @@ from test_attribution import check_edges_brute_force
 
 import circuitlab
 from circuitlab.loading import embedded_hf_model
+from circuitlab.cards import find_examples
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +91,12 @@ def test_trace_command_writes_graphs(tmp_path, capsys):
         assert expected in printed
     graph = circuitlab.Graph.load(tmp_path / "graph")
     pruned = circuitlab.Graph.load(tmp_path / "pruned")
+    examples, _ = find_examples(None)
+    top = graph.nodes[graph.nodes["kind"] == "feature"].nlargest(10, "influence")
+    listed = printed.split("Most influential features")[1]
+    for r in top.itertuples():  # each with its automatic label (or its id when it has none)
+        name = examples.label(r.layer, r.feature) or f"L{r.layer}/F{r.feature}"
+        assert name[:40] in listed and f"L{r.layer}/F{r.feature} @ {r.pos}" in listed
     assert (graph.nodes["kind"] == "feature").sum() == 2048
     assert len(pruned.nodes) < len(graph.nodes)
     assert (tmp_path / "neuronpedia.json").exists()
