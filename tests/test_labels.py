@@ -74,14 +74,15 @@ def test_user_labels_win_and_relabel_is_guarded(tiny, tiny_rm, cached, tmp_path)
 
 @pytest.mark.slow
 def test_bundled_labels_name_concepts(gemma):
-    """On the embedded model, the features that fire hardest on ' small' and ' Texas' in a
-    prompt carry labels that name those words."""
+    """On the embedded model, among the features that fire hardest on ' small', ' big' and
+    ' king' in a prompt (3 per layer), at least three carry labels that name the word."""
     examples, why = find_examples(gemma)
     assert why is None and "labels" in examples.meta
     live = int((examples.max_act > 0).sum())
     named = sum(bool(t) for layer in examples.meta["labels"].values() for t in layer)
     assert named == live
-    for prompt, word in (('The opposite of "small" is "', "small"), ("I drove to Texas", "Texas")):
+    for prompt, word in (('The opposite of "small" is "', "small"), ("The house is very big", "big"),
+                         ("The king and the", "king")):
         tokens = gemma.tokenize(prompt)
         pos = [i for i, t in enumerate(tokens.tolist()) if gemma.tokenizer.decode([t]).strip() == word][-1]
         acts = activations(gemma, tokens, list(range(gemma.n_layers)))[:, pos]
