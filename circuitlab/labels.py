@@ -78,7 +78,6 @@ class Vocabulary:
     def __init__(self, examples: Examples, min_count: int = MIN_COUNT):
         counts = torch.bincount(examples.tokens.long())
         ids = torch.nonzero(counts >= min_count)[:, 0].tolist()
-        self.by_script: dict[str, torch.Tensor] = {}
         groups: dict[str, list[int]] = {}
         for i in ids:
             text = examples.token_str(i)
