@@ -18,12 +18,15 @@ _EXPORTS = {
     "swap": "interventions", "set_to": "interventions", "scale": "interventions",
     "ablate": "interventions", "add": "interventions", "Claims": "claims",
     "plan": "plan",  # the module itself, callable as its plan() (see circuitlab.plan)
+    "trace_many": "batch", "aggregate": "aggregation",
 }
 
 __all__ = ["CircuitlabError", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from .aggregation import aggregate
     from .attribution import attribute
+    from .batch import trace_many
     from .claims import Claims
     from .comparison import compare
     from .graph import Graph
