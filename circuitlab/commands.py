@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from .attribution import attribute
+from .batch import read_prompts, slug, trace_many
 from .cards import find_examples
 from .errors import CircuitlabError
 from .files import atomic_write_text, cache_dir
@@ -28,12 +30,6 @@ from .viz.state import node_name
 
 #: What ``trace`` writes into its folder.
 OUTPUTS = ("graph", "pruned", "neuronpedia.json", "graph.html")
-
-
-def slug(prompt: str, limit: int = 48) -> str:
-    """A folder name for ``prompt``: its words, lower case, joined by dashes."""
-    words = re.findall(r"\w+", prompt.lower())
-    return "-".join(words)[:limit].strip("-") or "prompt"
 
 
 def trace(args) -> None:
@@ -77,6 +73,37 @@ def trace(args) -> None:
               f"{r['token']!r:>8}  act={r['activation']:7.2f}  influence={r['influence']:.4f}")
     print(f"\nWrote {out}/graph, {out}/pruned, {out}/neuronpedia.json and {out}/graph.html "
           "(open it in a browser: it works offline)")
+
+
+def trace_batch(args) -> None:
+    """``circuitlab trace-batch``: trace the prompts of a file into ``--out``, then print the
+    summary: wall time, prompts per second, failures and a line per prompt."""
+    prompts = read_prompts(args.prompts)
+    begun, t0 = datetime.now(timezone.utc).isoformat(timespec="microseconds"), time.perf_counter()
+    summary = trace_many(prompts, args.model, args.transcoders, out=args.out, engine=args.engine,
+                         address=args.address, workers=args.workers,
+                         gpus_per_worker=args.gpus_per_worker, save=args.save,
+                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                         device=args.device, retries=args.retries,
+                         max_feature_nodes=args.max_feature_nodes)
+    wall = time.perf_counter() - t0
+    traced = int((summary["finished"] >= begun).sum())
+    failed = summary[summary["status"] != "ok"]
+    print(f"\nPrompts traced: {traced} in {wall:.1f} s ({traced / wall:.3f} prompts/s, start-up "
+          f"included); already traced in {args.out}: {len(summary) - traced}; failed: "
+          f"{len(failed)}.")
+    for r in failed.itertuples():
+        print(f"  failed {r.id}: {r.error}")
+    ok = summary[summary["status"] == "ok"]
+    table = pd.DataFrame({
+        "id": ok["id"], "top target": [repr(t[0]) if len(t) else "" for t in ok["targets"]],
+        "p": [p[0] if len(p) else float("nan") for p in ok["probs"]],
+        "features": ok["features_pruned"], "replacement": ok["replacement_pruned"],
+        "top feature": [f[0][:40] if len(f) else "" for f in ok["top_features"]],
+        "seconds": ok["seconds"]})
+    if len(table):
+        print("\nPruned graphs:\n" + table.to_string(index=False, float_format="{:.3f}".format))
+    print(f"\nWrote {args.out}/<id>/ and {args.out}/summary.parquet")
 
 
 def corpus(args) -> None:
