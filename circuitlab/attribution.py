@@ -22,6 +22,11 @@ edge weights, summed over all paths, weighted by target probability) and the mos
 influential unvisited features are visited next, until ``max_feature_nodes`` are visited.
 The features that were never visited are not nodes: their outputs are folded into the error
 node of their ``(layer, pos)``, which keeps every target's edges + constant exact.
+
+Memory is bounded by the node budget, not by the number of active features (which grows
+with the prompt): rows are computed whole a batch at a time and stored over a bounded set
+of candidate columns (``selection.Rows``); the few rows that miss a late node are
+recomputed at the end.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from .plan import check_attribution, estimate_memory, memory_parts  # noqa: F401
 from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
+from .selection import Rows, candidate_slots
 
 
 @dataclass
@@ -315,7 +321,7 @@ def attribute(
     L, P = rm.n_layers, len(tokens)
     N = sum(len(f[0]) for f in trace.features)
     parts = memory_parts(N, P, L, max_feature_nodes, len(targets), rm.d_model, batch_size, dtype,
-                         _copied_params(rm))
+                         _copied_params(rm), rm.cfg.n_heads)
     check_attribution(parts, rm.device, memory_limit, f"{N} active features, {P} tokens")
     src = _Sources(rm, trace, dtype)
     bw = _Backward(rm, trace, dtype)
@@ -334,37 +340,38 @@ def attribute(
         _rows(bw, src, trace, layer, layer * 0 + P - 1, grads, logit_rows[i:i + batch_size])
         bar.update(len(grads))
 
-    # Feature rows, visited in order of estimated influence (all of them if n_keep == N).
-    feat_rows = torch.empty(n_keep, src.n_cols, dtype=dtype, device=dev)
-    shares = torch.empty(n_keep if n_keep < N else 0, N, dtype=torch.bfloat16, device=dev)
+    # Feature rows, visited in order of estimated influence (all of them if n_keep == N),
+    # computed whole a batch at a time and stored over the candidate columns (selection.py).
     weights = torch.tensor([t.prob for t in targets], device=dev)
     weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(targets))
     direct = weights @ _shares(logit_rows, N).float()
+    rows = Rows(src.layer, src.pos, L, P, n_keep, candidate_slots(N, n_keep), dtype, dev)
+    rows.add_candidates(torch.argsort(direct, descending=True)[:n_keep])
+    full = torch.empty(min(batch_size, n_keep), src.n_cols, dtype=dtype, device=dev)
     visited = torch.zeros(N, dtype=torch.bool, device=dev)
     order = torch.empty(0, dtype=torch.long, device=dev)
     while len(order) < n_keep:
         if n_keep == N:
             nxt = torch.arange(N, device=dev)
         else:
-            score = _feature_influence(direct, shares[:len(order)], order)
+            score = rows.influence(direct, order)
             score[visited] = -1
+            rows.add_candidates(torch.topk(score, n_keep - len(order)).indices)
             chunk = max(4 * batch_size, len(order) // 2)
             nxt = torch.topk(score, min(chunk, n_keep - len(order))).indices
         # Batch by (layer, pos) so each backward starts low and stays short.
         nxt = nxt[torch.argsort(src.layer[nxt] * P + src.pos[nxt])]
         for j in range(0, len(nxt), batch_size):
             ids = nxt[j:j + batch_size]
-            start, stop = len(order), len(order) + len(ids)
             _rows(bw, src, trace, src.layer[ids], src.pos[ids], _feature_grads(rm, bw, src, ids),
-                  feat_rows[start:stop])
-            if len(shares):
-                shares[start:stop] = _shares(feat_rows[start:stop], N)
+                  full[:len(ids)])
+            rows.add(full[:len(ids)])
             order = torch.cat([order, ids])
             visited[ids] = True
             bar.update(len(ids))
     bar.close()
-    del shares  # free the selection matrix before the adjacency is built
-    return _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt)
+    del full
+    return _assemble(rm, trace, src, targets, logit_rows, rows, order, prompt, bw, batch_size)
 
 
 def _copied_params(rm) -> int:
@@ -391,33 +398,28 @@ def _shares(rows: torch.Tensor, n_features: int) -> torch.Tensor:
     return (a[:, :n_features] / a.float().sum(1, keepdim=True).clamp_min(1e-30)).to(torch.bfloat16)
 
 
-def _feature_influence(direct: torch.Tensor, shares: torch.Tensor, order: torch.Tensor,
-                       max_depth: int = 64) -> torch.Tensor:
-    """Estimated influence of every active feature on the logits: the direct share plus all
-    paths through the visited features (``shares`` holds their rows, in ``order``)."""
-    influence, current = direct.clone(), direct
-    for _ in range(max_depth if len(order) else 0):
-        current = (current[order].to(torch.bfloat16) @ shares).float()
-        influence += current
-        if current.sum() < 1e-6 * influence.sum():
-            break
-    return influence
+def _columns(values: torch.Tensor, n: int, slot: torch.Tensor, where: torch.Tensor,
+             kept: torch.Tensor, dropped: torch.Tensor, out: torch.Tensor,
+             rank: torch.Tensor | None = None, chunk: int = 1024) -> None:
+    """Write rows restricted to the graph's sources into ``out`` (float32, on the CPU; row
+    ``rank[i]`` of ``values`` to ``out[i]``): kept features, then errors with the dropped
+    features folded into their ``(layer, pos)`` (``where``), then embeddings.
 
-
-def _columns(rows: torch.Tensor, src: _Sources, kept: torch.Tensor, dropped: torch.Tensor,
-             out: torch.Tensor, order: torch.Tensor | None = None, chunk: int = 1024) -> None:
-    """Write ``rows`` (taken in ``order``) restricted to the graph's sources into ``out``
-    (float32, on the CPU): kept features, then errors with the dropped features' columns
-    folded into their ``(layer, pos)``, then embeddings. Done in chunks of rows to bound
-    memory; ``rows`` and the indices stay on their device until a chunk is copied out."""
+    ``values`` holds feature ``f`` in column ``slot[f]`` when that is below ``n``, its
+    number of feature columns (``Rows`` layout; full rows have ``slot = arange``); the other
+    features are folded into the errors already. A kept feature without a column reads 0
+    (``_complete`` fills it in). Done in chunks of rows to bound memory."""
     K = len(kept)
-    err_idx = src.layer[dropped] * src.P + src.pos[dropped]
-    order = torch.arange(len(rows), device=rows.device) if order is None else order
-    for i in range(0, len(rows), chunk):
-        r = rows[order[i:i + chunk]]
-        out[i:i + chunk, :K] = r[:, kept].float().cpu()
-        tail = r[:, src.error_offset:].float().T.contiguous()                # [(L+1)P, b]
-        tail.index_add_(0, err_idx, r[:, dropped].float().T.contiguous())
+    k_slot, d_slot = slot[kept], slot[dropped]
+    k_held, d_held = k_slot < n, d_slot < n
+    k_cols, k_slot = k_held.nonzero()[:, 0], k_slot[k_held]
+    d_where, d_slot = where[dropped[d_held]], d_slot[d_held]
+    rank = torch.arange(len(values), device=values.device) if rank is None else rank
+    for i in range(0, len(rank), chunk):
+        r = values[rank[i:i + chunk]]
+        out[i:i + chunk, k_cols.cpu()] = r[:, k_slot].float().cpu()
+        tail = r[:, n:].float().T.contiguous()                               # [(L+1)P, b]
+        tail.index_add_(0, d_where, r[:, d_slot].float().T.contiguous())
         out[i:i + chunk, K:] = tail.T.cpu()
 
 
@@ -435,7 +437,36 @@ def _feature_inputs(rm, src: _Sources, ids: torch.Tensor, x: torch.Tensor) -> to
     return out.cpu()
 
 
-def _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt) -> Graph:
+def _complete(rm, bw, src, trace, rows: Rows, kept, order, rank, out, batch_size) -> int:
+    """Recompute the stored rows that miss kept features and move those edges out of the
+    error columns into their own (``out`` as in ``_feature_columns``). Returns the number of
+    rows recomputed."""
+    K, P = len(kept), src.P
+    at = torch.full((src.n_features,), -1, dtype=torch.long, device=kept.device)
+    at[kept] = torch.arange(K, device=kept.device)
+    out_row = torch.empty_like(rank)
+    out_row[rank] = torch.arange(len(rank), device=rank.device)
+    layer, pos = src.layer[order], src.pos[order]
+    n = 0
+    for late, missed in rows.late(kept, layer, pos):
+        full = torch.empty(min(batch_size, len(late)), src.n_cols, dtype=bw.dtype, device=kept.device)
+        late = late[torch.argsort(layer[late] * P + pos[late])]
+        for j in range(0, len(late), batch_size):
+            ids = order[late[j:j + batch_size]]
+            b = len(ids)
+            _rows(bw, src, trace, src.layer[ids], src.pos[ids], _feature_grads(rm, bw, src, ids),
+                  full[:b])
+            edges = full[:b, missed].float().cpu()
+            dest = out_row[late[j:j + batch_size]].cpu()[:, None].expand_as(edges)
+            out[dest, at[missed].cpu().expand_as(edges)] = edges
+            where = (K + rows.where[missed]).cpu().expand_as(edges)
+            out.index_put_((dest, where), -edges, accumulate=True)
+            n += b
+    return n
+
+
+def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, bw,
+              batch_size) -> Graph:
     L, P = rm.n_layers, len(trace.tokens)
     kept, rank = torch.sort(order)
     dropped = torch.ones(src.n_features, dtype=torch.bool, device=order.device)
@@ -445,8 +476,13 @@ def _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt) -> 
     n_src = K + (L + 1) * P
     n = n_src + len(targets)
     adjacency = torch.zeros(n, n)  # host: the Graph's adjacency
-    _columns(feat_rows, src, kept, dropped, adjacency[:K, :n_src], order=rank)
-    _columns(logit_rows, src, kept, dropped, adjacency[n_src:, :n_src])
+    _columns(stored.values, stored.n_slots, stored.slot, stored.where, kept, dropped,
+             adjacency[:K, :n_src], rank)
+    recomputed = _complete(rm, bw, src, trace, stored, kept, order, rank, adjacency[:K, :n_src],
+                           batch_size)
+    N = src.n_features
+    _columns(logit_rows, N, torch.arange(N, device=order.device), stored.where, kept, dropped,
+             adjacency[n_src:, :n_src])
 
     # Errors with the dropped features folded in, for the error nodes' activations.
     errors = trace.errors.clone()
@@ -488,6 +524,7 @@ def _assemble(rm, trace, src, targets, logit_rows, feat_rows, order, prompt) -> 
                          feature=feature, activation=float(inputs[n_src + i]), token=t.label, prob=t.prob))
     metadata = dict(model=rm.name, transcoders=rm.transcoder_source, n_layers=L,
                     n_active_features=src.n_features, max_feature_nodes=len(kept),
+                    recomputed_rows=recomputed,
                     logit_directions=[t.direction.tolist() for t in targets])
     graph = Graph(prompt=prompt, tokens=trace.tokens.tolist(), token_strs=token_strs,
                   rows=rows, adjacency=adjacency, inputs=inputs, constants=constants,

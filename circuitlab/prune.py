@@ -23,12 +23,15 @@ def normalized(adjacency: torch.Tensor) -> torch.Tensor:
     return a.div_(a.sum(1, keepdim=True).clamp_min(1e-30))
 
 
-def influence(A: torch.Tensor, weights: torch.Tensor, max_depth: int = 1000) -> torch.Tensor:
-    """``weights (A + A^2 + ...)``: the total path weight from each node to the weighted nodes."""
+def influence(A: torch.Tensor, weights: torch.Tensor, max_depth: int = 1000,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``weights (A + A^2 + ...)``: the total path weight from each node to the weighted nodes.
+
+    ``A`` may hold only the rows ``rows`` of the matrix (the others being zero)."""
     total = torch.zeros_like(weights)
     current = weights
     for _ in range(max_depth):
-        current = current @ A
+        current = current @ A if rows is None else current[rows] @ A
         if not current.any():
             break
         total = total + current
@@ -36,9 +39,11 @@ def influence(A: torch.Tensor, weights: torch.Tensor, max_depth: int = 1000) -> 
 
 
 def node_influence(graph: Graph) -> torch.Tensor:
-    """Each node's influence on the logit targets (logits get their own weight)."""
+    """Each node's influence on the logit targets (logits get their own weight). Only the
+    rows of nodes with inputs are normalized (a copy the size of those rows)."""
     w = graph.logit_weights
-    return influence(normalized(graph.adjacency), w) + w
+    rows = graph.adjacency.any(1).nonzero()[:, 0]
+    return influence(normalized(graph.adjacency[rows]), w, rows=rows) + w
 
 
 def annotate_influence(graph: Graph) -> Graph:

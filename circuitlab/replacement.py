@@ -29,9 +29,6 @@ from .errors import CircuitlabError
 from .hooks import (FINAL_NORMALIZED, MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_IN, is_frozen, is_scale,
                     mlp_hooks, pattern_hooks, pattern_name, resid_out, scale_name)
 
-#: Longest prompt (in tokens, BOS included) that ``tokenize`` accepts.
-MAX_PROMPT_TOKENS = 256
-
 
 @dataclass
 class Trace:
@@ -198,8 +195,8 @@ class ReplacementModel:
         """Token ids ``[P]`` of ``prompt`` with BOS prepended.
 
         Raises:
-            CircuitlabError: for an empty or whitespace prompt or one longer than
-                ``MAX_PROMPT_TOKENS``.
+            CircuitlabError: for an empty or whitespace prompt or one longer than the
+                model's context (``cfg.n_ctx``).
         """
         if isinstance(prompt, str):
             checks.text("The prompt", prompt)
@@ -209,10 +206,10 @@ class ReplacementModel:
                 'e.g. \'The opposite of "small" is "\'.'
             )
         tokens = self.model.to_tokens(prompt, prepend_bos=True, truncate=False)[0]
-        limit = min(MAX_PROMPT_TOKENS, self.cfg.n_ctx)
+        limit = self.cfg.n_ctx
         if len(tokens) > limit:
             raise CircuitlabError(
-                f"The prompt has {len(tokens)} tokens; the limit is {limit}. "
+                f"The prompt has {len(tokens)} tokens; the limit is {limit}, the model's context. "
                 "Shorten it to the part that matters for the behaviour you trace."
             )
         return tokens

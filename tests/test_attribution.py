@@ -7,6 +7,7 @@ import torch
 from conftest import ARCHS, tiny_model, tiny_transcoders
 
 import circuitlab
+from circuitlab import selection
 from circuitlab.replacement import ReplacementModel
 
 PROMPT = "the cat sat on the mat."
@@ -37,7 +38,9 @@ def clean_sources(rm, trace):
 
 
 def check_edges_brute_force(rm, graph, n_sources=12, seed=0):
-    """Zero a source in the frozen model: every target moves by exactly -edge."""
+    """Zero a source in the frozen model: every target moves by exactly -edge. An error node
+    holds the active features that are not nodes at its ``(layer, pos)``: zeroing it zeroes
+    them too."""
     trace = rm.run(rm.tokenize(graph.prompt))
     acts, embed, errors = clean_sources(rm, trace)
     base = frozen_target_values(rm, graph, trace, acts, embed, errors)
@@ -57,6 +60,11 @@ def check_edges_brute_force(rm, graph, n_sources=12, seed=0):
                 a[r.layer][r.pos, r.feature] = 0
             elif kind == "error":
                 err[r.layer, r.pos] = 0
+                nodes_here = nodes[(nodes["kind"] == "feature") & (nodes["layer"] == r.layer)
+                                   & (nodes["pos"] == r.pos)]["feature"].tolist()
+                kept = a[r.layer][r.pos, nodes_here].clone()
+                a[r.layer][r.pos] = 0
+                a[r.layer][r.pos, nodes_here] = kept
             else:
                 e[r.pos] = 0
             delta = base - frozen_target_values(rm, graph, trace, a, e, err)
@@ -95,6 +103,37 @@ def test_edges_plus_constant_equal_inputs(arch, max_nodes):
     assert graph.adjacency[targets].abs().sum(1).min() > 0
     if max_nodes is not None:
         assert (graph.nodes["kind"] == "feature").sum() == max_nodes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bounded_rows_stay_exact(arch, monkeypatch):
+    """With fewer candidate columns than active features, rows are stored folded, missed
+    nodes are recomputed, and every edge is still exact; edges between nodes both graphs
+    keep equal those of whole rows."""
+    model = tiny_model("gemma3", seed=3)
+    rm = ReplacementModel(model, tiny_transcoders(model, arch, seed=3))
+    monkeypatch.setattr(selection, "CANDIDATES_PER_NODE", 10 ** 6)
+    whole = circuitlab.attribute(rm, PROMPT, max_feature_nodes=80, progress=False,
+                                 dtype=torch.float32, batch_size=16)
+    assert whole.metadata["recomputed_rows"] == 0
+    monkeypatch.setattr(selection, "CANDIDATES_PER_NODE", 1)
+    monkeypatch.setattr(selection, "EXTRAS_PER_ROW", 8)
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=80, progress=False,
+                                 dtype=torch.float32, batch_size=16)
+    assert graph.metadata["n_active_features"] > 4 * 80
+    assert graph.metadata["recomputed_rows"] > 0
+    check_edges_brute_force(rm, graph, n_sources=20)
+    targets = torch.tensor(graph.nodes["kind"].isin(["feature", "logit"]).to_numpy())
+    total = graph.adjacency.sum(1) + graph.constants
+    assert torch.allclose(total[targets], graph.inputs[targets], atol=1e-5)
+    ids = graph.nodes["node_id"]
+    common = ids[ids.isin(set(whole.nodes["node_id"]))
+                 & graph.nodes["kind"].isin(["feature", "logit"])]
+    assert len(common) > 40
+    here = torch.tensor(common.index.to_numpy())
+    there = torch.tensor([whole.index(i) for i in common])
+    assert torch.allclose(graph.adjacency[here][:, here], whole.adjacency[there][:, there],
+                          atol=1e-6)
 
 
 def test_truncated_graph_keeps_most_influential():

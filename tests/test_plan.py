@@ -106,7 +106,8 @@ def test_plan_shares_attributions_estimate():
     s, tc = MODEL_SHAPES["gemma-2-2b"], TRANSCODER_SHAPES["gemma-scope-2b-pt-transcoders"]
     assert p.n_features == int(20 * 26 * tc.l0)
     assert p.attribution == {"cpu": planning.estimate_memory(
-        p.n_features, 20, 26, 1000, 10, s.d_model, 128, torch.float32, s.copied_params(False))}
+        p.n_features, 20, 26, 1000, 10, s.d_model, 128, torch.float32, s.copied_params(False),
+        s.n_heads)}
     assert p.model_bytes == 2 * s.n_params() and p.fits  # bf16 halves the weights
     gpu = plan("gemma-2-2b", tokens=20, max_feature_nodes=1000, device="h100")
     assert sum(gpu.attribution.values()) == p.attribution["cpu"] and set(gpu.attribution) == {
@@ -154,8 +155,8 @@ def test_load_refuses_before_downloading(monkeypatch):
 
 
 def test_attribute_refusal_splits_device_and_host(tiny_rm, monkeypatch):
-    parts = {"rows": 3 * GiB, "shares": 0, "decoders": 0, "weights": 0, "backward": 0,
-             "adjacency": 2 * GiB}
+    parts = {"rows": 3 * GiB, "batch": 0, "selection": 0, "decoders": 0, "weights": 0,
+             "backward": 0, "patterns": 0, "adjacency": 2 * GiB}
     assert planning.pools(parts, "cuda") == {"cuda": 3 * GiB, "cpu": 2 * GiB}
     free = {"cuda": 10 * GiB, "cpu": 2 * GiB}
     monkeypatch.setattr(planning, "free_memory", lambda d: free[torch.device(d).type])
