@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import checks
 from .batch import BatchResult, prompt_id, read_summary
 from .cards import find_examples
 from .comparison import _influence, compare
@@ -40,8 +41,8 @@ class Aggregate:
             activation in a graph, averaged over those graphs), ``label``; by count, then
             mean influence.
         matrix: prompt id x ``(layer, feature)`` influence (0 where absent), for the first
-            ``top`` features of ``features`` that are in two or more graphs (in every
-            graph, when there is only one).
+            ``top`` features of ``features`` that are in two or more graphs (all of them
+            with ``top=None``; with a single graph, its first ``top`` features).
         supernodes: one row per supernode name found in any graph (``graph.supernodes``):
             ``count``, ``share``, ``mean_influence`` (its members' summed influence,
             averaged over the graphs it is in), ``prompts`` (ids); empty when none.
@@ -69,7 +70,7 @@ class Aggregate:
         self.figure(what).show()
 
 
-def aggregate(graphs_or_dir, *, labels: bool = True, top: int = 40) -> Aggregate:
+def aggregate(graphs_or_dir, *, labels: bool = True, top: int | None = 40) -> Aggregate:
     """Aggregate graphs across prompts.
 
     Args:
@@ -79,7 +80,7 @@ def aggregate(graphs_or_dir, *, labels: bool = True, top: int = 40) -> Aggregate
         labels: name features by the graphs' user labels, else their automatic labels
             (for the bundled transcoders), else ``L{layer}/F{feature}``; ``False`` names
             them all ``L{layer}/F{feature}``.
-        top: most features in ``matrix``.
+        top: most features in ``matrix`` (``None``: every recurring feature).
 
     Returns:
         An ``Aggregate``.
@@ -87,6 +88,7 @@ def aggregate(graphs_or_dir, *, labels: bool = True, top: int = 40) -> Aggregate
     Raises:
         CircuitlabError: for an input holding no graphs.
     """
+    checks.integer("top", top, 1, none=True)
     graphs = _graphs(graphs_or_dir)
     long = pd.concat({pid: _features(g) for pid, g in graphs.items()}, names=["prompt"])
     features = long.groupby(["layer", "feature"]).agg(
@@ -96,7 +98,8 @@ def aggregate(graphs_or_dir, *, labels: bool = True, top: int = 40) -> Aggregate
     features = features.sort_values(["count", "mean_influence"], ascending=False).reset_index()
     features["label"] = _labels(graphs, features, labels)
     features = features[FEATURE_COLUMNS]
-    keep = features[features["count"] >= min(2, len(graphs))].head(top)
+    keep = features[features["count"] >= min(2, len(graphs))]
+    keep = keep if top is None else keep.head(top)
     columns = pd.MultiIndex.from_frame(keep[["layer", "feature"]])
     matrix = (long["influence"].unstack(["layer", "feature"]).reindex(index=list(graphs),
                                                                       columns=columns).fillna(0.0))

@@ -402,6 +402,7 @@ def test_aggregate_against_a_brute_force_recount(graphs):
     for key in agg.matrix.columns:
         for pid in graphs:
             assert agg.matrix.loc[pid, key] == pytest.approx(per[key].get(pid, (0.0,))[0])
+    assert set(circuitlab.aggregate(graphs, top=None).matrix.columns) == set(recurring)
 
 
 def test_aggregate_labels_supernodes_and_similarity(graphs):
