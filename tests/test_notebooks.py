@@ -16,10 +16,11 @@ from set_repository import colab_badge_target, repository  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["00_quickstart", "01_multihop_dallas_austin", "02_rhyme_planning",
-            "03_multilingual_concepts", "04_cot_backsolving", "05_probe_your_own_behaviour"]
+            "03_multilingual_concepts", "04_cot_backsolving", "05_probe_your_own_behaviour",
+            "06_many_prompts"]
 
 
-def test_the_six_notebooks_exist():
+def test_the_notebooks_exist():
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == EXPECTED
 
 
