@@ -41,7 +41,7 @@ from .graph import Graph
 from .hooks import scale_name
 from . import checks
 from .errors import CircuitlabError
-from .plan import check_attribution, estimate_memory, memory_parts  # noqa: F401 (re-exported)
+from .plan import check_attribution, estimate_memory, memory_parts, spare_memory  # noqa: F401 (re-exported)
 from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
@@ -305,6 +305,7 @@ def attribute(
             and float32 elsewhere; float32 is exact to rounding.
         progress: show a progress bar.
         memory_limit: bytes the attribution may use (default: 80% of available memory).
+            What it does not need holds more candidate columns (fewer rows recomputed).
 
     Returns:
         The ``Graph``.
@@ -345,8 +346,9 @@ def attribute(
     weights = torch.tensor([t.prob for t in targets], device=dev)
     weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(targets))
     direct = weights @ _shares(logit_rows, N).float()
-    rows = Rows(src.layer, src.pos, L, P, n_keep, candidate_slots(N, n_keep), dtype, dev)
-    rows.add_candidates(torch.argsort(direct, descending=True)[:n_keep])
+    spare = spare_memory(parts, dev, memory_limit) // 2 // (n_keep * dtype.itemsize)
+    rows = Rows(src.layer, src.pos, L, P, n_keep, candidate_slots(N, n_keep, spare), dtype, dev)
+    rows.add_candidates(torch.argsort(direct, descending=True)[:rows.wanted(n_keep)])
     full = torch.empty(min(batch_size, n_keep), src.n_cols, dtype=dtype, device=dev)
     visited = torch.zeros(N, dtype=torch.bool, device=dev)
     order = torch.empty(0, dtype=torch.long, device=dev)
@@ -356,7 +358,7 @@ def attribute(
         else:
             score = rows.influence(direct, order)
             score[visited] = -1
-            rows.add_candidates(torch.topk(score, n_keep - len(order)).indices)
+            rows.add_candidates(torch.topk(score, rows.wanted(n_keep - len(order))).indices)
             chunk = max(4 * batch_size, len(order) // 2)
             nxt = torch.topk(score, min(chunk, n_keep - len(order))).indices
         # Batch by (layer, pos) so each backward starts low and stays short.

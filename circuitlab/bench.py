@@ -1,7 +1,8 @@
 """``make bench``: attribution, intervention and explorer speed on the embedded model.
 
 Runs each attribution configuration in a fresh subprocess (so peak RSS is per
-configuration) and prints a markdown table: seconds, feature nodes, edges and peak RSS.
+configuration) and prints a markdown table: seconds, feature nodes, edges, rows recomputed,
+peak RSS and the memory `estimate_memory` expects (prompts up to 2,000 tokens).
 Then times the tools around a graph on a 10-token prompt: an intervention in each mode,
 generation, ``validate``, opening the explorer and the HTML export. Uses the bundled
 transcoders, or random JumpReLU skip transcoders of the same shape (calibrated to fire
@@ -24,10 +25,11 @@ import time
 import torch
 from sae_lens import SAE
 
-from .attribution import attribute
+from .attribution import _copied_params, attribute, estimate_memory
 from .hooks import mlp_io
 from .interventions import ablate
 from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, load, load_model
+from .precision import default_dtype
 from .replacement import ReplacementModel
 from .validation import validate
 from .viz.state import ViewState
@@ -37,7 +39,8 @@ BASE = ("The quick brown fox jumps over the lazy dog while the farmer counts she
         "mountains, cities and the long roads that connect them across the wide land. In the "
         "evening the lights of the town come on one by one, the bakery closes its doors, and "
         "travellers stop at the inn to rest before the next day of their journey north")
-CONFIGS = [(10, 8192), (30, 8192), (60, 8192), (10, None)]
+CONFIGS = [(10, 8192), (30, 8192), (60, 8192), (250, 8192), (1000, 8192), (2000, 8192),
+           (10, None)]
 
 
 def random_transcoders(model, width: int = 2048, k: int = 48, seed: int = 0):
@@ -64,9 +67,11 @@ def random_transcoders(model, width: int = 2048, k: int = 48, seed: int = 0):
 
 
 def prompt_of(n_tokens: int, tokenizer) -> str:
-    """A prefix of ``BASE`` with ``n_tokens`` tokens including BOS."""
-    ids = tokenizer.encode(BASE, add_special_tokens=False)[: n_tokens - 1]
-    return tokenizer.decode(ids)
+    """A prefix of ``BASE`` (repeated as often as needed) with ``n_tokens`` tokens
+    including BOS."""
+    ids = tokenizer.encode(BASE, add_special_tokens=False)
+    ids = (ids + tokenizer.encode(". ", add_special_tokens=False)) * (n_tokens // len(ids) + 1)
+    return tokenizer.decode(ids[: n_tokens - 1])
 
 
 def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> dict:
@@ -81,7 +86,18 @@ def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> d
             "active_features": graph.metadata["n_active_features"],
             "feature_nodes": int((graph.nodes["kind"] == "feature").sum()),
             "edges": graph.n_edges, "transcoders": rm.transcoder_source,
+            "recomputed_rows": graph.metadata["recomputed_rows"],
+            "estimate_gb": round(_estimate(rm, graph, max_nodes, dtype) / 2**30, 2),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def _estimate(rm, graph, max_nodes, dtype: str) -> int:
+    """``estimate_memory`` for this attribution, as ``attribute`` checks it."""
+    n_logits = int((graph.nodes["kind"] == "logit").sum())
+    dt = default_dtype("cpu") if dtype == "auto" else getattr(torch, dtype)
+    return estimate_memory(graph.metadata["n_active_features"], len(graph.tokens), rm.n_layers,
+                           max_nodes, n_logits, rm.d_model, 128, dt, _copied_params(rm),
+                           rm.cfg.n_heads)
 
 
 def _timed(fn) -> float:
@@ -134,14 +150,16 @@ def main(argv=None) -> None:
         return
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, dtype {args.dtype}")
-    print("| tokens | max_feature_nodes | active features | feature nodes | edges | seconds | peak RSS (GB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tokens | max_feature_nodes | active features | feature nodes | edges | rows recomputed "
+          "| seconds | peak RSS (GB) | estimate (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, m in CONFIGS:
         cmd = [sys.executable, "-m", "circuitlab.bench", "--one", str(n), str(m or "all"),
                "--dtype", args.dtype] + (["--random"] if random else [])
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(f"| {r['tokens']} | {r['max_feature_nodes'] or 'all'} | {r['active_features']} | "
-              f"{r['feature_nodes']} | {r['edges']} | {r['seconds']} | {r['peak_rss_gb']} |", flush=True)
+              f"{r['feature_nodes']} | {r['edges']} | {r['recomputed_rows']} | {r['seconds']} | "
+              f"{r['peak_rss_gb']} | {r['estimate_gb']} |", flush=True)
     print(f"transcoders: {r['transcoders']}\n")
     cmd = [sys.executable, "-m", "circuitlab.bench", "--tools", "--dtype", args.dtype] + (
         ["--random"] if random else [])

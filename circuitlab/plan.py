@@ -200,6 +200,15 @@ def free_memory(device) -> int:
     return psutil.virtual_memory().available
 
 
+def spare_memory(parts: dict[str, int], device, memory_limit: int | None) -> int:
+    """Bytes an attribution may use beyond ``parts`` in the pool of ``device`` (what
+    ``check_attribution`` allows, less what ``parts`` take there)."""
+    dev = torch.device(device)
+    if memory_limit is not None:
+        return max(0, memory_limit - sum(parts.values()))
+    return max(0, int(FREE_SHARE * free_memory(dev)) - pools(parts, dev.type)[dev.type])
+
+
 def check_attribution(parts: dict[str, int], device, memory_limit: int | None, what: str) -> None:
     """Refuse an attribution whose ``parts`` do not fit: in all within ``memory_limit``, else
     each pool within ``FREE_SHARE`` of what is free on it.

@@ -2,12 +2,12 @@
 
 An attribution visits up to ``max_feature_nodes`` feature targets. A full row of edges spans
 every active feature, so keeping full rows costs ``nodes x active features``, which grows
-with the prompt. ``Rows`` keeps each visited row over a fixed number of *candidate* columns
-instead (``CANDIDATES_PER_NODE`` per node: the features most likely to become nodes, chosen
-as attribution goes) and folds every other feature's edge into the error column of its
-``(layer, pos)``, which keeps the row's sum exact. A feature that becomes a node after a row
-was stored is missing from it; ``late`` says which rows miss which nodes, and attribution
-recomputes just those rows.
+with the prompt. ``Rows`` keeps each visited row over a bounded number of *candidate*
+columns instead (at least ``CANDIDATES_PER_NODE`` per node, more where memory is spare: the
+features most likely to become nodes, chosen as attribution goes) and folds every other
+feature's edge into the error column of its ``(layer, pos)``, which keeps the row's sum
+exact. A feature that becomes a node after a row was stored is missing from it; ``late``
+says which rows miss which nodes, and attribution recomputes just those rows.
 
 The influence estimate needs each row's share of every feature, not only of the candidates:
 the largest shares outside the candidates (``EXTRA_SHARE`` and up, ``EXTRAS_PER_ROW`` per
@@ -29,9 +29,12 @@ EXTRAS_PER_ROW = 1024
 EXTRA_SHARE = 1e-5
 
 
-def candidate_slots(n_features: int, n_nodes: int) -> int:
-    """Candidate columns for ``n_nodes`` nodes among ``n_features`` active features."""
-    return n_features if n_nodes >= n_features else min(n_features, CANDIDATES_PER_NODE * n_nodes)
+def candidate_slots(n_features: int, n_nodes: int, extra: int = 0) -> int:
+    """Candidate columns for ``n_nodes`` nodes among ``n_features`` active features: at
+    least ``CANDIDATES_PER_NODE`` per node, and ``extra`` more (the columns spare memory
+    holds)."""
+    return n_features if n_nodes >= n_features else min(n_features,
+                                                        CANDIDATES_PER_NODE * n_nodes + extra)
 
 
 class Rows:
@@ -72,6 +75,12 @@ class Rows:
     def complete(self) -> bool:
         """Every active feature is a candidate: rows are stored whole."""
         return self.n_candidates == self.n_features
+
+    def wanted(self, n_to_visit: int) -> int:
+        """How many of the best-ranked features to offer ``add_candidates`` while
+        ``n_to_visit`` features remain to be visited: those, or half the free slots if more
+        (early rows then hold more of the features that become nodes later)."""
+        return min(self.n_features, max(n_to_visit, (self.n_slots - self.n_candidates) // 2))
 
     def add_candidates(self, features: torch.Tensor) -> None:
         """Make ``features`` candidates (in order, skipping those that are) while slots last."""

@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHS, tiny_model, tiny_transcoders
 
 import circuitlab
-from circuitlab import selection
+from circuitlab import attribution, selection
 from circuitlab.replacement import ReplacementModel
 
 PROMPT = "the cat sat on the mat."
@@ -118,6 +118,7 @@ def test_bounded_rows_stay_exact(arch, monkeypatch):
     assert whole.metadata["recomputed_rows"] == 0
     monkeypatch.setattr(selection, "CANDIDATES_PER_NODE", 1)
     monkeypatch.setattr(selection, "EXTRAS_PER_ROW", 8)
+    monkeypatch.setattr(attribution, "spare_memory", lambda *a: 0)
     graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=80, progress=False,
                                  dtype=torch.float32, batch_size=16)
     assert graph.metadata["n_active_features"] > 4 * 80
