@@ -79,10 +79,11 @@ def _check_id(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise CircuitlabError(f"Prompt id {value!r} must be text or an integer.")
     text = str(value)
-    if not text or text.startswith(".") or any(c in text for c in "/\\\0") or text != text.strip():
+    if (not text or text.startswith(".") or any(c in text for c in "/\\\0")
+            or text != text.strip() or text == SUMMARY):
         raise CircuitlabError(
-            f"Prompt id {text!r} cannot name a folder: use letters, digits, dashes or "
-            "underscores (no slashes, no leading dot, no surrounding spaces).")
+            f"Prompt id {text!r} cannot name a folder of the batch: use letters, digits, dashes "
+            f"or underscores (no slashes, no leading dot, no surrounding spaces, not {SUMMARY}).")
     return text
 
 
@@ -299,7 +300,7 @@ def trace_many(prompts, model="gemma-3-270m", transcoders=None, *, out=None, eng
             ``CircuitlabError``, or whose worker dies.
         attribute_fn: what traces one prompt, called as ``attribute_fn(rm, prompt,
             progress=False, **attribute_options)``; default ``circuitlab.attribute``. With
-            Ray it must be picklable (a module-level function, or a closure).
+            Ray it must be picklable (a function of an importable module, or a closure).
         **attribute_options: passed to ``attribute`` (e.g. ``max_feature_nodes``, ``dtype``);
             a prompt's own ``logit_targets`` take precedence.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-SECTIONS = ("The API in ten lines", "Explore", "Find features, test the story")
+SECTIONS = ("The API in ten lines", "Explore", "Find features, test the story", "Many prompts")
 
 
 def blocks(section: str) -> list[str]:
@@ -33,4 +33,6 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     assert "say large" in view.supernodes and view.labels
     assert (tmp_path / "out" / "graph.html").is_file()
     assert namespace["graph_fr"].prompt.startswith("Le contraire")
+    assert list(namespace["summary"].status) == ["ok"] * 3
+    assert namespace["agg"].similarity.shape == (3, 3)
     assert len(graph.nodes) > 0
