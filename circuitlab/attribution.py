@@ -32,7 +32,6 @@ recomputed at the end.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -46,21 +45,7 @@ from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
 from .selection import Rows, candidate_slots
-
-
-@dataclass
-class LogitTarget:
-    """A logit target: ``direction . final_norm(resid)[pos] + bias``.
-
-    ``token`` is the vocabulary id for a single-token target (its demeaned logit), ``None``
-    for a logit difference or a custom direction.
-    """
-
-    label: str
-    direction: torch.Tensor
-    bias: float
-    token: int | None
-    prob: float
+from .targets import logit_targets_of
 
 
 def _center(g: torch.Tensor, center: bool) -> torch.Tensor:
@@ -214,47 +199,6 @@ def _rows(bw: _Backward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: 
     out[:, src.embed_offset:src.embed_offset + P] = emb.to(out.dtype)
 
 
-def _logit_targets(rm, trace, logit_targets, max_logits, logit_prob) -> list[LogitTarget]:
-    W_U, b_U = rm.model.W_U.detach(), rm.model.b_U.detach()
-    W_U_mean, b_U_mean = W_U.mean(1, dtype=torch.float32), b_U.float().mean()
-    probs = torch.softmax(trace.logits[-1].double(), -1).float()
-    tok_str = lambda t: rm.tokenizer.decode([t])  # noqa: E731
-
-    def token_target(t: int) -> LogitTarget:
-        t = rm.token_id(t)
-        return LogitTarget(tok_str(t), W_U[:, t].float() - W_U_mean, float(b_U[t] - b_U_mean),
-                           t, float(probs[t]))
-
-    if logit_targets is None:
-        order = torch.argsort(probs, descending=True)[:max_logits]
-        cum = torch.cumsum(probs[order], 0)
-        n = int((cum < logit_prob).sum()) + 1
-        return [token_target(int(t)) for t in order[:min(n, max_logits)]]
-    targets = []
-    for spec in logit_targets:
-        if isinstance(spec, (int, str)):
-            targets.append(token_target(spec))
-        elif isinstance(spec, tuple) and len(spec) == 2:  # logit difference (a, b)
-            a, b = (token_target(s) for s in spec)
-            targets.append(LogitTarget(f"{a.label} - {b.label}", a.direction - b.direction,
-                                       a.bias - b.bias, None, a.prob))
-        elif isinstance(spec, torch.Tensor) and spec.shape == (rm.d_model,):
-            if not torch.isfinite(spec).all():
-                raise CircuitlabError(f"Logit target direction {len(targets)} holds NaN or inf; "
-                                      "pass a finite direction.")
-            targets.append(LogitTarget(f"direction {len(targets)}", spec.float().to(W_U.device),
-                                       0.0, None, 0.0))
-        else:
-            raise CircuitlabError(
-                f"Unknown logit target {spec!r}: use a token string, a token id, a pair (a, b) "
-                f"for the logit difference a - b, or a tensor of shape ({rm.d_model},) for a "
-                "direction in the final-norm output space.")
-    labels = [t.label for t in targets]
-    if len(set(labels)) < len(labels):
-        raise CircuitlabError(f"A logit target is listed twice in {labels}; list each once.")
-    return targets
-
-
 def _check_args(logit_targets, max_logits, logit_prob, max_feature_nodes, batch_size, dtype,
                 memory_limit) -> None:
     """Types, ranges and finiteness of ``attribute``'s options (see its docstring)."""
@@ -318,7 +262,7 @@ def attribute(
     tokens = rm.tokenize(prompt)
     dtype = dtype or default_dtype(rm.model.cfg.device)
     trace = rm.run(tokens)
-    targets = _logit_targets(rm, trace, logit_targets, max_logits, logit_prob)
+    targets = logit_targets_of(rm, trace, logit_targets, max_logits, logit_prob)
     L, P = rm.n_layers, len(tokens)
     N = sum(len(f[0]) for f in trace.features)
     parts = memory_parts(N, P, L, max_feature_nodes, len(targets), rm.d_model, batch_size, dtype,

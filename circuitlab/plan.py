@@ -24,7 +24,7 @@ from . import checks
 from .errors import CircuitlabError
 from .files import BUNDLE_DIR
 from .precision import check_device, check_dtype
-from .selection import EXTRAS_PER_ROW, candidate_slots
+from .selection import estimate_memory, memory_parts  # noqa: F401 (part of planning's face)
 
 GiB = 2 ** 30
 
@@ -144,44 +144,6 @@ PLAN_TRANSCODERS = {
 # --------------------------------------------------------------------------- attribution
 
 
-def memory_parts(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
-                 n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
-                 copied_params: int = 0, n_heads: int = 0) -> dict[str, int]:
-    """Bytes of what an attribution holds at its peak: the stored ``rows`` (the visited
-    features' over the candidate columns, errors and embeddings; the logits' whole), a
-    ``batch`` of whole rows as they are computed, the node ``selection`` (shares among the
-    visited features and the sparse shares outside the candidates), the act-scaled
-    ``decoders`` of the active features, the ``weights`` the backward copies in its dtype,
-    a ``backward`` batch, the attention ``patterns`` it reads (with ``n_heads``), and the
-    float32 ``adjacency`` with the normalized rows its influence is computed from (always
-    in host memory). Only the decoders and the patterns grow with the number of active
-    features or the square of the prompt; the rest is bounded by the node budget and
-    ``batch_size`` times the prompt length."""
-    kept = n_features if max_feature_nodes is None else min(n_features, max_feature_nodes)
-    slots = candidate_slots(n_features, kept)
-    cols = n_features + (n_layers + 1) * n_positions
-    n_nodes = kept + (n_layers + 1) * n_positions + n_logits
-    return {
-        "rows": dtype.itemsize * (kept * (slots + (n_layers + 1) * n_positions) + n_logits * cols),
-        "batch": dtype.itemsize * min(batch_size, kept) * cols,
-        "selection": (4 * kept * kept + 40 * kept * EXTRAS_PER_ROW) if slots < n_features
-        else (4 * kept * kept if kept < n_features else 0),
-        "decoders": dtype.itemsize * n_features * d_model,
-        "weights": dtype.itemsize * copied_params,
-        "backward": 4 * 8 * batch_size * n_positions * d_model,
-        "patterns": (4 + dtype.itemsize) * n_layers * n_heads * n_positions ** 2,
-        "adjacency": 4 * n_nodes * n_nodes + 4 * (kept + n_logits) * n_nodes,
-    }
-
-
-def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
-                    n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
-                    copied_params: int = 0, n_heads: int = 0) -> int:
-    """Bytes an attribution needs at peak, in all (the sum of ``memory_parts``)."""
-    return sum(memory_parts(n_features, n_positions, n_layers, max_feature_nodes, n_logits,
-                            d_model, batch_size, dtype, copied_params, n_heads).values())
-
-
 def pools(parts: dict[str, int], device_type: str) -> dict[str, int]:
     """``parts`` summed per memory pool: ``{"cpu": bytes}`` on a CPU, else the device's
     share under ``device_type`` and the adjacency under ``"cpu"``."""
@@ -201,8 +163,7 @@ def free_memory(device) -> int:
 
 
 def spare_memory(parts: dict[str, int], device, memory_limit: int | None) -> int:
-    """Bytes an attribution may use beyond ``parts`` in the pool of ``device`` (what
-    ``check_attribution`` allows, less what ``parts`` take there)."""
+    """Bytes ``check_attribution`` allows in ``device``'s pool beyond what ``parts`` take."""
     dev = torch.device(device)
     if memory_limit is not None:
         return max(0, memory_limit - sum(parts.values()))

@@ -15,6 +15,8 @@ row) are kept as a sparse list. When every active feature fits among the candida
 prompts), rows are stored whole and nothing is folded, recomputed or approximated.
 
 Stored row layout: ``[candidate slots | L x P error columns | P embedding columns]``.
+``memory_parts`` counts what an attribution holds in this layout (``plan`` and ``attribute``
+check it).
 """
 
 from __future__ import annotations
@@ -186,3 +188,37 @@ class Rows:
             if feeds.any():
                 out.append((rows[feeds], missed))
         return out
+
+
+def memory_parts(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
+                 n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
+                 copied_params: int = 0, n_heads: int = 0) -> dict[str, int]:
+    """Bytes an attribution holds at its peak: stored ``rows`` (visited features' over the
+    candidate columns, logits' whole), a ``batch`` of whole rows, node ``selection``
+    (shares among visited features, sparse shares outside the candidates), act-scaled
+    ``decoders``, backward-dtype ``weights``, a ``backward`` batch, attention ``patterns``
+    (given ``n_heads``) and the float32 ``adjacency`` with its normalized rows (host memory).
+    Only decoders and patterns grow with the active features or the prompt's square."""
+    kept = n_features if max_feature_nodes is None else min(n_features, max_feature_nodes)
+    slots = candidate_slots(n_features, kept)
+    cols = n_features + (n_layers + 1) * n_positions
+    n_nodes = kept + (n_layers + 1) * n_positions + n_logits
+    return {
+        "rows": dtype.itemsize * (kept * (slots + (n_layers + 1) * n_positions) + n_logits * cols),
+        "batch": dtype.itemsize * min(batch_size, kept) * cols,
+        "selection": (4 * kept * kept + 40 * kept * EXTRAS_PER_ROW) if slots < n_features
+        else (4 * kept * kept if kept < n_features else 0),
+        "decoders": dtype.itemsize * n_features * d_model,
+        "weights": dtype.itemsize * copied_params,
+        "backward": 4 * 8 * batch_size * n_positions * d_model,
+        "patterns": (4 + dtype.itemsize) * n_layers * n_heads * n_positions ** 2,
+        "adjacency": 4 * n_nodes * n_nodes + 4 * (kept + n_logits) * n_nodes,
+    }
+
+
+def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
+                    n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
+                    copied_params: int = 0, n_heads: int = 0) -> int:
+    """Bytes an attribution needs at peak, in all (the sum of ``memory_parts``)."""
+    return sum(memory_parts(n_features, n_positions, n_layers, max_feature_nodes, n_logits,
+                            d_model, batch_size, dtype, copied_params, n_heads).values())

@@ -88,7 +88,8 @@ def test_module_level_imports_have_no_cycle():
 
 def test_imports_inside_functions_are_few_and_only_documented_delegations_point_up():
     edges, in_function = _imports()
-    assert len(in_function) < 15, in_function
+    # Optional or heavy dependencies (ray, plotly) and the documented delegations.
+    assert len(in_function) < 18, in_function
     def delegation(a, b):
         return any(a == src and (b == dst or b.startswith(dst + ".")) for src, dst in DELEGATIONS)
 
