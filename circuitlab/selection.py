@@ -106,9 +106,10 @@ class Rows:
         """Store full rows ``[B, features + L x P errors + P embeddings]``."""
         b, i, n, c = len(full), self.n, self.n_features, self.n_candidates
         rows = slice(i, i + b)
-        total = full.abs().float().sum(1).clamp_min(1e-30)
+        features = full[:, :n].abs().float().sum(1)
+        total = (features + full[:, n:].abs().float().sum(1)).clamp_min(1e-30)
         self.total[rows] = total
-        self.feature_share[rows] = full[:, :n].abs().float().sum(1) / total
+        self.feature_share[rows] = features / total
         self.width[rows] = c
         self.values[rows, :c] = full[:, self.candidates[:c]]
         errors = full[:, n:n + self.n_error].clone()
