@@ -25,8 +25,8 @@ node of their ``(layer, pos)``, which keeps every target's edges + constant exac
 
 Memory is bounded by the node budget, not by the number of active features (which grows
 with the prompt): rows are computed whole a batch at a time and stored over a bounded set
-of candidate columns (``selection.Rows``); the few rows that miss a late node are
-recomputed at the end.
+of candidate columns (``selection.Rows``); the rows that miss a late node are recomputed
+at the end (none when every active feature fits among the candidates).
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def _feature_inputs(rm, src: _Sources, ids: torch.Tensor, x: torch.Tensor) -> to
 
 def _complete(rm, bw, src, trace, rows: Rows, kept, order, rank, out, batch_size) -> int:
     """Recompute the stored rows that miss kept features and move those edges out of the
-    error columns into their own (``out`` as in ``_feature_columns``). Returns the number of
+    error columns into their own (``out`` as in ``_columns``). Returns the number of
     rows recomputed."""
     K, P = len(kept), src.P
     at = torch.full((src.n_features,), -1, dtype=torch.long, device=kept.device)
