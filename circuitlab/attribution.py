@@ -21,7 +21,12 @@ influence on the logits is estimated from the rows computed so far (normalized a
 edge weights, summed over all paths, weighted by target probability) and the most
 influential unvisited features are visited next, until ``max_feature_nodes`` are visited.
 The features that were never visited are not nodes: their outputs are folded into the error
-node of their ``(layer, pos)``, which keeps every target's edges + constant exact.
+node of their ``(layer, pos)``, which keeps every target's edges + constant exact. (With a
+cross-layer transcoder, a feature's outputs are its writes into every layer it decodes to;
+they fold whole into the error node of the layer it reads.)
+
+A cross-layer transcoder's feature is one node: its edge to a target sums its contributions
+through every layer it writes to.
 
 Memory is bounded by the node budget, not by the number of active features (which grows
 with the prompt): rows are computed whole a batch at a time and stored over a bounded set
@@ -127,7 +132,12 @@ class _Backward:
 
 
 class _Sources:
-    """Column layout of the sources: active features, then errors (L x P), then embeddings."""
+    """Column layout of the sources: active features, then errors (L x P), then embeddings.
+
+    ``dec[s]`` holds the activation-scaled writes of layer ``s``'s active features padded per
+    position, ``[P, kmax, n, d]`` into layers ``s .. s + n - 1`` (``n = 1`` for per-layer
+    transcoders, ``L - s`` for a cross-layer transcoder), and ``cols[s]`` their columns.
+    """
 
     def __init__(self, rm: ReplacementModel, trace: Trace, dtype: torch.dtype):
         L, P = rm.n_layers, len(trace.tokens)
@@ -154,15 +164,20 @@ class _Sources:
             dev = p.device
             slot = (torch.arange(n, device=dev)
                     - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts))
-            dec = torch.zeros(P, kmax, rm.d_model, dtype=dtype, device=dev)
+            writes = rm.decoders(l)
+            dec = torch.zeros(P, kmax, writes.shape[1], rm.d_model, dtype=dtype, device=dev)
             cols = torch.full((P, kmax), -1, dtype=torch.long, device=dev)
-            dec[p, slot] = rm.transcoders[l].W_dec[f].to(dtype) * a[:, None].to(dtype)
+            dec[p, slot] = writes[f].to(dtype) * a[:, None, None].to(dtype)
             cols[p, slot] = torch.arange(start, start + n, device=dev)
             self.dec.append(dec), self.cols.append(cols)
             start += n
 
     def error_col(self, layer, pos):
         return self.error_offset + layer * self.P + pos
+
+    def writers(self, layer: int) -> list[int]:
+        """The source layers whose features write into ``layer``'s MLP output."""
+        return [s for s in range(layer + 1) if layer - s < self.dec[s].shape[2]]
 
 
 def _rows(bw: _Backward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: torch.Tensor,
@@ -182,12 +197,13 @@ def _rows(bw: _Backward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: 
     errors = trace.errors[:, :P].to(bw.dtype)
     out.zero_()
     for l in range(min(top, L - 1), -1, -1):
-        if l < top:  # sources at layer l feed only targets above l
-            dec, cols = src.dec[l][:P], src.cols[l][:P]
-            if dec.shape[1]:
-                e = torch.bmm(g, dec.transpose(1, 2))                       # [P, B, kmax]
-                valid = cols >= 0
-                out[:, cols[valid]] = e.transpose(0, 1)[:, valid].to(out.dtype)
+        if l < top:  # what is written into layer l feeds only targets above l
+            for s in src.writers(l):
+                dec, cols = src.dec[s][:P, :, l - s], src.cols[s][:P]
+                if dec.shape[1]:
+                    e = torch.bmm(g, dec.transpose(1, 2))                   # [P, B, kmax]
+                    valid = cols >= 0
+                    out[:, cols[valid]] += e.transpose(0, 1)[:, valid].to(out.dtype)
             err = torch.einsum("pbd,pd->bp", g, errors[l])
             out[:, src.error_col(l, 0):src.error_col(l, P)] = err.to(out.dtype)
             g = bw.mlp(g, l)
@@ -333,7 +349,7 @@ def _feature_grads(rm, bw: _Backward, src: _Sources, ids: torch.Tensor) -> torch
     layers = src.layer[ids]
     for l in layers.unique().tolist():
         here = layers == l
-        enc = rm.transcoders[l].W_enc.detach()[:, src.feature[ids[here]]].T
+        enc = rm.encoder(l)[0].detach()[:, src.feature[ids[here]]].T
         grads[here] = bw.injection(l, src.pos[ids[here]], enc)
     return grads
 
@@ -377,9 +393,9 @@ def _feature_inputs(rm, src: _Sources, ids: torch.Tensor, x: torch.Tensor) -> to
     for l in layers.unique().tolist():
         here = layers == l
         f, p = src.feature[ids[here]], src.pos[ids[here]]
-        tc = rm.transcoders[l]
-        out[here] = ((x[l, p].float() * tc.W_enc.detach()[:, f].T.float()).sum(-1)
-                     + tc.b_enc.detach()[f].float())
+        W_enc, b_enc = rm.encoder(l)
+        out[here] = ((x[l, p].float() * W_enc.detach()[:, f].T.float()).sum(-1)
+                     + b_enc.detach()[f].float())
     return out.cpu()
 
 
@@ -430,18 +446,18 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
     _columns(logit_rows, N, torch.arange(N, device=order.device), stored.where, kept, dropped,
              adjacency[n_src:, :n_src])
 
-    # Errors with the dropped features folded in, for the error nodes' activations.
+    # Errors with the dropped features folded in, for the error nodes' activations (a
+    # cross-layer feature's node takes its writes into every layer: its total write).
     errors = trace.errors.clone()
     for l in src.layer[dropped].unique().tolist():
         ids = dropped[src.layer[dropped] == l]
-        contrib = src.activation[ids, None] * rm.transcoders[l].W_dec.detach()[src.feature[ids]]
+        contrib = src.activation[ids, None] * rm.decoder(l).detach()[src.feature[ids]]
         errors[l].index_add_(0, src.pos[ids], contrib.to(errors.dtype))
 
     # Each target's input, and its constant part from the frozen model with all sources zero.
     zero = torch.zeros_like(trace.embed)
     x0, resid0 = rm.frozen_run(
-        trace, lambda l, x: rm.decode(l, rm.transcoders[l].W_dec.new_zeros(rm.d_sae(l)), x),
-        embed=zero)
+        trace, lambda l, x: rm.decode(l, [None] * L, x), embed=zero)
     directions = torch.stack([t.direction for t in targets])
     bias = torch.tensor([t.bias for t in targets], device=directions.device)
     inputs, constants = torch.zeros(n), torch.zeros(n)  # host: the Graph's
@@ -469,6 +485,7 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
         rows.append(dict(node_id=f"{L + 1}_{feature}_{P - 1}", kind="logit", layer=L, pos=P - 1,
                          feature=feature, activation=float(inputs[n_src + i]), token=t.label, prob=t.prob))
     metadata = dict(model=rm.name, transcoders=rm.transcoder_source, n_layers=L,
+                    cross_layer=rm.clt is not None,
                     n_active_features=src.n_features, max_feature_nodes=len(kept),
                     recomputed_rows=recomputed,
                     logit_directions=[t.direction.tolist() for t in targets])

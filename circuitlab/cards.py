@@ -93,7 +93,7 @@ def transcoder_key(rm) -> str:
     """sha256 of the transcoders' weights (all tensors, in layer order), cached per model."""
     if rm not in _KEYS:
         digest = hashlib.sha256()
-        for tc in rm.transcoders:
+        for tc in [rm.clt] if rm.clt is not None else rm.transcoders:
             for name, tensor in sorted(tc.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
@@ -310,7 +310,7 @@ def activations(rm, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """Feature activations ``[len(layers), P, d_sae]`` on one prompt (BOS gets none)."""
     mlp_in, _ = mlp_io(rm.model, tokens, layers)
     with torch.no_grad():
-        return torch.stack([rm.encode(l, x[0].to(rm.transcoders[l].W_enc.dtype), tokens)
+        return torch.stack([rm.encode(l, x[0].to(rm.encoder(l)[0].dtype), tokens)
                             for l, x in zip(layers, mlp_in)])
 
 
@@ -332,9 +332,9 @@ def unembedding(rm, norm: bool = True) -> torch.Tensor:
 def output_tokens(rm, layer: int, feature: int, k: int = 10, norm: bool = True) -> tuple[list, list]:
     """The ``k`` tokens whose logits feature ``(layer, feature)``'s decoder row raises most and
     lowers most (direct effect per unit activation: ``W_dec[f] @ W_U``, after the final norm's
-    weight when ``norm``)."""
+    weight when ``norm``; a cross-layer feature's ``W_dec[f]`` is the sum of its writes)."""
     _check_feature(rm, layer, feature)
-    row = rm.transcoders[layer].W_dec[feature]
+    row = rm.decoder(layer)[feature]
     effect = row.to(rm.model.W_U.dtype) @ unembedding(rm, norm)
     pairs = lambda idx: [(rm.tokenizer.decode([i]), float(effect[i])) for i in idx.tolist()]  # noqa: E731
     return pairs(effect.topk(k).indices), pairs((-effect).topk(k).indices)

@@ -136,7 +136,7 @@ def suggest_supernodes(graph, rm=None, *, top: int = 40, threshold: float = 0.5,
 
 def _decoder_rows(rm, nodes: pd.DataFrame) -> torch.Tensor:
     """Unit decoder directions of the feature nodes."""
-    rows = torch.stack([rm.transcoders[l].W_dec[f].detach().float()
+    rows = torch.stack([rm.decoder(l)[f].detach().float()
                         for l, f in zip(nodes["layer"], nodes["feature"])])
     return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
 

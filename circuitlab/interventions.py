@@ -4,8 +4,9 @@ An intervention edits feature activations ``(layer, pos, feature)`` (named as in
 ``circuitlab.edits``) and re-runs the model in one of three modes:
 
 - ``"free"``: the real model re-runs. At an intervened layer the MLP output moves by the
-  decoded change of the edited features; everything downstream (attention, later MLPs
-  and so their features) responds. With no edits the logits are the model's own.
+  decoded change of the edited features (for a cross-layer transcoder, at that layer and
+  every later one it writes to); everything downstream (attention, later MLPs and so
+  their features) responds. With no edits the logits are the model's own.
 - ``"frozen-attention"``: the same, with attention patterns kept from the clean run.
 - ``"constrained"``: attention patterns, norm denominators and every feature outside the
   intervention are frozen at their clean values, and error terms are carried: the linear
@@ -58,15 +59,19 @@ def run_edited(rm: ReplacementModel, tokens: torch.Tensor, edits: dict[int, list
     if mode == "constrained":
         new = [apply_edits(clean_acts[l], edits.get(l, [])) for l in range(rm.n_layers)]
         mlp_in, resid = rm.frozen_run(
-            trace, lambda l, x: rm.decode(l, new[l], x) + trace.errors[l])
+            trace, lambda l, x: rm.decode(l, new, x) + trace.errors[l])
         final = rm.final_normed(trace, resid)
         return Outcome(rm.unembed(final), mlp_in, final)
 
+    changes = [None] * rm.n_layers  # per layer, the edit's change of its activations
+
     def edit_out(layer, x, out):
-        if layer not in edits:
+        if layer in edits:
+            acts = rm.encode(layer, x, tokens)
+            changes[layer] = apply_edits(acts, edits[layer]) - acts
+        if all(c is None for c in changes[:layer + 1]):
             return None
-        acts = rm.encode(layer, x, tokens)
-        return out + (apply_edits(acts, edits[layer]) - acts) @ rm.transcoders[layer].W_dec
+        return out + rm.write(layer, changes)  # a cross-layer feature's change reaches every layer
 
     patterns = trace.patterns if mode == "frozen-attention" else None
     return rm.edited_run(tokens, edit_out, patterns=patterns)

@@ -128,7 +128,7 @@ def build_labels(rm, examples: Examples, chunk: int = 256) -> tuple[dict, dict]:
     W_U = unembedding(rm).detach().float()
     labels, outputs = {}, {}
     for layer in range(rm.n_layers):
-        W_dec = rm.transcoders[layer].W_dec.detach().float()
+        W_dec = rm.decoder(layer).detach().float()
         read = [reads(examples, layer, f) for f in range(W_dec.shape[0])]
         scripts = [script("".join(r)) for r in read]
         tops: list[list[str]] = [[] for _ in read]

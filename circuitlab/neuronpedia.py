@@ -2,7 +2,10 @@
 
 ``document(graph)`` writes a graph in the format Neuronpedia's viewer reads; ``parse(doc)``
 reads one back into the parts of a ``Graph`` (``Graph.from_neuronpedia`` assembles them).
-Inputs and constants are not part of the format and are read back as 0.
+Inputs and constants are not part of the format and are read back as 0. A feature's index
+is read from its ``node_id`` (``layer_feature_pos``); in the ``feature`` field a graph of a
+cross-layer transcoder writes the Cantor pairing of layer and feature, the one index space
+over all layers that circuit-tracer writes for CLT features.
 """
 
 from __future__ import annotations
@@ -92,8 +95,9 @@ def _parse(doc: dict) -> tuple[dict, dict]:
         output = DEFAULT_CLERP.match(n.get("clerp") or "")
         if kind == "logit":
             token = output.group(1) if output else ""
+        feature = int(n["node_id"].split("_")[1]) if kind == "feature" else int(n.get("feature", -1))
         rows.append({"node_id": n["node_id"], "kind": kind, "layer": layer, "pos": pos,
-                     "feature": int(n.get("feature", -1)), "activation": float(n.get("activation") or 0),
+                     "feature": feature, "activation": float(n.get("activation") or 0),
                      "token": token, "prob": float(n.get("token_prob", "nan")) if kind == "logit" else float("nan"),
                      "influence": float("nan") if n.get("influence") is None else float(n["influence"])})
         clerp = n.get("clerp") or ""
@@ -141,12 +145,16 @@ def document(graph: Graph, *, slug: str | None = None, labels: dict | None = Non
     n_layers = int(graph.metadata.get("n_layers", graph.nodes["layer"].max()))
     slug = slug or "-".join(graph.prompt.lower().split())[:60] or "graph"
     P = len(graph.tokens)
+    cross_layer = bool(graph.metadata.get("cross_layer"))
     feature_type = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
                     "embedding": "embedding", "logit": "logit"}
     nodes = []
     for r in graph.nodes.to_dict("records"):
         layer = {"embedding": "E", "logit": str(n_layers + 1)}.get(r["kind"], str(r["layer"]))
-        node = {"node_id": r["node_id"], "jsNodeId": r["node_id"], "feature": int(r["feature"]),
+        feature = int(r["feature"])
+        if cross_layer and r["kind"] == "feature":  # one index space over a CLT's layers
+            feature = (r["layer"] + feature) * (r["layer"] + feature + 1) // 2 + feature
+        node = {"node_id": r["node_id"], "jsNodeId": r["node_id"], "feature": feature,
                 "layer": layer, "ctx_idx": int(r["pos"]), "reverse_ctx_idx": P - 1 - int(r["pos"]),
                 "feature_type": feature_type[r["kind"]],
                 "influence": None if pd.isna(r["influence"]) else float(r["influence"]),

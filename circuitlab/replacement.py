@@ -6,7 +6,9 @@ Each MLP block at layer ``l`` is replaced by its transcoder plus an error term::
 
 where ``x[l]`` is the MLP input: the output of the pre-MLP norm (see ``circuitlab.hooks``,
 which names every TransformerLens hook the model is run with). Transcoders write the MLP
-output, which for Gemma includes the post-MLP norm.
+output, which for Gemma includes the post-MLP norm. With a cross-layer transcoder
+(``circuitlab.clt``) the features of every layer ``s <= l`` write into ``mlp_out[l]``, and
+``error[l]`` is what all of those writes together miss.
 
 For attribution, attention patterns and every normalization denominator are frozen at
 their values on the prompt (``Trace``); the map from feature outputs, error terms and
@@ -25,6 +27,7 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from . import checks
+from .clt import CrossLayerTranscoder
 from .errors import CircuitlabError
 from .hooks import (FINAL_NORMALIZED, MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_IN, is_frozen, is_scale,
                     mlp_hooks, pattern_hooks, pattern_name, resid_out, scale_name)
@@ -46,7 +49,7 @@ class Trace:
         scales: normalization denominators by TL hook name (``[P, 1]`` each).
         patterns: ``[L, H, P, P]`` attention patterns.
         features: per layer, ``(pos [n], feature [n], activation [n])`` of active features.
-        errors: ``[L, P, d]`` MLP output minus the transcoder's reconstruction from
+        errors: ``[L, P, d]`` MLP output minus the transcoders' reconstruction from
             ``features`` (features at a skipped BOS position are folded into it).
     """
 
@@ -78,11 +81,14 @@ class Outcome:
 
 
 class ReplacementModel:
-    """A TransformerLens model with one SAE-Lens transcoder per layer.
+    """A TransformerLens model with one SAE-Lens transcoder per layer, or a cross-layer
+    transcoder.
 
     Attributes:
         model: the ``HookedTransformer``.
-        transcoders: one transcoder per layer (SAE-Lens ``Transcoder`` subclasses).
+        transcoders: one transcoder per layer (SAE-Lens ``Transcoder`` subclasses), or a
+            ``CrossLayerTranscoder``.
+        clt: the ``CrossLayerTranscoder``, or ``None`` for per-layer transcoders.
         tokenizer: the model's tokenizer.
         name: model name (preset or HF id).
         transcoder_source: where the transcoders came from (for graph metadata).
@@ -91,17 +97,18 @@ class ReplacementModel:
     def __init__(
         self,
         model: HookedTransformer,
-        transcoders: Sequence[SAE],
+        transcoders: Sequence[SAE] | CrossLayerTranscoder,
         *,
         name: str | None = None,
         transcoder_source: str | None = None,
     ):
         self.model = model.eval()
-        self.transcoders = list(transcoders)
+        self.clt = transcoders if isinstance(transcoders, CrossLayerTranscoder) else None
+        self.transcoders = transcoders if self.clt is not None else list(transcoders)
         self.tokenizer = model.tokenizer
         self.name = name or model.cfg.model_name
         self.transcoder_source = transcoder_source
-        for tc in self.transcoders:
+        for tc in [self.clt] if self.clt is not None else self.transcoders:
             tc.eval()
             for p in tc.parameters():
                 p.requires_grad_(False)
@@ -138,14 +145,37 @@ class ReplacementModel:
 
     def d_sae(self, layer: int) -> int:
         """Number of features of the transcoder at ``layer``."""
-        return self.transcoders[layer].cfg.d_sae
+        return self.clt.d_sae if self.clt is not None else self.transcoders[layer].cfg.d_sae
 
     def skip_matrix(self, layer: int) -> torch.Tensor | None:
         """``W_skip [d_out, d_in]`` of a skip transcoder, else ``None``."""
+        if self.clt is not None:
+            return None if self.clt.W_skip is None else self.clt.W_skip[layer]
         return getattr(self.transcoders[layer], "W_skip", None)
 
+    def encoder(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_enc [d, d_sae], b_enc [d_sae])`` of the features of ``layer``."""
+        if self.clt is not None:
+            return self.clt.W_enc[layer], self.clt.b_enc[layer]
+        return self.transcoders[layer].W_enc, self.transcoders[layer].b_enc
+
+    def decoders(self, layer: int) -> torch.Tensor:
+        """``[d_sae, n, d]``: the writes of ``layer``'s features into the MLP outputs of layers
+        ``layer, ..., layer + n - 1`` (``n = 1`` for per-layer transcoders)."""
+        if self.clt is not None:
+            return self.clt.decoders(layer)
+        return self.transcoders[layer].W_dec[:, None]
+
+    def decoder(self, layer: int) -> torch.Tensor:
+        """``[d_sae, d]``: each feature's total write into the residual stream (the sum of its
+        writes into every layer), which sets its direct effect on the logits."""
+        if self.clt is not None:
+            return self.clt.decoders(layer).sum(1)
+        return self.transcoders[layer].W_dec
+
     def __repr__(self) -> str:
-        return (f"ReplacementModel({self.name!r}, {self.n_layers} layers, "
+        kind = "cross-layer transcoder, " if self.clt is not None else ""
+        return (f"ReplacementModel({self.name!r}, {self.n_layers} layers, {kind}"
                 f"{self.d_sae(0)} features/layer, transcoders={self.transcoder_source!r})")
 
     # ------------------------------------------------------------------ validation
@@ -162,6 +192,9 @@ class ReplacementModel:
                 f"{cfg.model_name} uses normalization {cfg.normalization_type!r}; load it "
                 "unfolded (from_pretrained_no_processing) so norms are RMS or LN."
             )
+        if self.clt is not None:
+            self._validate_clt()
+            return
         if len(self.transcoders) != cfg.n_layers:
             raise CircuitlabError(
                 f"Got {len(self.transcoders)} transcoders for a model with {cfg.n_layers} layers; "
@@ -190,6 +223,19 @@ class ReplacementModel:
                     f"(blocks.{layer}.hook_mlp_in / ln2.hook_normalized) and write "
                     f"blocks.{layer}.hook_mlp_out. Check the layer order and the model."
                 )
+
+    def _validate_clt(self) -> None:
+        clt, cfg = self.clt, self.model.cfg
+        if (clt.n_layers, clt.d_model) != (cfg.n_layers, cfg.d_model):
+            raise CircuitlabError(
+                f"The cross-layer transcoder spans {clt.n_layers} layers of width {clt.d_model}; "
+                f"{cfg.model_name} has {cfg.n_layers} layers of width {cfg.d_model}. It belongs "
+                "to another model.")
+        if clt.hook_in not in MLP_IN_HOOKS or clt.hook_out not in MLP_OUT_HOOKS:
+            raise CircuitlabError(
+                f"The cross-layer transcoder reads {clt.hook_in!r} and writes {clt.hook_out!r}; "
+                f"circuitlab needs CLTs that read the MLP input ({', '.join(MLP_IN_HOOKS)}) and "
+                f"write the MLP output ({', '.join(MLP_OUT_HOOKS)}).")
 
     def tokenize(self, prompt: str) -> torch.Tensor:
         """Token ids ``[P]`` of ``prompt`` with BOS prepended.
@@ -244,19 +290,32 @@ class ReplacementModel:
         ``x [P, d]``. Given the prompt's ``tokens``, a leading BOS gets no features (its huge,
         constant activations carry no prompt information; its MLP output is left to the error).
         """
-        acts = self.transcoders[layer].encode(x)
+        acts = (self.clt.encode(layer, x) if self.clt is not None
+                else self.transcoders[layer].encode(x))
         if tokens is not None and tokens[0].item() == self.tokenizer.bos_token_id:
             acts[..., :1, :] = 0
         return acts
 
     def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Transcoder pre-activations ``x @ W_enc + b_enc`` (a feature target's input)."""
-        tc = self.transcoders[layer]
-        return x.to(tc.W_enc.dtype) @ tc.W_enc + tc.b_enc
+        W_enc, b_enc = self.encoder(layer)
+        return x.to(W_enc.dtype) @ W_enc + b_enc
 
-    def decode(self, layer: int, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Transcoder output (reconstruction of ``hook_mlp_out``) incl. the skip path."""
-        out = acts @ self.transcoders[layer].W_dec + self.transcoders[layer].b_dec
+    def write(self, layer: int, acts: Sequence) -> torch.Tensor | float:
+        """What the features write into ``layer``'s MLP output: ``acts[s]`` (``[P, d_sae]``, or
+        ``None`` for nothing) holds the activations of layer ``s``; a per-layer transcoder
+        reads only ``acts[layer]``, a cross-layer one every ``s <= layer``."""
+        out = 0.0
+        for s in range(layer + 1) if self.clt is not None else [layer]:
+            if acts[s] is not None:
+                out = out + acts[s] @ self.decoders(s)[:, layer - s]
+        return out
+
+    def decode(self, layer: int, acts: Sequence, x: torch.Tensor) -> torch.Tensor:
+        """Transcoder output (reconstruction of ``hook_mlp_out``) incl. the skip path, from the
+        activations ``acts`` of every layer (see ``write``) and the MLP input ``x [P, d]``."""
+        b_dec = self.clt.b_dec[layer] if self.clt is not None else self.transcoders[layer].b_dec
+        out = self.write(layer, acts) + b_dec
         skip = self.skip_matrix(layer)
         return out if skip is None else out + x.to(skip.dtype) @ skip.T
 
@@ -303,7 +362,11 @@ class ReplacementModel:
                     )
                 pos, feat = acts.nonzero(as_tuple=True)
                 features.append((pos, feat, acts[pos, feat]))
-                errors[l] = mlp_out[l] - self.decode(l, acts, mlp_in[l])
+                errors[l] = mlp_out[l] - self.decode(l, [None] * L, mlp_in[l])
+            for s, (pos, feat, act) in enumerate(features):  # minus every feature's writes
+                writes = self.decoders(s)[feat] * act[:, None, None]            # [n, k, d]
+                for t in range(writes.shape[1]):
+                    errors[s + t].index_add_(0, pos, -writes[:, t].to(errors.dtype))
         return Trace(
             tokens=tokens, logits=logits, embed=cache[RESID_IN],
             mlp_in=mlp_in, mlp_out=mlp_out,
@@ -405,8 +468,11 @@ class ReplacementModel:
             errors: ``[L, P, d]`` error terms to add (from ``run``); ``None`` runs the
                 transcoders alone, without error terms.
         """
+        acts = []
+
         def replace(layer, x, out):
-            recon = self.decode(layer, self.encode(layer, x, tokens), x)
+            acts.append(self.encode(layer, x, tokens))
+            recon = self.decode(layer, acts, x)
             return recon if errors is None else recon + errors[layer]
 
         return self.edited_run(tokens, replace).logits

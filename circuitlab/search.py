@@ -135,7 +135,7 @@ def features_by_output(rm, token, layer=None, top: int = 20, norm: bool = True) 
     U, mean, cov = _unembed_stats(rm, norm)
     effect, z = [], []
     for l in layers:
-        d = rm.transcoders[l].W_dec.detach().float()
+        d = rm.decoder(l).detach().float()
         effect.append(d @ U[:, t])
         z.append((effect[-1] - d @ mean) / ((d @ cov) * d).sum(1).clamp_min(1e-30).sqrt())
     df = _ranked(rm, layers, torch.stack(z), top, logit_effect=torch.stack(effect))

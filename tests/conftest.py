@@ -93,6 +93,32 @@ def tiny_transcoders(model: HookedTransformer, arch: str, d_sae: int = 48, seed:
 ARCHS = ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
 
 
+def tiny_clt(model: HookedTransformer, activation: str = "jumprelu", skip: bool = True,
+             d_sae: int = 32, seed: int = 0):
+    """A random ``CrossLayerTranscoder`` over every layer of ``model``."""
+    from circuitlab.clt import CrossLayerTranscoder
+
+    g = torch.Generator().manual_seed(seed)
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    clt = CrossLayerTranscoder(L, d, d_sae, activation=activation, skip=skip,
+                               k=6 if activation == "topk" else None, model_name="tiny")
+    with torch.no_grad():
+        clt.W_enc.copy_(torch.randn(L, d, d_sae, generator=g) / d ** 0.5)
+        clt.b_enc.copy_(0.1 * torch.randn(L, d_sae, generator=g))
+        clt.b_dec.copy_(0.1 * torch.randn(L, d, generator=g))
+        for s in range(L):
+            clt.W_dec[s].copy_(torch.randn(d_sae, L - s, d, generator=g) / (d_sae * (L - s)) ** 0.5)
+        if clt.threshold is not None:
+            clt.threshold.copy_(0.2 * torch.rand(L, d_sae, generator=g))
+        if skip:
+            clt.W_skip.copy_(0.3 * torch.randn(L, d, d, generator=g) / d ** 0.5)
+    return clt
+
+
+#: CLT variants: (activation, skip).
+CLT_KINDS = [("relu", False), ("jumprelu", True), ("topk", False), ("topk", True)]
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_model("gemma3")

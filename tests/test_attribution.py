@@ -19,7 +19,7 @@ def frozen_target_values(rm, graph, trace, acts, embed, errors):
     ``acts[l]`` are feature activations ``[P, d_sae]`` (fixed: no re-encoding), ``embed``
     the residual entering layer 0, ``errors [L, P, d]`` the error terms.
     """
-    x, resid = rm.frozen_run(trace, lambda l, x: rm.decode(l, acts[l], x) + errors[l], embed=embed)
+    x, resid = rm.frozen_run(trace, lambda l, x: rm.decode(l, acts, x) + errors[l], embed=embed)
     normed = rm.final_normed(trace, resid)[-1]
     out = torch.zeros(len(graph.nodes))
     for i, r in enumerate(graph.nodes.to_dict("records")):

@@ -87,7 +87,7 @@ def _collect(rm, seqs: list[torch.Tensor], batch_size: int, folder: Path, progre
             mlp_in, _ = mlp_io(rm.model, tokens)
             for layer, files in enumerate(sinks):
                 with torch.no_grad():
-                    acts = rm.encode(layer, mlp_in[layer][valid].to(rm.transcoders[layer].W_enc.dtype))
+                    acts = rm.encode(layer, mlp_in[layer][valid].to(rm.encoder(layer)[0].dtype))
                 row, feat = acts.nonzero(as_tuple=True)
                 for f, values, (_, dtype) in zip(files, (index[row], feat, acts[row, feat]), SPILL):
                     f.write(values.numpy().astype(dtype).tobytes())

@@ -55,7 +55,7 @@ def output_tokens(rm, nodes: pd.DataFrame, k: int = 5, chunk: int = 128) -> dict
     W_U = unembedding(rm).detach().float()
     decode = rm.tokenizer.decode
     for layer, group in feats.groupby("layer"):
-        W_dec = rm.transcoders[int(layer)].W_dec.detach().float()
+        W_dec = rm.decoder(int(layer)).detach().float()
         for start in range(0, len(group), chunk):
             part = group.iloc[start:start + chunk]
             effect = W_dec[torch.tensor(part["feature"].to_numpy())] @ W_U
