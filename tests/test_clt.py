@@ -1,0 +1,238 @@
+"""Cross-layer transcoders: exact attribution, interventions and graphs, against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CLT_KINDS, tiny_clt, tiny_model
+from test_attribution import check_edges_brute_force
+
+import circuitlab
+from circuitlab import attribution, clt as clt_module, selection
+from circuitlab import interventions as iv
+from circuitlab.errors import CircuitlabError
+from circuitlab.graph import Graph
+from circuitlab.replacement import ReplacementModel
+
+PROMPT = "the cat sat on the mat."
+KIND_IDS = [f"{a}{'-skip' if s else ''}" for a, s in CLT_KINDS]
+
+
+def clt_rm(kind=("jumprelu", True), model="gemma3", seed=0, **kw):
+    m = tiny_model(model, seed=seed)
+    return ReplacementModel(m, tiny_clt(m, *kind, seed=seed, **kw), name="tiny")
+
+
+def exact(graph, atol=1e-5):
+    """Every target's edges plus its constant equal its input."""
+    targets = torch.tensor(graph.nodes["kind"].isin(["feature", "logit"]).to_numpy())
+    total = graph.adjacency.sum(1) + graph.constants
+    assert torch.allclose(total[targets], graph.inputs[targets], atol=atol)
+    assert graph.adjacency[targets].abs().sum(1).min() > 0
+
+
+@pytest.fixture(scope="module")
+def rm():
+    return clt_rm()
+
+
+# ------------------------------------------------------------------ the replacement model
+
+
+@pytest.mark.parametrize("kind", CLT_KINDS, ids=KIND_IDS)
+def test_replacement_with_errors_reproduces_logits(kind):
+    rm = clt_rm(kind)
+    tokens = rm.tokenize(PROMPT)
+    trace = rm.run(tokens)
+    assert (rm.forward(tokens, errors=trace.errors) - trace.logits).abs().max() < 1e-4
+    assert (rm.forward(tokens) - trace.logits).abs().max() > 1e-2
+
+
+def test_errors_are_what_all_writes_miss(rm):
+    """error[t] = mlp_out[t] - b_dec[t] - skip - sum over s <= t of a[s] W_dec[s][:, t - s]."""
+    tokens = rm.tokenize(PROMPT)
+    trace = rm.run(tokens)
+    clt = rm.clt
+    acts = [rm.encode(s, trace.mlp_in[s], tokens) for s in range(rm.n_layers)]
+    for t in range(rm.n_layers):
+        recon = clt.b_dec[t] + trace.mlp_in[t] @ clt.W_skip[t].T
+        for s in range(t + 1):
+            recon = recon + acts[s] @ clt.W_dec[s][:, t - s]
+        assert torch.allclose(trace.errors[t], trace.mlp_out[t] - recon, atol=1e-5)
+    # A layer-0 feature writes different vectors into each layer: nothing is summed.
+    assert not torch.allclose(clt.W_dec[0][:, 0], clt.W_dec[0][:, 1])
+
+
+def test_topk_keeps_k_per_token():
+    rm = clt_rm(("topk", False))
+    trace = rm.run(rm.tokenize(PROMPT))
+    for pos, _, _ in trace.features:
+        assert torch.bincount(pos).max() <= rm.clt.k
+
+
+# ------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("max_nodes", [None, 60])
+@pytest.mark.parametrize("kind", CLT_KINDS, ids=KIND_IDS)
+def test_edges_match_brute_force(kind, max_nodes):
+    """Each sampled edge is the effect of ablating its source in the frozen model (an error
+    node holds the features of its (layer, pos) that are not nodes, with all their writes)."""
+    rm = clt_rm(kind, seed=1)
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=max_nodes, progress=False,
+                                 dtype=torch.float32)
+    exact(graph)
+    check_edges_brute_force(rm, graph)
+    assert graph.metadata["cross_layer"]
+
+
+def test_edges_match_brute_force_layernorm_model():
+    rm = clt_rm(("relu", True), model="gpt2")
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False,
+                                 dtype=torch.float32)
+    exact(graph)
+    check_edges_brute_force(rm, graph)
+
+
+def test_edge_sums_the_writes_of_every_layer(rm):
+    """A layer-0 feature's edge to a layer-2 target is the sum of its contributions through
+    its writes into layers 0 and 1: with the layer-1 write removed the edge changes by the
+    contribution that write makes."""
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False,
+                                 dtype=torch.float32)
+    only_first = ReplacementModel(rm.model, _without_later_writes(rm.clt), name="tiny")
+    other = circuitlab.attribute(only_first, PROMPT, max_feature_nodes=None, progress=False,
+                                 dtype=torch.float32)
+    nodes = graph.nodes
+    src = nodes.index[(nodes["kind"] == "feature") & (nodes["layer"] == 0)]
+    tgt = nodes.index[(nodes["kind"] == "feature") & (nodes["layer"] == 2)]
+    same = lambda g: g.adjacency[torch.tensor(tgt)][:, torch.tensor(src)]  # noqa: E731
+    # The graphs share their nodes (encoders are the same; only decoders differ)...
+    assert list(other.nodes["node_id"][src]) == list(nodes["node_id"][src])
+    # ...but the edges from layer 0 to layer 2 differ: the later writes carry weight.
+    assert (same(graph) - same(other)).abs().max() > 1e-3
+
+
+def _without_later_writes(clt):
+    copy = clt_module.CrossLayerTranscoder(clt.n_layers, clt.d_model, clt.d_sae,
+                                           activation=clt.activation, k=clt.k,
+                                           skip=clt.W_skip is not None)
+    copy.load_state_dict(clt.state_dict())
+    with torch.no_grad():
+        for s in range(clt.n_layers):
+            copy.W_dec[s][:, 1:] = 0
+    return copy
+
+
+def test_bounded_rows_stay_exact(monkeypatch):
+    rm = clt_rm(("relu", True), seed=3, d_sae=64)
+    monkeypatch.setattr(selection, "CANDIDATES_PER_NODE", 1)
+    monkeypatch.setattr(selection, "EXTRAS_PER_ROW", 8)
+    monkeypatch.setattr(attribution, "spare_memory", lambda *a: 0)
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=80, progress=False,
+                                 dtype=torch.float32, batch_size=16)
+    assert graph.metadata["recomputed_rows"] > 0
+    exact(graph)
+    check_edges_brute_force(rm, graph, n_sources=15)
+
+
+def test_lazy_clt_gives_the_same_graph(rm, tmp_path):
+    rm.clt.save(tmp_path / "clt")
+    lazy = clt_module.load(tmp_path / "clt", lazy=True)
+    assert len(lazy.W_dec) == 0 and lazy.lazy_folder is not None
+    a = circuitlab.attribute(rm, PROMPT, progress=False, dtype=torch.float32)
+    b = circuitlab.attribute(ReplacementModel(rm.model, lazy, name="tiny"), PROMPT,
+                             progress=False, dtype=torch.float32)
+    assert torch.equal(a.adjacency, b.adjacency)
+
+
+def test_bfloat16_close_to_float32(rm):
+    g32 = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False,
+                               dtype=torch.float32)
+    g16 = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False,
+                               dtype=torch.bfloat16)
+    assert (g16.adjacency - g32.adjacency).abs().max() < 0.05 * g32.adjacency.abs().max()
+
+
+# ------------------------------------------------------------------ interventions
+
+
+@pytest.fixture(scope="module")
+def clean(rm):
+    ids = rm.tokenize(PROMPT)
+    trace = rm.run(ids)
+    return ids, trace, iv.dense_activations(rm, trace)
+
+
+@pytest.mark.parametrize("mode", iv.MODES)
+def test_empty_intervention_reproduces_clean_logits(rm, clean, mode):
+    ids, trace, acts = clean
+    out = iv.run_edited(rm, ids, {}, mode, trace, acts)
+    with torch.no_grad():
+        assert torch.allclose(out.logits, rm.model(ids[None])[0], atol=1e-5)
+    res = rm.intervene(PROMPT, [], mode=mode)
+    assert torch.allclose(res.logits, res.clean_logits, atol=1e-5)
+
+
+def test_free_edit_writes_into_every_later_layer(rm, clean):
+    """Setting a layer-0 feature moves the MLP output of layers 0, 1 and 2 by its decoded
+    change: the model with those deltas added by hand gives the same logits."""
+    ids, trace, acts = clean
+    pos = 3
+    f = int(acts[0][pos].argmax())
+    a = float(acts[0][pos, f])
+    res = rm.intervene(PROMPT, [(0, pos, f, a + 4.0)], mode="frozen-attention")
+    writes = rm.clt.W_dec[0][f]                                      # [L, d]
+
+    def add(layer):
+        def hook(act, hook):
+            act = act.clone()
+            act[0, pos] += 4.0 * writes[layer]
+            return act
+        return hook
+
+    hooks = [(f"blocks.{l}.hook_mlp_out", add(l)) for l in range(rm.n_layers)]
+    hooks.append((lambda n: n.endswith("hook_pattern"),
+                  lambda act, hook: trace.patterns[int(hook.name.split(".")[1])][None]))
+    with torch.no_grad():
+        expected = rm.model.run_with_hooks(ids[None], fwd_hooks=hooks)[0, -1]
+    assert torch.allclose(res.logits, expected, atol=1e-4)
+    assert not torch.allclose(res.logits, res.clean_logits, atol=1e-3)
+
+
+def test_constrained_mode_is_the_graph(rm):
+    graph = circuitlab.attribute(rm, PROMPT, dtype=torch.float32)
+    val = graph.validate(rm, n=25, seed=1)
+    assert val.summary["constrained_agreement"] > 0.9999
+    assert val.summary["constrained_max_error"] < 1e-4
+
+
+# ------------------------------------------------------------------ graphs and views
+
+
+def test_graph_round_trips_and_exports(rm, tmp_path):
+    graph = circuitlab.attribute(rm, PROMPT, dtype=torch.float32, progress=False)
+    graph.save(tmp_path / "g")
+    back = Graph.load(tmp_path / "g")
+    assert torch.equal(back.adjacency, graph.adjacency) and back.metadata["cross_layer"]
+    pruned = graph.prune(node_threshold=0.8, edge_threshold=0.98)
+    doc = pruned.to_neuronpedia(tmp_path / "np.json")
+    feats = [n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    layer, feature = int(feats[0]["layer"]), int(feats[0]["node_id"].split("_")[1])
+    assert feats[0]["feature"] == (layer + feature) * (layer + feature + 1) // 2 + feature
+    again = Graph.from_neuronpedia(tmp_path / "np.json")
+    assert set(again.nodes["node_id"]) == set(pruned.nodes["node_id"])
+    mine = again.nodes.set_index("node_id")["feature"]
+    assert (pruned.nodes.set_index("node_id")["feature"] == mine[pruned.nodes["node_id"]]).all()
+    assert pruned.to_html(tmp_path / "g.html").stat().st_size > 1000
+
+
+def test_clt_for_another_model_is_refused():
+    m = tiny_model("gemma3")
+    other = clt_module.CrossLayerTranscoder(m.cfg.n_layers + 1, m.cfg.d_model, 8)
+    with pytest.raises(CircuitlabError, match="another model"):
+        ReplacementModel(m, other)
+    bad = tiny_clt(m, "relu", False)
+    bad.hook_in = "hook_resid_mid"
+    with pytest.raises(CircuitlabError, match="MLP input"):
+        ReplacementModel(m, bad)
