@@ -6,9 +6,10 @@ peak RSS and the memory `estimate_memory` expects (prompts up to 2,000 tokens).
 Then times the tools around a graph on a 10-token prompt: an intervention in each mode,
 generation, ``validate``, opening the explorer and the HTML export. Uses the bundled
 transcoders, or random JumpReLU skip transcoders of the same shape (calibrated to fire
-``k`` features per token) when no bundle exists.
+``k`` features per token) when no bundle exists, or any transcoder source ``load`` reads
+(``--transcoders``, e.g. a cross-layer transcoder's folder).
 
-    python -m circuitlab.bench [--dtype auto|float32|bfloat16] [--random]
+    python -m circuitlab.bench [--dtype auto|float32|bfloat16] [--random | --transcoders SOURCE]
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def prompt_of(n_tokens: int, tokenizer) -> str:
     return tokenizer.decode(ids[: n_tokens - 1])
 
 
-def run_one(n_tokens: int, max_nodes: int | None, dtype: str, random: bool) -> dict:
-    rm = _model(random)
+def run_one(n_tokens: int, max_nodes: int | None, dtype: str, source) -> dict:
+    rm = _model(source)
     prompt = prompt_of(n_tokens, rm.tokenizer)
     attribute(rm, prompt[:20], max_feature_nodes=64, progress=False)  # warm-up
     start = time.perf_counter()
@@ -106,9 +107,9 @@ def _timed(fn) -> float:
     return round(time.perf_counter() - start, 2)
 
 
-def run_tools(dtype: str, random: bool) -> dict:
+def run_tools(dtype: str, source) -> dict:
     """Seconds for the interventions and the explorer on a graph of a 10-token prompt."""
-    rm = _model(random)
+    rm = _model(source)
     prompt = prompt_of(10, rm.tokenizer)
     graph = attribute(rm, prompt, progress=False,
                       dtype=None if dtype == "auto" else getattr(torch, dtype))
@@ -124,9 +125,10 @@ def run_tools(dtype: str, random: bool) -> dict:
     return out
 
 
-def _model(random: bool):
-    if not random:
-        return load("gemma-3-270m")
+def _model(source):
+    """``source``: ``True`` for random transcoders, ``False`` for the bundle, or a source for ``load``."""
+    if source is not True:
+        return load("gemma-3-270m", source or None)
     model = load_model("gemma-3-270m")
     return ReplacementModel(model, random_transcoders(model), name="gemma-3-270m",
                             transcoder_source="random")
@@ -137,16 +139,20 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="backward dtype; auto is attribute()'s default")
     parser.add_argument("--random", action="store_true", help="random transcoders, even with a bundle")
+    parser.add_argument("--transcoders", default=None,
+                        help="a transcoder source for load() instead of the bundle")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--tools", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    random = args.random or not (BUNDLE_DIR / DEFAULT_BUNDLE["gemma-3-270m"]).exists()
+    source = args.random or args.transcoders or not (
+        BUNDLE_DIR / DEFAULT_BUNDLE["gemma-3-270m"]).exists()
+    flags = ["--random"] if source is True else ["--transcoders", source] if source else []
     if args.one:
         n, m = int(args.one[0]), None if args.one[1] == "all" else int(args.one[1])
-        print(json.dumps(run_one(n, m, args.dtype, random)))
+        print(json.dumps(run_one(n, m, args.dtype, source)))
         return
     if args.tools:
-        print(json.dumps(run_tools(args.dtype, random)))
+        print(json.dumps(run_tools(args.dtype, source)))
         return
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, dtype {args.dtype}")
@@ -155,14 +161,13 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for n, m in CONFIGS:
         cmd = [sys.executable, "-m", "circuitlab.bench", "--one", str(n), str(m or "all"),
-               "--dtype", args.dtype] + (["--random"] if random else [])
+               "--dtype", args.dtype] + flags
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(f"| {r['tokens']} | {r['max_feature_nodes'] or 'all'} | {r['active_features']} | "
               f"{r['feature_nodes']} | {r['edges']} | {r['recomputed_rows']} | {r['seconds']} | "
               f"{r['peak_rss_gb']} | {r['estimate_gb']} |", flush=True)
     print(f"transcoders: {r['transcoders']}\n")
-    cmd = [sys.executable, "-m", "circuitlab.bench", "--tools", "--dtype", args.dtype] + (
-        ["--random"] if random else [])
+    cmd = [sys.executable, "-m", "circuitlab.bench", "--tools", "--dtype", args.dtype] + flags
     tools = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     print("| on a 10-token prompt | seconds |\n|---|---|")
     for name, seconds in tools.items():
