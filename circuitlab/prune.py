@@ -115,6 +115,9 @@ def scores(graph: Graph, nodes: torch.Tensor | None = None) -> dict:
       through features rather than error nodes.
     * completeness: the share of each node's input edge weight that does not come from error
       nodes, averaged over nodes weighted by their influence on the logits.
+    * path_length: the mean number of edges on the paths from the token embeddings to the
+      logits, each path weighted by its influence (the product of its shares in ``A``); 1 is
+      a direct edge, and cross-layer transcoders shorten paths.
 
     Args:
         graph: the graph.
@@ -130,11 +133,18 @@ def scores(graph: Graph, nodes: torch.Tensor | None = None) -> dict:
         adj = adj * (nodes | token | error)[None, :]
     A = normalized(adj)
     w = graph.logit_weights
-    inf = influence(A, w)
+    inf, current, weighted = torch.zeros_like(w), w, 0.0
+    for depth in range(1, 1001):  # influence(A, w), one path length at a time
+        current = current @ A
+        if not current.any():
+            break
+        inf += current
+        weighted += depth * float(current[token].sum())
     token_inf, error_inf = inf[token].sum(), inf[error].sum()
     replacement = token_inf / (token_inf + error_inf).clamp_min(1e-30)
     non_error = 1 - A[:, error].sum(1)
     has_input = adj.abs().sum(1) > 0
     out_inf = (inf + w) * has_input
     completeness = (non_error * out_inf).sum() / out_inf.sum().clamp_min(1e-30)
-    return {"replacement": float(replacement), "completeness": float(completeness)}
+    return {"replacement": float(replacement), "completeness": float(completeness),
+            "path_length": weighted / max(float(token_inf), 1e-30)}

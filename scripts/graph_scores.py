@@ -1,6 +1,7 @@
-"""Replacement and completeness scores of the demo graph and the notebooks' prompts, for
-one transcoder set: how much of each graph the transcoders explain (see the README's
-glossary). Used to compare a retrained bundle with the one it replaces.
+"""Replacement and completeness scores and mean path lengths of the demo graph and the
+notebooks' prompts, for one transcoder set: how much of each graph the transcoders explain
+(see the README's glossary). Used to compare a retrained bundle, or a cross-layer
+transcoder, with the bundle.
 
     python scripts/graph_scores.py [--transcoders FOLDER] [--json FILE]
 """
@@ -31,13 +32,15 @@ PROMPTS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transcoders", default=None, help="folder (default: the bundled set)")
+    parser.add_argument("--transcoders", default=None, help="folder of per-layer transcoders or of a cross-layer transcoder "
+                        "(default: the bundled set)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     rm = circuitlab.load("gemma-3-270m", args.transcoders)
     rows = []
-    print("| graph | feature nodes | replacement | completeness | pruned replacement | pruned completeness |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| graph | feature nodes | replacement | completeness | pruned replacement | "
+          "pruned completeness | path length | pruned path length |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, prompt, max_nodes in PROMPTS:
         t0 = time.perf_counter()
         graph = attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False)
@@ -47,10 +50,12 @@ def main() -> None:
                "replacement": full["replacement"], "completeness": full["completeness"],
                "pruned_replacement": pruned["replacement"],
                "pruned_completeness": pruned["completeness"],
+               "path_length": full["path_length"], "pruned_path_length": pruned["path_length"],
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(f"| {name} | {row['features']} | {row['replacement']:.3f} | {row['completeness']:.3f} | "
-              f"{row['pruned_replacement']:.3f} | {row['pruned_completeness']:.3f} |", flush=True)
+              f"{row['pruned_replacement']:.3f} | {row['pruned_completeness']:.3f} | "
+              f"{row['path_length']:.2f} | {row['pruned_path_length']:.2f} |", flush=True)
     if args.json:
         atomic_write_text(args.json, json.dumps({"transcoders": str(rm.transcoder_source),
                                                  "rows": rows}, indent=1))

@@ -64,10 +64,33 @@ def test_scores_bounds_and_meaning(graph):
     no_err = Graph(graph.prompt, graph.tokens, graph.token_strs, graph.nodes.to_dict("records"),
                    graph.adjacency * ~graph.mask("error")[None, :], graph.inputs, graph.constants,
                    graph.metadata)
-    assert no_err.scores() == pytest.approx({"replacement": 1.0, "completeness": 1.0})
+    perfect = no_err.scores()
+    assert (perfect["replacement"], perfect["completeness"]) == pytest.approx((1.0, 1.0))
     # A subgraph without features explains nothing but tokens' direct paths.
     only_logits = graph.mask("logit")
     assert scores(graph, nodes=only_logits)["replacement"] <= s["replacement"]
+
+
+def test_path_length_against_every_path(graph):
+    """The mean path length is the influence-weighted mean length over every path from an
+    embedding to a logit, enumerated one by one."""
+    pruned = graph.prune(node_threshold=0.5, edge_threshold=0.8)
+    A = normalized(pruned.adjacency).double()
+    w = pruned.logit_weights.double()
+    g = nx.DiGraph([(int(s), int(t)) for t, s in pruned.adjacency.nonzero().tolist()])
+    total = weighted = 0.0
+    for e in pruned.nodes.index[pruned.nodes["kind"] == "embedding"]:
+        for t in pruned.nodes.index[pruned.nodes["kind"] == "logit"]:
+            if e not in g or t not in g:
+                continue
+            for path in nx.all_simple_paths(g, e, t):
+                share = float(w[t]) * float(torch.prod(torch.stack(
+                    [A[b, a] for a, b in zip(path, path[1:])])))
+                total += share
+                weighted += share * (len(path) - 1)
+    assert total > 0
+    assert pruned.scores()["path_length"] == pytest.approx(weighted / total, rel=1e-4)
+    assert pruned.scores()["path_length"] > 1
 
 
 def test_prune(graph):
