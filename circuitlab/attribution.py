@@ -281,8 +281,10 @@ def attribute(
     targets = logit_targets_of(rm, trace, logit_targets, max_logits, logit_prob)
     L, P = rm.n_layers, len(tokens)
     N = sum(len(f[0]) for f in trace.features)
+    writes = sum(len(f[0]) * (L - s if rm.clt is not None else 1)
+                 for s, f in enumerate(trace.features)) / max(N, 1)
     parts = memory_parts(N, P, L, max_feature_nodes, len(targets), rm.d_model, batch_size, dtype,
-                         _copied_params(rm), rm.cfg.n_heads)
+                         _copied_params(rm), rm.cfg.n_heads, writes)
     check_attribution(parts, rm.device, memory_limit, f"{N} active features, {P} tokens")
     src = _Sources(rm, trace, dtype)
     bw = _Backward(rm, trace, dtype)
