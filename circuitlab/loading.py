@@ -18,6 +18,10 @@ Transcoders (one SAE-Lens transcoder per layer) come from:
     * a directory of SAE-Lens ``save_model`` folders (optionally with a sha256 manifest);
     * a circuit-tracer directory: ``config.yaml`` plus per-layer safetensors;
     * a list of SAE-Lens transcoder objects.
+
+A cross-layer transcoder (``circuitlab.clt``) comes from a folder in circuit-tracer's CLT
+layout, a circuit-tracer hub repository or Gemma Scope 2's CLT files (``CLT_PRESETS``; see
+``circuitlab.clt_sources``), or is given as a ``CrossLayerTranscoder``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ try:
 except ImportError:  # the embedded model's weights; reported when first needed
     gguf_pkg = None
 
+from . import clt_sources
+from .clt import CrossLayerTranscoder
+from .clt_sources import CLT_PRESETS  # noqa: F401 (part of loading's face)
 from .errors import CircuitlabError
 from .files import BUNDLE_DIR, atomic_dir, cache_dir, sha256, verify_manifest
 from .hooks import layer_of
@@ -84,7 +91,7 @@ PACK_FILE = "pack.json"
 
 
 def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, dtype=None,
-         rebuild: bool = False):
+         rebuild: bool = False, lazy: bool = False):
     """Load a ``ReplacementModel``.
 
     Args:
@@ -92,17 +99,22 @@ def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, d
             name, or a ``HookedTransformer`` (moved to ``device`` and cast to ``dtype`` in
             place when they are given and differ).
         transcoders: ``None`` for the bundled set of the embedded model; an SAE-Lens release
-            name; a directory (SAE-Lens folders or circuit-tracer ``config.yaml``); or a list
-            of SAE-Lens transcoders, one per layer.
+            name; a directory (SAE-Lens folders, circuit-tracer ``config.yaml``, a CLT folder);
+            a CLT preset (``CLT_PRESETS``) or circuit-tracer hub reference
+            ``org/repo[/subfolder][@revision]``; a list of SAE-Lens transcoders, one per
+            layer; or a ``CrossLayerTranscoder``.
         device: torch device; default ``"cpu"``, or a given model's own device.
         dtype: of the model's and every transcoder's weights: ``torch.float32``,
             ``torch.bfloat16`` or ``torch.float16`` (or their names); default bfloat16 on
             CUDA, float32 on a CPU (a given model then keeps its own dtype).
         rebuild: rebuild the embedded model's cache.
+        lazy: keep a cross-layer transcoder's decoders on disk and read them when used.
 
     Raises:
         CircuitlabError: for an unknown device or dtype, or, before anything is downloaded,
-            when the weights of known shapes would not fit on the device (``circuitlab.plan``).
+            when the weights of known shapes would not fit on the device (``circuitlab.plan``)
+            or the CLT's configuration shows it cannot be used with the model (it reads the
+            residual stream before the pre-MLP norm, or was made for another model).
 
     Examples:
         >>> rm = circuitlab.load("gemma-3-270m")
@@ -114,8 +126,9 @@ def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, d
     tc_dtype = check_dtype(dtype, device)
     model_dtype = weight.dtype if given and dtype is None else tc_dtype
     name = model.cfg.model_name if given else model
+    clt_sources.resolve(transcoders, None if given else MODEL_PRESETS.get(name, name))
     check_load(model, DEFAULT_BUNDLE.get(name) if transcoders is None else transcoders, device,
-               tc_dtype, model_dtype)
+               tc_dtype, model_dtype, lazy)
     if given:
         hooked = model
         if (weight.device, weight.dtype) != (torch.device(device), model_dtype):
@@ -123,8 +136,9 @@ def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, d
     else:
         hooked = load_model(model, device=device, dtype=model_dtype, rebuild=rebuild)
     source = transcoders if isinstance(transcoders, (str, type(None))) else (
-        str(transcoders) if not isinstance(transcoders, (list, tuple)) else "custom")
-    tcs = load_transcoders(transcoders, name, hooked.cfg.n_layers, device=device, dtype=tc_dtype)
+        "custom" if isinstance(transcoders, (list, tuple, CrossLayerTranscoder)) else str(transcoders))
+    tcs = load_transcoders(transcoders, name, hooked.cfg.n_layers, device=device, dtype=tc_dtype,
+                           lazy=lazy)
     return ReplacementModel(hooked, tcs, name=name,
                             transcoder_source=source or DEFAULT_BUNDLE.get(name))
 
@@ -322,15 +336,22 @@ def _build_embedded_cache(folder: Path) -> None:
 
 
 def load_transcoders(
-    source: str | Path | Sequence[SAE] | None,
+    source: str | Path | Sequence[SAE] | CrossLayerTranscoder | None,
     model_name: str | None,
     n_layers: int,
     *,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
-) -> list[SAE]:
-    """Load one transcoder per layer from any supported source (see module docstring), on
-    ``device`` and, unless ``dtype`` is ``None``, in ``dtype`` (a list given is moved in place)."""
+    lazy: bool = False,
+) -> list[SAE] | CrossLayerTranscoder:
+    """Load one transcoder per layer, or a cross-layer transcoder, from any supported source
+    (see module docstring), on ``device`` and, unless ``dtype`` is ``None``, in ``dtype`` (a
+    list or CLT given is moved in place). ``lazy`` keeps a CLT's decoders on disk."""
+    if isinstance(source, CrossLayerTranscoder):
+        return source.to(device=device, dtype=dtype)
+    clt = clt_sources.resolve(source)
+    if clt is not None:
+        return clt.load(device=device, dtype=dtype, lazy=lazy)
     saes = _load_transcoders(source, model_name, n_layers, device)
     return saes if dtype is None else [sae.to(device=device, dtype=dtype) for sae in saes]
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from . import checks
+from .clt import CrossLayerTranscoder
 from .errors import CircuitlabError
 from .files import BUNDLE_DIR
 from .precision import check_device, check_dtype
@@ -90,20 +91,25 @@ MODEL_SHAPES = {
 
 @dataclass(frozen=True)
 class TranscoderShape:
-    """One transcoder per layer: ``width`` features, an optional ``d x d`` skip matrix, a
-    JumpReLU threshold or not, and the typical number of active features per token and
-    layer (``l0``) that sizes an attribution."""
+    """Transcoders of ``width`` features per layer (``cross_layer``: one CLT), a ``d x d`` skip
+    matrix or not, a JumpReLU threshold or not, and ``l0``, the typical number of active
+    features per token and layer that sizes an attribution."""
 
     width: int
     skip: bool
     jumprelu: bool
     l0: float
     label: str
+    cross_layer: bool = False
 
-    def n_params(self, d_model: int) -> int:
-        """Parameters of one layer's transcoder (W_enc, W_dec, b_enc, b_dec, threshold, W_skip)."""
-        return (2 * d_model * self.width + self.width + d_model + (self.width if self.jumprelu else 0)
-                + (d_model * d_model if self.skip else 0))
+    def n_params(self, d_model: int, n_layers: int = 1, lazy: bool = False) -> int:
+        """Parameters over ``n_layers`` layers: per layer W_enc, b_enc, b_dec, threshold, W_skip;
+        a decoder per layer, or for a CLT per layer and later or equal one (``L (L + 1) / 2``,
+        none when ``lazy``: they stay on disk)."""
+        per_layer = (d_model * self.width + self.width + d_model + (self.width if self.jumprelu else 0)
+                     + (d_model * d_model if self.skip else 0))
+        decoders = (0 if lazy else n_layers * (n_layers + 1) // 2) if self.cross_layer else n_layers
+        return n_layers * per_layer + decoders * self.width * d_model
 
 
 #: L0 assumed where a transcoder set publishes none.
@@ -129,6 +135,21 @@ TRANSCODER_SHAPES = {
     # no SAE-Lens release: load its downloaded folder (config.yaml). No L0 published.
     "mntss/transcoder-Llama-3.2-1B": TranscoderShape(
         131072, True, False, ASSUMED_L0, "circuit-tracer llama, 131,072 wide"),
+    # CLTs (``loading.CLT_PRESETS``), no L0 published; mntss's: no W_skip (load_clt reads none).
+    # 426k: 26 x 16,384 (SAE-Lens 6.54's mntss_clt_layer test), no threshold known; 2.5M: 98,304
+    # a layer (its users); 524k: 16 x 32,768, headers W_enc_L, threshold_L, W_dec_L [., 16 - L, .].
+    "mntss/clt-gemma-2-2b-426k": TranscoderShape(
+        16384, False, False, ASSUMED_L0, "circuit-tracer CLT, 16,384 wide", cross_layer=True),
+    "mntss/clt-gemma-2-2b-2.5M": TranscoderShape(
+        98304, False, False, ASSUMED_L0, "circuit-tracer CLT, 98,304 wide", cross_layer=True),
+    "mntss/clt-llama-3.2-1b-524k": TranscoderShape(
+        32768, False, True, ASSUMED_L0, "circuit-tracer CLT, 32,768 wide", cross_layer=True),
+    # Gemma Scope 2 (JumpReLU, "_affine" skip), estimated: 262144 // L a layer gives the 1b
+    # (26 layers, d 1152, float32) the 30.37 GiB its width_262k folder is reported to hold.
+    "google/gemma-scope-2-270m-pt/clt/width_262k_l0_medium_affine": TranscoderShape(
+        262144 // 18, True, True, ASSUMED_L0, "Gemma Scope 2 CLT, ~14,563 wide", cross_layer=True),
+    "google/gemma-scope-2-1b-pt/clt/width_262k_l0_medium_affine": TranscoderShape(
+        262144 // 26, True, True, ASSUMED_L0, "Gemma Scope 2 CLT, ~10,082 wide", cross_layer=True),
 }
 
 #: The transcoders ``plan`` assumes for a model when none are named (the embedded model's
@@ -197,9 +218,9 @@ def check_attribution(parts: dict[str, int], device, memory_limit: int | None, w
 
 
 def _folder_shape(path: Path) -> TranscoderShape:
-    """The shape of a folder of SAE-Lens transcoders (``*/cfg.json``) or a circuit-tracer
-    folder (``config.yaml`` and per-layer safetensors: their headers), read without
-    loading a weight."""
+    """The shape of a folder of SAE-Lens transcoders (``*/cfg.json``), a circuit-tracer
+    folder (``config.yaml``, per-layer safetensors) or a CLT folder (``W_enc_<layer>`` or Gemma
+    Scope 2's ``params_layer_<layer>``): from cfg.json or one header, no weight read."""
     cfgs = sorted(path.glob("*/cfg.json"))
     if cfgs:
         docs = [json.loads(p.read_text()) for p in cfgs]
@@ -209,14 +230,18 @@ def _folder_shape(path: Path) -> TranscoderShape:
         l0 = sum(l0s) / len(l0s) if all(isinstance(v, (int, float)) for v in l0s) else ASSUMED_L0
         return TranscoderShape(max(d["d_sae"] for d in docs), "skip" in arch, "jumprelu" in arch,
                                round(l0, 1), f"{path.name}, {max(d['d_sae'] for d in docs):,} wide")
-    files = sorted(path.glob("*.safetensors"))
-    if (path / "config.yaml").exists() and files:
-        with safe_open(files[0], "pt") as f:
-            names = set(f.keys())
-            width = f.get_slice("W_enc").get_shape()[0]
-        return TranscoderShape(width, "W_skip" in names, bool(names & {"threshold",
-                               "activation_function.threshold"}), ASSUMED_L0,
-                               f"{path.name}, {width:,} wide")
+    files = sorted(path.glob("*.safetensors")) if (path / "config.yaml").exists() else []
+    for file, enc, skip, axis, cross in (
+            (path / "W_enc_0.safetensors", "W_enc_0", "W_skip_0", 0, True),
+            (path / "params_layer_0.safetensors", "w_enc", "affine_skip_connection", 1, True),
+            *[(f, "W_enc", "W_skip", 0, False) for f in files[:1]]):
+        if file.exists():
+            with safe_open(file, "pt") as f:
+                names = set(f.keys())
+                width = f.get_slice(enc).get_shape()[axis]
+            jumprelu = bool(names & {"threshold", "threshold_0", "activation_function.threshold"})
+            return TranscoderShape(width, skip in names, jumprelu, ASSUMED_L0, f"{path.name}, "
+                                   f"{'CLT, ' if cross else ''}{width:,} wide", cross_layer=cross)
     raise CircuitlabError(f"Cannot size the transcoders in {path}: it holds neither SAE-Lens "
                           "folders (*/cfg.json) nor a circuit-tracer config.yaml with local "
                           "safetensors. Pass transcoders=<features per layer> to plan.")
@@ -224,14 +249,17 @@ def _folder_shape(path: Path) -> TranscoderShape:
 
 def transcoder_shape(source) -> TranscoderShape:
     """The shape of a transcoder source: a name in ``TRANSCODER_SHAPES``, a bundled set's
-    name, a folder, an int (features per layer, ReLU, no skip), or a list of SAE-Lens
-    transcoders."""
+    name, a folder, an int (features per layer, ReLU, no skip), a list of SAE-Lens
+    transcoders or a ``CrossLayerTranscoder``."""
     if isinstance(source, bool):
         raise CircuitlabError(f"transcoders={source!r} is not a transcoder source.")
     if isinstance(source, int):
         if source < 1:
             raise CircuitlabError(f"transcoders={source} features per layer must be at least 1.")
         return TranscoderShape(source, False, False, ASSUMED_L0, f"{source:,} wide")
+    if isinstance(source, CrossLayerTranscoder):
+        return TranscoderShape(source.d_sae, source.W_skip is not None, source.threshold is not None,
+                               ASSUMED_L0, f"CLT, {source.d_sae:,} wide", cross_layer=True)
     if isinstance(source, (list, tuple)):
         if not source:
             raise CircuitlabError("transcoders=[] holds no transcoder.")
@@ -372,7 +400,7 @@ def plan(model="gemma-3-270m", transcoders=None, *, tokens: int = 30,
                          shape.n_heads)
     return Plan(name, tc, where, kind, dtype, attribution_dtype, tokens, max_feature_nodes,
                 n_features, model_bytes(model, shape, dtype),
-                shape.n_layers * tc.n_params(shape.d_model) * dtype.itemsize,
+                tc.n_params(shape.d_model, shape.n_layers) * dtype.itemsize,
                 pools(parts, kind), usable)
 
 
@@ -389,11 +417,11 @@ def fixes(dtype: torch.dtype, weights_fit: bool, device_type: str) -> str:
 
 
 def check_load(model, transcoders, device, dtype: torch.dtype,
-               model_dtype: torch.dtype | None = None) -> None:
+               model_dtype: torch.dtype | None = None, lazy: bool = False) -> None:
     """Refuse, before anything is downloaded or allocated, a load whose weights (the model's
-    in ``model_dtype``, default ``dtype``) would not fit on ``device``. A model of unknown
-    shapes is not checked; unknown transcoders count as zero, and so does a
-    ``HookedTransformer`` already on ``device`` in ``model_dtype``.
+    in ``model_dtype``, default ``dtype``; a CLT's decoders unless ``lazy``) would not fit on
+    ``device``. A model of unknown shapes is not checked; unknown transcoders count as zero,
+    and so does a ``HookedTransformer`` already on ``device`` in ``model_dtype``.
 
     Raises:
         CircuitlabError: naming the need, the device and the fixes.
@@ -411,7 +439,7 @@ def check_load(model, transcoders, device, dtype: torch.dtype,
     weight = None if isinstance(model, str) else next(model.parameters())
     here = weight is not None and (weight.device, weight.dtype) == (torch.device(device), model_dtype)
     need = 0 if here else model_bytes(model, shape, model_dtype)
-    tc_bytes = 0 if tc is None else shape.n_layers * tc.n_params(shape.d_model) * dtype.itemsize
+    tc_bytes = 0 if tc is None else tc.n_params(shape.d_model, shape.n_layers, lazy) * dtype.itemsize
     if need + tc_bytes > usable:
         name = model if isinstance(model, str) else model.cfg.model_name
         raise CircuitlabError(
@@ -461,9 +489,8 @@ def table(models=TABLE_MODELS, devices=TABLE_DEVICES, tokens: int = 30,
 
 
 class _CallableModule(types.ModuleType):
-    """``circuitlab.plan`` is this module (``circuitlab.plan.table``, ...) and, called, its
-    ``plan`` function: Python binds a package's submodule to the package attribute of the
-    same name, so the two must be one object."""
+    """``circuitlab.plan`` is this module and, called, its ``plan`` function: Python binds a
+    package's submodule to the package attribute of the same name, so they are one object."""
 
     def __call__(self, *args, **kwargs) -> Plan:
         return plan(*args, **kwargs)

@@ -390,3 +390,65 @@ def hooked_gemma_2(repo_id: str = TINY_GEMMA_2) -> tuple[HookedTransformer, obje
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos")) for k in missing), missing
     return model.eval(), hf_model
+
+
+# ------------------------------------------------------------ cross-layer transcoders
+
+#: Tiny CLT repositories: circuit-tracer's layout (config.yaml at the root, W_enc_<layer> and
+#: W_dec_<layer> safetensors, as mntss's), the same reading hook_resid_mid, Gemma Scope 2's
+#: CLT folder layout, and a circuit-tracer config listing those Gemma Scope 2 files (as
+#: circuit-tracer's mwhanna/gemma-scope-2-*/clt/* repositories do).
+TINY_CLT = "circuitlab-tests/tiny-clt"
+TINY_CLT_RESID_MID = "circuitlab-tests/tiny-clt-resid-mid"
+TINY_GEMMA_SCOPE_2 = "circuitlab-tests/gemma-scope-2-tiny-pt"
+TINY_GEMMA_SCOPE_2_CT = "circuitlab-tests/gemma-scope-2-tiny-ct"
+TINY_CLT_FOLDER = "clt/width_16_l0_medium_affine"
+
+
+def gemma_scope_2_clt_params(n_layers: int, d_model: int, d_sae: int = 16, seed: int = 3) -> list[dict]:
+    """Random Gemma Scope 2 CLT tensors per layer, as its ``params_layer_<layer>.safetensors``
+    store them: ``w_enc [d, d_sae]``, ``w_dec [d_sae, n_layers, d]`` (every layer, the ones
+    before the source included), ``b_enc``, ``b_dec``, ``threshold``,
+    ``affine_skip_connection [d_in, d_out]``."""
+    g = torch.Generator().manual_seed(seed)
+    d = d_model
+    return [{"w_enc": torch.randn(d, d_sae, generator=g) / d ** 0.5 * 2,
+             "w_dec": torch.randn(d_sae, n_layers, d, generator=g) / d_sae ** 0.5,
+             "b_enc": 0.1 * torch.randn(d_sae, generator=g),
+             "b_dec": 0.1 * torch.randn(d, generator=g),
+             "threshold": 0.3 * torch.rand(d_sae, generator=g),
+             "affine_skip_connection": torch.randn(d, d, generator=g) / d}
+            for _ in range(n_layers)]
+
+
+def write_tiny_clts(home: Path, clt) -> dict:
+    """The tiny CLT repositories (``TINY_CLT`` ...) in the hub cache of ``home``: ``clt`` (a
+    ``CrossLayerTranscoder``) saved in circuit-tracer's layout, and random Gemma Scope 2 CLT
+    files of its layers and width.
+
+    Returns:
+        ``{"clt": clt, "gemma-scope-2": [per layer tensors]}``.
+    """
+    with tempfile.TemporaryDirectory(dir=home) as tmp:
+        folder = clt.save(Path(tmp) / "clt")
+        files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    write_repo(home, TINY_CLT, files)
+    config = yaml.safe_load(files["config.yaml"])
+    resid_mid = {**config, "feature_input_hook": "hook_resid_mid"}
+    write_repo(home, TINY_CLT_RESID_MID, {**files, "config.yaml": yaml.safe_dump(resid_mid)})
+    params = gemma_scope_2_clt_params(clt.n_layers, clt.d_model)
+    gs2 = {f"{TINY_CLT_FOLDER}/params_layer_{s}.safetensors": _safetensors(p)
+           for s, p in enumerate(params)}
+    gs2[f"{TINY_CLT_FOLDER}/config.json"] = json.dumps({
+        "architecture": "jump_relu", "model_name": "gemma-v3-tiny-pt", "type": "clt",
+        "affine_connection": True,
+        "hf_hook_point_in": "model.layers.{layer}.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": "model.layers.{layer}.post_feedforward_layernorm.output"})
+    write_repo(home, TINY_GEMMA_SCOPE_2, gs2)
+    uris = [f"hf://{TINY_GEMMA_SCOPE_2}/{TINY_CLT_FOLDER}/params_layer_{s}.safetensors"
+            for s in range(clt.n_layers)]
+    write_repo(home, TINY_GEMMA_SCOPE_2_CT, {f"{TINY_CLT_FOLDER}/config.yaml": yaml.safe_dump({
+        "model_name": "google/gemma-3-tiny", "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": "mlp.hook_in", "feature_output_hook": "hook_mlp_out",
+        "transcoders": uris + uris[-1:]})})  # the last file twice, as in some such configs
+    return {"clt": clt, "gemma-scope-2": params}
