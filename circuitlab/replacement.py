@@ -29,8 +29,9 @@ from transformer_lens import HookedTransformer
 from . import checks
 from .clt import CrossLayerTranscoder
 from .errors import CircuitlabError
-from .hooks import (FINAL_NORMALIZED, MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_IN, is_frozen, is_scale,
-                    mlp_hooks, pattern_hooks, pattern_name, resid_out, scale_name)
+from .hooks import (FINAL_NORMALIZED, RESID_IN, is_frozen, is_scale, mlp_hooks, pattern_hooks,
+                    pattern_name, resid_out, scale_name)
+from .splice import check_splice
 
 
 @dataclass
@@ -121,7 +122,7 @@ class ReplacementModel:
         if W_U.is_contiguous():
             self.model.unembed.W_U = torch.nn.Parameter(W_U.detach().T.contiguous().T,
                                                         requires_grad=False)
-        self._validate()
+        check_splice(self.model, self.clt if self.clt is not None else self.transcoders)
 
     # ------------------------------------------------------------------ properties
 
@@ -177,65 +178,6 @@ class ReplacementModel:
         kind = "cross-layer transcoder, " if self.clt is not None else ""
         return (f"ReplacementModel({self.name!r}, {self.n_layers} layers, {kind}"
                 f"{self.d_sae(0)} features/layer, transcoders={self.transcoder_source!r})")
-
-    # ------------------------------------------------------------------ validation
-
-    def _validate(self) -> None:
-        cfg = self.model.cfg
-        if cfg.parallel_attn_mlp or cfg.attn_only:
-            raise CircuitlabError(
-                f"{cfg.model_name} has parallel attention/MLP or no MLPs; circuitlab needs "
-                "sequential pre-norm blocks with MLPs."
-            )
-        if cfg.normalization_type not in ("RMS", "LN"):
-            raise CircuitlabError(
-                f"{cfg.model_name} uses normalization {cfg.normalization_type!r}; load it "
-                "unfolded (from_pretrained_no_processing) so norms are RMS or LN."
-            )
-        if self.clt is not None:
-            self._validate_clt()
-            return
-        if len(self.transcoders) != cfg.n_layers:
-            raise CircuitlabError(
-                f"Got {len(self.transcoders)} transcoders for a model with {cfg.n_layers} layers; "
-                "pass exactly one transcoder per layer, in layer order."
-            )
-        for layer, tc in enumerate(self.transcoders):
-            d_in, d_out = tc.cfg.d_in, getattr(tc.cfg, "d_out", None)
-            if d_out is None:
-                raise CircuitlabError(
-                    f"Layer {layer}: {type(tc).__name__} is not a transcoder (no d_out); "
-                    "use SAE-Lens Transcoder classes."
-                )
-            if d_in != cfg.d_model or d_out != cfg.d_model:
-                raise CircuitlabError(
-                    f"Layer {layer}: transcoder maps d_in={d_in} -> d_out={d_out}, but the model's "
-                    f"d_model is {cfg.d_model}. These transcoders belong to another model."
-                )
-            hook_in = tc.cfg.metadata.hook_name or ""
-            hook_out = tc.cfg.metadata.hook_name_out or f"blocks.{layer}.{MLP_OUT_HOOKS[0]}"
-            ok_in = any(hook_in == f"blocks.{layer}.{h}" for h in MLP_IN_HOOKS)
-            ok_out = any(hook_out == f"blocks.{layer}.{h}" for h in MLP_OUT_HOOKS)
-            if not (ok_in and ok_out):
-                raise CircuitlabError(
-                    f"Transcoder #{layer} reads {hook_in!r} and writes {hook_out!r}; the "
-                    f"transcoder for layer {layer} must read the MLP input "
-                    f"(blocks.{layer}.hook_mlp_in / ln2.hook_normalized) and write "
-                    f"blocks.{layer}.hook_mlp_out. Check the layer order and the model."
-                )
-
-    def _validate_clt(self) -> None:
-        clt, cfg = self.clt, self.model.cfg
-        if (clt.n_layers, clt.d_model) != (cfg.n_layers, cfg.d_model):
-            raise CircuitlabError(
-                f"The cross-layer transcoder spans {clt.n_layers} layers of width {clt.d_model}; "
-                f"{cfg.model_name} has {cfg.n_layers} layers of width {cfg.d_model}. It belongs "
-                "to another model.")
-        if clt.hook_in not in MLP_IN_HOOKS or clt.hook_out not in MLP_OUT_HOOKS:
-            raise CircuitlabError(
-                f"The cross-layer transcoder reads {clt.hook_in!r} and writes {clt.hook_out!r}; "
-                f"circuitlab needs CLTs that read the MLP input ({', '.join(MLP_IN_HOOKS)}) and "
-                f"write the MLP output ({', '.join(MLP_OUT_HOOKS)}).")
 
     def tokenize(self, prompt: str) -> torch.Tensor:
         """Token ids ``[P]`` of ``prompt`` with BOS prepended.
