@@ -293,7 +293,7 @@ class ReplacementModel:
         L = self.n_layers
         mlp_in = torch.stack([pairs[l][0] for l in range(L)])
         mlp_out = torch.stack([pairs[l][1] for l in range(L)])
-        features, errors = [], torch.empty_like(mlp_out)
+        features, errors = [], torch.zeros_like(mlp_out)
         with torch.no_grad():
             for l in range(L):
                 acts = self.encode(l, mlp_in[l], tokens)
@@ -304,11 +304,11 @@ class ReplacementModel:
                     )
                 pos, feat = acts.nonzero(as_tuple=True)
                 features.append((pos, feat, acts[pos, feat]))
-                errors[l] = mlp_out[l] - self.decode(l, [None] * L, mlp_in[l])
-            for s, (pos, feat, act) in enumerate(features):  # minus every feature's writes
-                writes = self.decoders(s)[feat] * act[:, None, None]            # [n, k, d]
-                for t in range(writes.shape[1]):
-                    errors[s + t].index_add_(0, pos, -writes[:, t].to(errors.dtype))
+                # minus what each layer's features write into it and every later layer
+                writes = torch.einsum("pf,fnd->npd", acts, self.decoders(l))
+                errors[l:l + len(writes)] -= writes.to(errors.dtype)
+            for l in range(L):
+                errors[l] += mlp_out[l] - self.decode(l, [None] * L, mlp_in[l])
         return Trace(
             tokens=tokens, logits=logits, embed=cache[RESID_IN],
             mlp_in=mlp_in, mlp_out=mlp_out,
