@@ -44,13 +44,12 @@ from tqdm.auto import tqdm
 from .graph import Graph
 from .hooks import scale_name
 from . import checks
-from .errors import CircuitlabError
 from .plan import check_attribution, estimate_memory, memory_parts, spare_memory  # noqa: F401 (re-exported)
 from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
 from .selection import Rows, candidate_slots
-from .targets import logit_targets_of
+from .targets import check_logit_targets, logit_targets_of
 
 
 def _center(g: torch.Tensor, center: bool) -> torch.Tensor:
@@ -62,12 +61,15 @@ class _Backward:
 
     A norm with a frozen denominator, ``y = (x [- mean x]) / scale * w [+ b]``, has the VJP
     ``g -> center(g * w / scale)``; ``w / scale`` is cached per layer as ``[P, d]``.
+    Transcoders that read the residual before the pre-MLP norm (``rm.reads == "resid_mid"``)
+    see it unnormalized: their encoders and skip paths skip that VJP (``read = None``).
     """
 
     def __init__(self, rm: ReplacementModel, trace: Trace, dtype: torch.dtype):
         cfg = rm.cfg
         self.dtype = dtype
         self.center = cfg.normalization_type == "LN"
+        normed = rm.reads == "mlp_in"
         self.sandwich = bool(cfg.use_normalization_before_and_after)
         cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
         up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
@@ -85,7 +87,7 @@ class _Backward:
                 ln1=factor(block.ln1, scale_name("ln1", l)),
                 ln1_post=factor(block.ln1_post, scale_name("ln1_post", l))
                 if self.sandwich else None,
-                ln2=factor(block.ln2, scale_name("ln2", l)),
+                read=factor(block.ln2, scale_name("ln2", l)) if normed else None,
                 skip=None if skip is None else cast(skip),                  # [d_out, d_in]
             ))
         self.final = factor(rm.model.ln_final, scale_name("ln_final"))
@@ -99,7 +101,7 @@ class _Backward:
         layer = self.layers[l]
         if layer["skip"] is None:
             return g
-        return self._add_normed(g, g @ layer["skip"], layer["ln2"])
+        return self._add_normed(g, g @ layer["skip"], layer["read"])
 
     def attention(self, g: torch.Tensor, l: int) -> torch.Tensor:
         """Grad wrt resid_mid[l] -> grad wrt resid_pre[l] (residual + frozen attention)."""
@@ -119,15 +121,21 @@ class _Backward:
             gy = part if gy is None else gy.add_(part)
         return self._add_normed(g, gy.view(P, B, d), layer["ln1"])
 
-    def _add_normed(self, g: torch.Tensor, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """``g + center(y * factor)`` for ``y [P, B, d]`` and a per-position ``factor [P, d]``."""
+    def _add_normed(self, g: torch.Tensor, y: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+        """``g + center(y * factor)`` for ``y [P, B, d]`` and a per-position ``factor [P, d]``
+        (``g + y`` for no factor)."""
+        if factor is None:
+            return g + y
         f = factor[:g.shape[0], None]
         return g + _center(y * f, True) if self.center else torch.addcmul(g, y, f)
 
     def injection(self, l: int | None, pos: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
         """Gradients wrt the residual of target inputs ``vecs . norm_out`` read through the
-        pre-MLP norm of layer ``l`` (feature targets) or the final norm (``l=None``)."""
-        factor = self.final if l is None else self.layers[l]["ln2"]
+        pre-MLP norm of layer ``l`` (feature targets; no norm for transcoders that read the
+        residual) or the final norm (``l=None``)."""
+        factor = self.final if l is None else self.layers[l]["read"]
+        if factor is None:
+            return vecs.to(self.dtype)
         return _center(vecs.to(self.dtype) * factor[pos], self.center)
 
 
@@ -218,13 +226,7 @@ def _rows(bw: _Backward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: 
 def _check_args(logit_targets, max_logits, logit_prob, max_feature_nodes, batch_size, dtype,
                 memory_limit) -> None:
     """Types, ranges and finiteness of ``attribute``'s options (see its docstring)."""
-    if logit_targets is not None:
-        if isinstance(logit_targets, (str, int, torch.Tensor)) or not isinstance(logit_targets, (list, tuple)):
-            raise CircuitlabError(
-                f"logit_targets must be a list, e.g. [{logit_targets!r}], not {logit_targets!r}.")
-        if not logit_targets:
-            raise CircuitlabError("logit_targets=[] names no target; pass at least one, or None "
-                                  "for the most likely next tokens.")
+    check_logit_targets(logit_targets)
     checks.integer("max_logits", max_logits)
     checks.number("logit_prob", logit_prob, 0.0, 1.0, low_open=True)
     checks.integer("max_feature_nodes", max_feature_nodes, 1, none=True)

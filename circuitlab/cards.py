@@ -308,7 +308,7 @@ def locate(rm, tokens: torch.Tensor, text: str) -> list[int]:
 
 def activations(rm, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """Feature activations ``[len(layers), P, d_sae]`` on one prompt (BOS gets none)."""
-    mlp_in, _ = mlp_io(rm.model, tokens, layers)
+    mlp_in, _ = mlp_io(rm.model, tokens, layers, read=rm.reads)
     with torch.no_grad():
         return torch.stack([rm.encode(l, x[0].to(rm.encoder(l)[0].dtype), tokens)
                             for l, x in zip(layers, mlp_in)])

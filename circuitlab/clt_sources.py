@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import clt as clt_format
 from .errors import CircuitlabError
 from .files import atomic_dir, cache_dir
-from .hooks import MLP_IN_HOOKS, MLP_OUT_HOOKS
+from .hooks import MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_MID_HOOKS
 
 #: Public CLTs: name (the hub reference) -> the Hugging Face id of their model.
 CLT_PRESETS = {
@@ -123,7 +123,8 @@ def resolve(source, model_name: str | None = None) -> CltSource | None:
 
     Raises:
         CircuitlabError: for a CLT circuitlab cannot splice (it reads or writes other hooks
-            than the MLP's input and output), one of another model, or a hub reference whose
+            than the MLP's input, or the residual before it, and output), one of another
+            model, or a hub reference whose
             configuration cannot be read.
     """
     if not isinstance(source, (str, Path)):
@@ -223,13 +224,13 @@ def _gemma_scope_2(label: str, raw: dict, **where) -> CltSource:
 def _check_hooks(source: CltSource) -> None:
     hook_in = source.settings.get("feature_input_hook", "hook_mlp_in")
     hook_out = source.settings.get("feature_output_hook", "hook_mlp_out")
-    if hook_in not in MLP_IN_HOOKS or hook_out not in MLP_OUT_HOOKS:
+    if hook_in not in MLP_IN_HOOKS + RESID_MID_HOOKS or hook_out not in MLP_OUT_HOOKS:
         raise CircuitlabError(
             f"The cross-layer transcoder {source.label} reads {hook_in!r} and writes "
             f"{hook_out!r}; circuitlab needs CLTs that read the MLP input (the pre-MLP norm's "
-            f"output: {', '.join(MLP_IN_HOOKS)}) and write the MLP output "
-            f"({', '.join(MLP_OUT_HOOKS)}); it does not splice a CLT reading the residual stream "
-            "(before the pre-MLP norm). Nothing was downloaded.")
+            f"output: {', '.join(MLP_IN_HOOKS)}) or the residual stream before that norm "
+            f"({', '.join(RESID_MID_HOOKS)}) and write the MLP output "
+            f"({', '.join(MLP_OUT_HOOKS)}). Nothing was downloaded.")
 
 
 def _model_key(name: str) -> str:

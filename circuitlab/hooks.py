@@ -23,6 +23,16 @@ from .errors import CircuitlabError
 # GemmaScope uses ``ln2.hook_normalized``; circuit-tracer uses ``mlp.hook_in``.
 MLP_IN_HOOKS = ("hook_mlp_in", "ln2.hook_normalized", "mlp.hook_in", "ln2.hook_out")
 MLP_OUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+#: The residual stream before the pre-MLP norm, which some transcoders read instead of the
+#: MLP input (circuit-tracer's cross-layer transcoders do): ``read="resid_mid"`` below.
+RESID_MID_HOOKS = ("hook_resid_mid",)
+READS = ("mlp_in", "resid_mid")
+
+
+def reads_of(hook_in: str) -> str:
+    """What a transcoder reading hook ``hook_in`` (``blocks.<l>.`` stripped or not) reads:
+    ``"mlp_in"`` or ``"resid_mid"``."""
+    return "resid_mid" if hook_in.rsplit(".", 1)[-1] in RESID_MID_HOOKS else "mlp_in"
 
 #: Norm denominators frozen for attribution (q/k norms only shape the frozen patterns).
 FROZEN_SCALES = ("ln1.hook_scale", "ln1_post.hook_scale", "ln2.hook_scale", "ln_final.hook_scale")
@@ -92,12 +102,14 @@ def layer_of(hook) -> int:
     return int(m.group(1))
 
 
-def mlp_hooks(model: HookedTransformer, on_out: Callable, layers: Sequence[int] | None = None):
+def mlp_hooks(model: HookedTransformer, on_out: Callable, layers: Sequence[int] | None = None,
+              read: str = "mlp_in"):
     """TransformerLens hooks that hand each layer's MLP input and output to ``on_out``.
 
-    ``on_out(layer, x, out)`` gets the MLP input ``x`` (see ``mlp_input``) and the value of
-    ``blocks.layer.hook_mlp_out`` ``out``, both ``[B, P, d]``. A tensor it returns replaces
-    the MLP output; ``None`` keeps it.
+    ``on_out(layer, x, out)`` gets the MLP input ``x`` (see ``mlp_input``; with
+    ``read="resid_mid"`` the residual stream before the pre-MLP norm instead) and the value
+    of ``blocks.layer.hook_mlp_out`` ``out``, both ``[B, P, d]``. A tensor it returns
+    replaces the MLP output; ``None`` keeps it.
 
     Returns:
         ``fwd_hooks`` for ``model.run_with_hooks``.
@@ -107,13 +119,14 @@ def mlp_hooks(model: HookedTransformer, on_out: Callable, layers: Sequence[int] 
 
     def grab(act, hook):
         layer = layer_of(hook)
-        xs[layer] = mlp_input(model, layer, act)
+        xs[layer] = act if read == "resid_mid" else mlp_input(model, layer, act)
 
     def out(act, hook):
         layer = layer_of(hook)
         return on_out(layer, xs.pop(layer), act)
 
-    return ([(f"blocks.{l}.ln2.hook_normalized", grab) for l in layers]
+    source = "hook_resid_mid" if read == "resid_mid" else "ln2.hook_normalized"
+    return ([(f"blocks.{l}.{source}", grab) for l in layers]
             + [(f"blocks.{l}.hook_mlp_out", out) for l in layers])
 
 
@@ -125,7 +138,7 @@ def pattern_hooks(patterns: torch.Tensor):
 
 
 def mlp_io(model: HookedTransformer, tokens: torch.Tensor, layers: Sequence[int] | None = None,
-           stop_early: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+           stop_early: bool = True, read: str = "mlp_in") -> tuple[torch.Tensor, torch.Tensor]:
     """MLP inputs and outputs (the transcoder training pairs) for a batch of token ids.
 
     Args:
@@ -133,10 +146,11 @@ def mlp_io(model: HookedTransformer, tokens: torch.Tensor, layers: Sequence[int]
         tokens: ``[B, P]`` or ``[P]`` token ids.
         layers: layers to capture (default all).
         stop_early: stop the forward after the last requested layer (skips the unembedding).
+        read: ``"mlp_in"``, or ``"resid_mid"`` for the residual before the pre-MLP norm.
 
     Returns:
         ``(mlp_in, mlp_out)``, each ``[len(layers), B, P, d_model]``: the pre-MLP norm output
-        and ``blocks.l.hook_mlp_out``.
+        (or ``read``) and ``blocks.l.hook_mlp_out``.
     """
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     tokens = tokens if tokens.ndim == 2 else tokens[None]
@@ -146,7 +160,7 @@ def mlp_io(model: HookedTransformer, tokens: torch.Tensor, layers: Sequence[int]
         pairs[layer] = (x, out)
 
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=mlp_hooks(model, keep, layers),
+        model.run_with_hooks(tokens, fwd_hooks=mlp_hooks(model, keep, layers, read),
                              stop_at_layer=max(layers) + 1 if stop_early else None)
     return (torch.stack([pairs[l][0] for l in layers]),
             torch.stack([pairs[l][1] for l in layers]))

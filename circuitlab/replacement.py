@@ -5,7 +5,9 @@ Each MLP block at layer ``l`` is replaced by its transcoder plus an error term::
     mlp_out[l] = decode(encode(x[l])) + W_skip x[l] + error[l]
 
 where ``x[l]`` is the MLP input: the output of the pre-MLP norm (see ``circuitlab.hooks``,
-which names every TransformerLens hook the model is run with). Transcoders write the MLP
+which names every TransformerLens hook the model is run with), or for transcoders that read
+it (``rm.reads == "resid_mid"``, as circuit-tracer's CLTs do) the residual stream before
+that norm; ``mlp_in`` below always means that input. Transcoders write the MLP
 output, which for Gemma includes the post-MLP norm. With a cross-layer transcoder
 (``circuitlab.clt``) the features of every layer ``s <= l`` write into ``mlp_out[l]``, and
 ``error[l]`` is what all of those writes together miss.
@@ -44,7 +46,8 @@ class Trace:
         tokens: ``[P]`` token ids.
         logits: ``[P, d_vocab]`` model logits.
         embed: ``[P, d]`` the residual stream entering layer 0 (scaled embeddings).
-        mlp_in: ``[L, P, d]`` MLP inputs (pre-MLP norm outputs).
+        mlp_in: ``[L, P, d]`` the transcoders' inputs (pre-MLP norm outputs, or the residual
+            before that norm where the transcoders read it).
         mlp_out: ``[L, P, d]`` MLP outputs (``hook_mlp_out``).
         resid_final: ``[P, d]`` residual stream entering the final norm.
         scales: normalization denominators by TL hook name (``[P, 1]`` each).
@@ -122,7 +125,9 @@ class ReplacementModel:
         if W_U.is_contiguous():
             self.model.unembed.W_U = torch.nn.Parameter(W_U.detach().T.contiguous().T,
                                                         requires_grad=False)
-        check_splice(self.model, self.clt if self.clt is not None else self.transcoders)
+        #: What the transcoders read: ``"mlp_in"`` (the MLP input) or ``"resid_mid"`` (the
+        #: residual stream before the pre-MLP norm).
+        self.reads = check_splice(self.model, self.clt if self.clt is not None else self.transcoders)
 
     # ------------------------------------------------------------------ properties
 
@@ -282,7 +287,7 @@ class ReplacementModel:
             pairs[layer] = (x[0].detach(), out[0].detach())
 
         names = lambda n: is_frozen(n) or n in (RESID_IN, resid_out(self.n_layers))  # noqa: E731
-        hooks = [(names, keep)] + mlp_hooks(self.model, keep_mlp)
+        hooks = [(names, keep)] + mlp_hooks(self.model, keep_mlp, read=self.reads)
         with torch.no_grad():
             logits = self.model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
         if not torch.isfinite(logits).all():
@@ -339,7 +344,7 @@ class ReplacementModel:
             xs[layer] = x[0]
             return mlp_out_fn(layer, x[0])[None].to(out.dtype)
 
-        hooks += mlp_hooks(self.model, replace)
+        hooks += mlp_hooks(self.model, replace, read=self.reads)
         if embed is not None:
             hooks.append((RESID_IN, lambda act, hook: embed[None]))
         return hooks, xs
@@ -395,7 +400,7 @@ class ReplacementModel:
             ln = self.model.ln_final
             final["x"] = act[0].to(ln.w.dtype) * ln.w + (ln.b if hasattr(ln, "b") else 0)
 
-        hooks = mlp_hooks(self.model, edit) + [(FINAL_NORMALIZED, grab_final)]
+        hooks = mlp_hooks(self.model, edit, read=self.reads) + [(FINAL_NORMALIZED, grab_final)]
         if patterns is not None:
             hooks += pattern_hooks(patterns)
         with torch.no_grad():

@@ -67,3 +67,19 @@ def logit_targets_of(rm, trace, logit_targets, max_logits: int, logit_prob: floa
     if len(set(labels)) < len(labels):
         raise CircuitlabError(f"A logit target is listed twice in {labels}; list each once.")
     return targets
+
+
+def check_logit_targets(logit_targets) -> None:
+    """Refuse ``logit_targets`` that are not ``None`` or a non-empty list (or tuple).
+
+    Raises:
+        CircuitlabError: naming the value and the fix.
+    """
+    if logit_targets is None:
+        return
+    if isinstance(logit_targets, (str, int, torch.Tensor)) or not isinstance(logit_targets, (list, tuple)):
+        raise CircuitlabError(
+            f"logit_targets must be a list, e.g. [{logit_targets!r}], not {logit_targets!r}.")
+    if not logit_targets:
+        raise CircuitlabError("logit_targets=[] names no target; pass at least one, or None "
+                              "for the most likely next tokens.")

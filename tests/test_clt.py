@@ -233,6 +233,52 @@ def test_clt_for_another_model_is_refused():
     with pytest.raises(CircuitlabError, match="another model"):
         ReplacementModel(m, other)
     bad = tiny_clt(m, "relu", False)
-    bad.hook_in = "hook_resid_mid"
+    bad.hook_in = "hook_resid_pre"
     with pytest.raises(CircuitlabError, match="MLP input"):
         ReplacementModel(m, bad)
+
+
+# ------------------------------------------------------------------ reading the residual
+
+
+@pytest.mark.parametrize("model", ["gemma3", "gpt2"])
+@pytest.mark.parametrize("kind", [("relu", True), ("jumprelu", False)], ids=["relu-skip", "jumprelu"])
+def test_clt_reading_the_residual_is_exact(kind, model):
+    """A CLT that reads ``hook_resid_mid`` (the residual before the pre-MLP norm, as
+    circuit-tracer's CLTs do) splices and attributes exactly: its encoders and skips see the
+    residual unnormalized."""
+    m = tiny_model(model, seed=2)
+    clt = tiny_clt(m, *kind, seed=2)
+    clt.hook_in = "hook_resid_mid"
+    rm = ReplacementModel(m, clt, name="tiny")
+    assert rm.reads == "resid_mid"
+    tokens = rm.tokenize(PROMPT)
+    trace = rm.run(tokens)
+    cache = m.run_with_cache(tokens[None])[1]
+    assert torch.allclose(trace.mlp_in[1], cache["blocks.1.hook_resid_mid"][0])
+    assert (rm.forward(tokens, errors=trace.errors) - trace.logits).abs().max() < 1e-4
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False,
+                                 dtype=torch.float32)
+    exact(graph)
+    check_edges_brute_force(rm, graph)
+    for mode in iv.MODES:
+        res = rm.intervene(PROMPT, [], mode=mode)
+        assert torch.allclose(res.logits, res.clean_logits, atol=1e-5)
+
+
+def test_per_layer_transcoders_reading_the_residual_are_exact():
+    from conftest import tiny_transcoders
+
+    m = tiny_model("gemma3", seed=4)
+    tcs = tiny_transcoders(m, "jumprelu_skip_transcoder", seed=4)
+    for layer, tc in enumerate(tcs):
+        tc.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_mid"
+    rm = ReplacementModel(m, tcs, name="tiny")
+    assert rm.reads == "resid_mid"
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False,
+                                 dtype=torch.float32)
+    exact(graph)
+    check_edges_brute_force(rm, graph)
+    tcs[0].cfg.metadata.hook_name = "blocks.0.hook_mlp_in"
+    with pytest.raises(CircuitlabError, match="one kind"):
+        ReplacementModel(m, tcs)

@@ -115,8 +115,8 @@ def test_bad_folders_are_clear_errors(tiny, tmp_path):
         circuitlab.load(tiny, transcoders=wrong)
     resid = shutil.copytree(folder, tmp_path / "resid")
     config = yaml.safe_load((resid / "config.yaml").read_text())
-    (resid / "config.yaml").write_text(yaml.safe_dump({**config, "feature_input_hook": "hook_resid_mid"}))
-    with pytest.raises(CircuitlabError, match="reads 'hook_resid_mid'.*residual stream"):
+    (resid / "config.yaml").write_text(yaml.safe_dump({**config, "feature_input_hook": "hook_resid_pre"}))
+    with pytest.raises(CircuitlabError, match="reads 'hook_resid_pre'.*residual stream"):
         circuitlab.load(tiny, transcoders=resid)
     other = CrossLayerTranscoder(3, 48, 8).save(tmp_path / "other")
     with pytest.raises(CircuitlabError, match="width 48.*another model"):
@@ -134,12 +134,27 @@ def test_hub_clt_loads_like_circuit_tracer(tiny, hub):
     same_clt(lazy.clt, hub["clt"])
 
 
-def test_resid_mid_clt_is_refused_before_the_download(tiny, hub, monkeypatch):
+def test_resid_mid_clt_reads_the_residual(tiny, hub):
+    """circuit-tracer's CLTs read ``hook_resid_mid``: loaded, they read the residual before
+    the pre-MLP norm, and their graphs are exact."""
+    rm = circuitlab.load(tiny, transcoders=TINY_CLT_RESID_MID)
+    assert rm.reads == "resid_mid"
+    graph = circuitlab.attribute(rm, "the cat sat on the mat.", progress=False,
+                                 dtype=torch.float32)
+    targets = torch.tensor(graph.nodes["kind"].isin(["feature", "logit"]).to_numpy())
+    total = graph.adjacency.sum(1) + graph.constants
+    assert torch.allclose(total[targets], graph.inputs[targets], atol=1e-5)
+
+
+def test_unsupported_hook_is_refused_before_the_download(tiny, hub, monkeypatch):
     def download(*args, **kwargs):
         raise AssertionError("the weights were downloaded")
 
+    source = clt_sources.resolve(TINY_CLT_RESID_MID)
+    source.settings["feature_input_hook"] = "hook_resid_pre"
+    monkeypatch.setattr(clt_sources, "_hub", lambda ref: source)
     monkeypatch.setattr(clt_sources, "snapshot_download", download)
-    with pytest.raises(CircuitlabError, match="reads 'hook_resid_mid'.*Nothing was downloaded"):
+    with pytest.raises(CircuitlabError, match="reads 'hook_resid_pre'.*Nothing was downloaded"):
         circuitlab.load(tiny, transcoders=TINY_CLT_RESID_MID)
 
 

@@ -84,7 +84,7 @@ def _collect(rm, seqs: list[torch.Tensor], batch_size: int, folder: Path, progre
             valid[:, 0] = False
             index = torch.cumsum(torch.cat([torch.tensor([0]), lens[:-1]]), 0)[:, None] + offset
             index = (index + torch.arange(tokens.shape[1])[None])[valid]
-            mlp_in, _ = mlp_io(rm.model, tokens)
+            mlp_in, _ = mlp_io(rm.model, tokens, read=rm.reads)
             for layer, files in enumerate(sinks):
                 with torch.no_grad():
                     acts = rm.encode(layer, mlp_in[layer][valid].to(rm.encoder(layer)[0].dtype))
