@@ -3,7 +3,7 @@
     circuitlab trace "PROMPT"                trace a prompt: graph, pruned graph, Neuronpedia JSON, HTML
     circuitlab trace-batch FILE --out DIR    trace many prompts, on Ray workers or in this process
     circuitlab corpus --out DIR              build the offline training corpus
-    circuitlab train --out DIR ...           train transcoders
+    circuitlab train --out DIR ...           train transcoders (--clt: a cross-layer one)
     circuitlab pack --out DIR ...            compact training inputs for an offline GPU host
     circuitlab finetune DIR --out DIR ...    fine-tune their decoders on the spliced-in KL
     circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text and prose
@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from .errors import CircuitlabError
-from .train import K, WIDTH
+from .train import CLT_K, CLT_WIDTH, K, WIDTH
 
 DEFAULT_PROMPT = 'The opposite of "small" is "'
 
@@ -115,14 +115,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="model whose tokenizer counts the tokens, or none to estimate them "
                    "from characters")
 
-    p = command("train", "train", "train one transcoder per layer")
-    p.add_argument("--out", required=True, help="output folder (layer_XX/ folders, manifest.json)")
+    p = command("train", "train", "train one transcoder per layer, or one cross-layer "
+                "transcoder (--clt)")
+    p.add_argument("--out", required=True, help="output folder (layer_XX/ folders, or the "
+                   "cross-layer transcoder's files; manifest.json)")
     p.add_argument("--corpus", default=None, help=corpus_help)
     model_options(p, dtype=True)
-    p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
-    p.add_argument("--width", type=int, default=WIDTH, help="features per layer (the bundle's)")
-    p.add_argument("--k", type=int, default=K,
-                   help="active features per token, TopK (the bundle's)")
+    p.add_argument("--clt", action="store_true",
+                   help="train a cross-layer transcoder over all layers: each layer's features "
+                   "read its MLP input and write into its MLP output and every later one's; "
+                   "exported as a JumpReLU CLT in circuit-tracer's layout (config.yaml, "
+                   "W_enc_<layer>, W_dec_<layer>). Its decoders grow with the square of the "
+                   "layer count: for Gemma 3 270M at width 2048, training holds 3.6 GB for "
+                   "them besides the activation buffer, and a checkpoint takes 2.7 GB")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layers (default: all; a CLT always spans all)")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"features per layer: the bundle's (default: {WIDTH}), {CLT_WIDTH} "
+                   "with --clt")
+    p.add_argument("--k", type=int, default=None,
+                   help=f"active features per token and layer, TopK: the bundle's (default: "
+                   f"{K}), {CLT_K} with --clt")
     training_options(p, "the trainer's")
     p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step (default: the trainer's)")
     p.add_argument("--buffer-tokens", type=int,
@@ -131,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 products and buffer in training (default: where bf16 is fast)")
     p.add_argument("--init-from", default=None,
-                   help="warm start from exported transcoders of the same width (e.g. the bundle)")
+                   help="warm start from exported transcoders of the same width (e.g. the "
+                   "bundle; not with --clt)")
 
     p = command("pack", "pack", "compact training inputs for a machine with no registries")
     p.add_argument("--out", required=True, help="output folder")
@@ -154,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of the mean FVU against the KL (default: the fine-tuner's)")
 
     p = command("eval-transcoders", "evaluate", "FVU, L0, dead latents and spliced-in CE")
-    p.add_argument("transcoders", help="SAE-Lens release or folder of transcoders")
+    p.add_argument("transcoders", help="SAE-Lens release, folder of transcoders, or a "
+                   "cross-layer transcoder's folder")
     model_options(p)
     p.add_argument("--corpus", default=None, help=corpus_help)
     p.add_argument("--tokens", type=int, default=50_000,

@@ -14,6 +14,8 @@ import torch
 from .attribution import attribute
 from .batch import read_prompts, slug, trace_many
 from .cards import find_examples
+from .clt import is_clt_folder
+from .clt import load as load_clt
 from .errors import CircuitlabError
 from .files import atomic_write_text, cache_dir
 from .loading import is_pack, load, load_model, load_transcoders
@@ -21,6 +23,7 @@ from .plan import plan as make_plan
 from .plan import table as plan_table
 from .precision import check_device, fast_bf16
 from .train.build_cards import build_examples, relabel
+from .train.clt_trainer import train_clt
 from .train.corpus import build_corpus
 from .train.evaluate import evaluate_transcoders, format_table
 from .train.finetune import finetune_transcoders
@@ -147,15 +150,19 @@ def model_dtype(args):
 
 
 def train(args) -> None:
-    """``circuitlab train``: train one transcoder per layer."""
+    """``circuitlab train``: train one transcoder per layer, or a cross-layer one (``--clt``)."""
+    if args.clt and (args.layers or args.init_from):
+        raise CircuitlabError("--clt trains a cross-layer transcoder over all layers from "
+                              "scratch; drop --layers and --init-from.")
     model = load_model(args.model, device=check_device(args.device), dtype=model_dtype(args))
     names = ("width", "k", "tokens", "time_budget", "context", "batch_tokens", "buffer_tokens",
              "passes", "lr", "seed", "device", "checkpoint_every", "init_from", "bf16")
     kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]
-    print(train_transcoders(model, corpus_dir(args), args.out, resume=not args.fresh,
-                            command=command(args), **kwargs))
+    run = train_clt if args.clt else train_transcoders
+    print(run(model, corpus_dir(args), args.out, resume=not args.fresh, command=command(args),
+              **kwargs))
 
 
 def finetune(args) -> None:
@@ -172,7 +179,10 @@ def evaluate(args) -> None:
     """``circuitlab eval-transcoders``: FVU, L0, dead share and spliced-in CE, per split."""
     device = check_device(args.device)
     model = load_model(args.model, device=device)
-    tcs = load_transcoders(args.transcoders, args.model, model.cfg.n_layers, device=device)
+    if is_clt_folder(args.transcoders):
+        tcs = load_clt(args.transcoders, device=device)
+    else:
+        tcs = load_transcoders(args.transcoders, args.model, model.cfg.n_layers, device=device)
     result = evaluate_transcoders(model, tcs, corpus_dir(args), tokens=args.tokens,
                                   split=args.split, per_layer=args.per_layer)
     print(format_table(result))

@@ -1,6 +1,8 @@
 """Evaluate transcoders on held-out text: per-layer FVU, L0 and dead features, and the
 next-token loss of the model with every MLP replaced by its transcoder (and, optionally,
-with each layer's alone, which shows where the spliced-in loss comes from).
+with each layer's alone, which shows where the spliced-in loss comes from). A cross-layer
+transcoder (``circuitlab.clt``) is evaluated the same way: each layer's reconstruction is
+the sum of the writes of the features of that layer and every earlier one.
 
 A corpus built by ``circuitlab corpus`` has two evaluation splits: ``heldout``, documents
 of the training mix held out from training, and ``prose``, short factual and narrative
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
+from circuitlab.clt import CrossLayerTranscoder
 from circuitlab.errors import CircuitlabError
 from circuitlab.hooks import mlp_hooks
 from circuitlab.replacement import ReplacementModel
@@ -63,7 +66,7 @@ class _LayerStats:
 
 def evaluate_transcoders(
     model: HookedTransformer,
-    transcoders: list[SAE],
+    transcoders: list[SAE] | CrossLayerTranscoder,
     corpus,
     *,
     tokens: int = 50_000,
@@ -81,7 +84,10 @@ def evaluate_transcoders(
 
     Args:
         model: the HookedTransformer, on ``device``.
-        transcoders: one SAE-Lens transcoder per layer, in layer order, on ``device``.
+        transcoders: one SAE-Lens transcoder per layer, in layer order, or a
+            ``CrossLayerTranscoder``, on ``device``. With a CLT, a layer's features are
+            those it reads (``l0``, ``dead``) and its FVU that of the writes of its and all
+            earlier layers' features (plus its skip), as spliced in.
         corpus: text for ``iter_documents``.
         tokens: about how many tokens to evaluate (whole rows).
         context: row length, BOS included.
@@ -90,7 +96,8 @@ def evaluate_transcoders(
             ``"heldout,prose"``: each is evaluated on up to ``tokens`` tokens.
         device: where to put the tokens.
         per_layer: also measure the CE increase of splicing each layer alone (one more
-            forward pass per layer and batch).
+            forward pass per layer and batch; for a CLT, that layer's MLP output replaced by
+            what the features of it and every earlier layer write into it).
 
     Returns:
         One row per layer with columns ``layer``, ``fvu`` (squared error over the total
@@ -120,7 +127,7 @@ def _evaluate(rm: ReplacementModel, corpus, split: str, tokens: int, context: in
     if not len(rows):
         raise CircuitlabError(f"The {split} split of {corpus} holds fewer than {context - 1} tokens: "
                               "nothing to evaluate.")
-    stats = [_LayerStats(tc.cfg.d_sae, tc.cfg.d_out, device) for tc in rm.transcoders]
+    stats = [_LayerStats(rm.d_sae(l), rm.d_model, device) for l in range(rm.n_layers)]
     ce_clean = ce_spliced = kl = 0.0
     ce_alone = torch.zeros(len(stats), dtype=torch.float64)
     for batch in rows.to(device).split(max(1, EVAL_BATCH_TOKENS // context)):
@@ -142,8 +149,10 @@ def _evaluate(rm: ReplacementModel, corpus, split: str, tokens: int, context: in
 def _run(rm: ReplacementModel, tokens: torch.Tensor, stats: list[_LayerStats]):
     """Clean and spliced logits ``[B, P, vocab]`` of ``tokens [B, P]``; accumulates ``stats``
     from the clean run's MLP inputs and outputs."""
+    transcode = _transcoder(rm)
+
     def measure(layer, x, act):
-        acts, pred = _transcode(rm, layer, x)
+        acts, pred = transcode(layer, x)
         stats[layer].add(acts[:, 1:].flatten(0, 1), pred[:, 1:].flatten(0, 1),
                          act[:, 1:].flatten(0, 1))
 
@@ -153,21 +162,31 @@ def _run(rm: ReplacementModel, tokens: torch.Tensor, stats: list[_LayerStats]):
 
 
 def _splice(rm: ReplacementModel, tokens: torch.Tensor, layers) -> torch.Tensor:
-    """Logits with the MLP outputs of ``layers`` replaced by their transcoders' (BOS kept)."""
+    """Logits with the MLP outputs of ``layers`` replaced by their transcoders' (BOS kept).
+    Every layer is encoded: a cross-layer transcoder's features write into later layers."""
+    layers, transcode = set(layers), _transcoder(rm)
+
     def splice(layer, x, act):
-        pred = _transcode(rm, layer, x)[1].to(act.dtype)
-        return torch.cat([act[:, :1], pred[:, 1:]], dim=1)
+        pred = transcode(layer, x)[1].to(act.dtype)
+        return torch.cat([act[:, :1], pred[:, 1:]], dim=1) if layer in layers else None
 
     with torch.no_grad():
-        return rm.model.run_with_hooks(tokens, fwd_hooks=mlp_hooks(rm.model, splice, layers))
+        return rm.model.run_with_hooks(tokens, fwd_hooks=mlp_hooks(rm.model, splice))
 
 
-def _transcode(rm: ReplacementModel, layer: int, x: torch.Tensor):
-    """Feature activations and the transcoder's output for MLP inputs ``x`` (in the
-    transcoder's dtype, whatever the model's)."""
-    x = x.to(rm.transcoders[layer].W_enc.dtype)
-    acts = rm.transcoders[layer].encode(x)
-    return acts, rm.decode(layer, acts, x)
+def _transcoder(rm: ReplacementModel):
+    """``transcode(layer, x)``: the feature activations of ``layer`` and the transcoders'
+    output there for MLP inputs ``x`` (in the transcoders' dtype, whatever the model's),
+    for the layers of one forward pass in order: it keeps each layer's activations for
+    the cross-layer writes into later layers."""
+    acts = [None] * rm.n_layers
+
+    def transcode(layer: int, x: torch.Tensor):
+        x = x.to(rm.encoder(layer)[0].dtype)
+        acts[layer] = rm.encode(layer, x)
+        return acts[layer], rm.decode(layer, acts, x)
+
+    return transcode
 
 
 def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:

@@ -62,11 +62,18 @@ def gather_dot(a: Active, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 def scatter_rows(feats: torch.Tensor, toks: torch.Tensor, weights: torch.Tensor,
                   rows: torch.Tensor, n_out: int) -> torch.Tensor:
     """``out[f] = sum of weights[i] * rows[toks[i]] over i with feats[i] == f``: ``[n_out, d]``."""
-    # Feature-major, tokens sorted within each feature; a stable sort is much faster on CPU.
-    order = (feats * len(rows) + toks).argsort(stable=True)
-    crow = torch.zeros(n_out + 1, dtype=torch.long, device=feats.device)
-    crow[1:] = torch.bincount(feats, minlength=n_out).cumsum(0)
-    return _csr(crow, toks[order], weights[order], (n_out, len(rows))) @ rows
+    if feats.device.type != "cpu":  # CSR, feature-major, tokens sorted within each feature
+        order = (feats * len(rows) + toks).argsort(stable=True)
+        crow = torch.zeros(n_out + 1, dtype=torch.long, device=feats.device)
+        crow[1:] = torch.bincount(feats, minlength=n_out).cumsum(0)
+        return _csr(crow, toks[order], weights[order], (n_out, len(rows))) @ rows
+    # On a CPU a COO product is 1.1-2x faster than the CSR one (MKL), most for wide rows
+    # (a cross-layer transcoder's decoders).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        m = torch.sparse_coo_tensor(torch.stack([feats, toks]), weights, (n_out, len(rows)),
+                                    check_invariants=False)
+    return torch.sparse.mm(m.coalesce(), rows)
 
 
 def _csr(crow, col, values, size) -> torch.Tensor:

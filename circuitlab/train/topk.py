@@ -45,7 +45,7 @@ class TopKTranscoders:
     """
 
     def __init__(self, params: dict, scale_in, scale_out, since_fired, lr: float):
-        self.params = {n: torch.nn.Parameter(params[n]) for n in PARAMS}
+        self.params = {n: torch.nn.Parameter(v) for n, v in params.items()}
         self.scale_in, self.scale_out, self.since_fired = scale_in, scale_out, since_fired
         self.threshold = None
         self.opt = torch.optim.Adam(self.params.values(), lr=lr)
@@ -194,7 +194,9 @@ class TopKTranscoders:
     def from_state_tensors(cls, tensors: dict, lr: float, device: str) -> "TopKTranscoders":
         """Rebuild from ``state_tensors`` output."""
         t = {n: v.to(device) for n, v in tensors.items()}
-        state = cls({n: t[n] for n in PARAMS}, t["scale_in"], t["scale_out"], t["since_fired"], lr)
+        params = {n: v for n, v in t.items() if not n.startswith("adam.")
+                  and n not in ("scale_in", "scale_out", "since_fired")}
+        state = cls(params, t["scale_in"], t["scale_out"], t["since_fired"], lr)
         restore_adam(state.opt, state.params, tensors, device)
         return state
 

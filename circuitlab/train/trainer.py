@@ -209,25 +209,40 @@ def train_transcoders(
         lr=lr, jumprelu_share=jumprelu_share, bf16=bf16, seed=seed,
         corpus=str(Path(corpus).expanduser().resolve()),
         init_from=None if init_from is None else str(init_from))
-    command = command or (
-        f"train_transcoders({settings.model_name!r}, {settings.corpus!r}, {str(out_dir)!r}, "
-        f"tokens={tokens}, time_budget={time_budget}, device={device!r}, "
-        + ", ".join(f"{n}={v!r}" for n, v in dataclasses.asdict(settings).items()
-                    if n not in ("model_name", "n_layers", "d_model", "corpus")) + ")")
+    command = command or describe("train_transcoders", settings, out_dir, tokens, time_budget,
+                                  device)
     history = None
     if init_from is not None:
         history = {"path": str(init_from), **{n: earlier[n] for n in HISTORY if n in earlier}}
+    run = start_run(_Run, model, settings, out_dir, ckpt_dir, device, tokens, time_budget,
+                    checkpoint_every, command, history, resume)
+    if run.state is None and history is not None and earlier.get("settings", {}).get(
+            "corpus") == settings.corpus and earlier["settings"].get("context") == context:
+        run.skip_rows(earlier.get("tokens_read", 0) // (context - 1))
+    return run.train(progress)
+
+
+def describe(function: str, settings: Settings, out_dir: Path, tokens: int, time_budget,
+             device: str) -> str:
+    """The call of ``function`` with ``settings``, as a manifest records a run's command."""
+    return (f"{function}({settings.model_name!r}, {settings.corpus!r}, {str(out_dir)!r}, "
+            f"tokens={tokens}, time_budget={time_budget}, device={device!r}, "
+            + ", ".join(f"{n}={v!r}" for n, v in dataclasses.asdict(settings).items()
+                        if n not in ("model_name", "n_layers", "d_model", "corpus")) + ")")
+
+
+def start_run(run_class, model, settings: Settings, out_dir: Path, ckpt_dir: Path, device: str,
+              tokens: int, time_budget, checkpoint_every: float, command: str,
+              history: dict | None, resume: bool) -> "_Run":
+    """A ``run_class`` run, resumed from the checkpoint in ``ckpt_dir`` if there is one and
+    ``resume`` is set (its state class is ``run_class.State``)."""
     state, counters = None, {"tokens_seen": 0, "steps": 0, "seconds": 0.0, "buffers": 0,
                              "docs_done": 0, "pending": []}
     if resume and (ckpt_dir / CHECKPOINT_FILE).exists():
         tensors, counters = load_checkpoint(ckpt_dir, settings)
-        state = TopKTranscoders.from_state_tensors(tensors, settings.lr, device)
-    run = _Run(model, settings, state, counters, out_dir, ckpt_dir, device, tokens,
-               time_budget, checkpoint_every, command, history)
-    if state is None and history is not None and earlier.get("settings", {}).get(
-            "corpus") == settings.corpus and earlier["settings"].get("context") == context:
-        run.skip_rows(earlier.get("tokens_read", 0) // (context - 1))
-    return run.train(progress)
+        state = run_class.State.from_state_tensors(tensors, settings.lr, device)
+    return run_class(model, settings, state, counters, out_dir, ckpt_dir, device, tokens,
+                     time_budget, checkpoint_every, command, history)
 
 
 def _check_init_from(folder: Path, layers: list[int], width: int, d_model: int) -> dict:
@@ -254,6 +269,8 @@ def _check_init_from(folder: Path, layers: list[int], width: int, d_model: int) 
 
 class _Run(Budgets):
     """One training run: the loop, its budgets, checkpoints and exports."""
+
+    State = TopKTranscoders  # what checkpoints hold
 
     def __init__(self, model, settings: Settings, state, counters: dict, out_dir: Path,
                  ckpt_dir: Path, device: str, tokens: int, time_budget, checkpoint_every,
@@ -319,11 +336,8 @@ class _Run(Budgets):
         x, y, perms = filled
         c.update(docs_done=self.rows.docs_done, pending=self.rows.pending, buffers=c["buffers"] + 1,
                  tokens_read=c.get("tokens_read", 0) + x.shape[1])
-        if self.state is None and s.init_from is not None:
-            self.state = TopKTranscoders.from_bundle(Path(s.init_from), list(s.layers),
-                                                     *self.sample, s.lr)
-        elif self.state is None:
-            self.state = TopKTranscoders.init(*self.sample, s.width, s.k, s.lr, s.seed)
+        if self.state is None:
+            self.state = self.new_state()
         if self.progress() >= 1 - s.jumprelu_share:
             self.state.calibrate(self.sample[0], s.k, self.dtype)
         size = min(s.batch_tokens, x.shape[1])
@@ -340,6 +354,14 @@ class _Run(Budgets):
             bar.update(size)
             bar.set_postfix(fvu=f"{fvu.mean():.3f}", dead=f"{dead:.1%}", refresh=False)
         return True
+
+    def new_state(self):
+        """The state training starts from, made from the first buffer's sample."""
+        s = self.s
+        if s.init_from is not None:
+            return TopKTranscoders.from_bundle(Path(s.init_from), list(s.layers), *self.sample,
+                                               s.lr)
+        return TopKTranscoders.init(*self.sample, s.width, s.k, s.lr, s.seed)
 
     def save(self) -> None:
         """Export the bundle, then write the checkpoint."""
