@@ -155,6 +155,22 @@ def test_clt_splice_sums_the_writes_of_earlier_layers(model, heldout):
     assert (df.l0 > 0).all() and (df.ce_alone.abs() > 1e-4).all()
 
 
+def test_eval_reads_what_the_clt_reads(model, heldout):
+    g = torch.Generator().manual_seed(1)
+    clt = CrossLayerTranscoder(3, 32, 16, activation="relu", hook_in="hook_resid_mid")
+    with torch.no_grad():
+        clt.W_enc.copy_(torch.randn(3, 32, 16, generator=g) / 4)
+        clt.W_dec[0].copy_(0.1 * torch.randn(16, 3, 32, generator=g))
+    df = evaluate_transcoders(model, clt, heldout, tokens=500, context=64)
+    rows = data.TokenRows(model.tokenizer, heldout, 64, split="heldout").take(8)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(rows)
+    x, y = cache["blocks.0.hook_resid_mid"][:, 1:], cache["blocks.0.hook_mlp_out"][:, 1:]
+    pred = clt.decode(0, [clt.encode(0, x)], x)
+    fvu = (pred - y).pow(2).sum() / (y - y.mean((0, 1))).pow(2).sum()
+    assert df.fvu[0] == pytest.approx(float(fvu), rel=1e-4)
+
+
 def test_resume_continues_where_it_stopped(model, corpus, tmp_path):
     out = tmp_path / "clt"
     train_clt(model, corpus, out, tokens=3_000, time_budget=0.0, **SMALL)

@@ -157,7 +157,8 @@ def _run(rm: ReplacementModel, tokens: torch.Tensor, stats: list[_LayerStats]):
                          act[:, 1:].flatten(0, 1))
 
     with torch.no_grad():
-        clean = rm.model.run_with_hooks(tokens, fwd_hooks=mlp_hooks(rm.model, measure))
+        clean = rm.model.run_with_hooks(tokens,
+                                        fwd_hooks=mlp_hooks(rm.model, measure, read=rm.reads))
     return clean, _splice(rm, tokens, range(len(stats)))
 
 
@@ -171,12 +172,14 @@ def _splice(rm: ReplacementModel, tokens: torch.Tensor, layers) -> torch.Tensor:
         return torch.cat([act[:, :1], pred[:, 1:]], dim=1) if layer in layers else None
 
     with torch.no_grad():
-        return rm.model.run_with_hooks(tokens, fwd_hooks=mlp_hooks(rm.model, splice))
+        return rm.model.run_with_hooks(tokens,
+                                       fwd_hooks=mlp_hooks(rm.model, splice, read=rm.reads))
 
 
 def _transcoder(rm: ReplacementModel):
     """``transcode(layer, x)``: the feature activations of ``layer`` and the transcoders'
-    output there for MLP inputs ``x`` (in the transcoders' dtype, whatever the model's),
+    output there for their inputs ``x`` (the MLP input, or the residual stream before the
+    pre-MLP norm where they read that; in their dtype, whatever the model's),
     for the layers of one forward pass in order: it keeps each layer's activations for
     the cross-layer writes into later layers."""
     acts = [None] * rm.n_layers
