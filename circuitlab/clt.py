@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CircuitlabError
-from .files import atomic_dir
+from .files import atomic_dir, atomic_file
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 MODEL_KIND = "cross_layer_transcoder"
@@ -138,10 +138,10 @@ class CrossLayerTranscoder(torch.nn.Module):
                     enc[f"threshold_{s}"] = self.threshold[s]
                 if self.W_skip is not None:
                     enc[f"W_skip_{s}"] = self.W_skip[s].T
-                save_file({k: v.detach().contiguous().cpu() for k, v in enc.items()},
-                          tmp / f"W_enc_{s}.safetensors")
-                save_file({f"W_dec_{s}": self.decoders(s).detach().contiguous().cpu()},
-                          tmp / f"W_dec_{s}.safetensors")
+                with atomic_file(tmp / f"W_enc_{s}.safetensors") as file:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in enc.items()}, file)
+                with atomic_file(tmp / f"W_dec_{s}.safetensors") as file:
+                    save_file({f"W_dec_{s}": self.decoders(s).detach().contiguous().cpu()}, file)
         return Path(folder)
 
 
