@@ -44,7 +44,7 @@ from .hooks import MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_MID_HOOKS
 #: Public CLTs: name (the hub reference) -> the Hugging Face id of their model.
 CLT_PRESETS = {
     # circuit-tracer's README ("Available transcoders"); their config.yaml names the residual
-    # before the pre-MLP norm (hook_resid_mid) as their input.
+    # before the pre-MLP norm as their input (hooks.RESID_MID_HOOKS).
     "mntss/clt-gemma-2-2b-426k": "google/gemma-2-2b",
     "mntss/clt-gemma-2-2b-2.5M": "google/gemma-2-2b",
     "mntss/clt-llama-3.2-1b-524k": "meta-llama/Llama-3.2-1B",
