@@ -69,9 +69,8 @@ def run_edited(rm: ReplacementModel, tokens: torch.Tensor, edits: dict[int, list
         if layer in edits:
             acts = rm.encode(layer, x, tokens)
             changes[layer] = apply_edits(acts, edits[layer]) - acts
-        if all(c is None for c in changes[:layer + 1]):
-            return None
-        return out + rm.write(layer, changes)  # a cross-layer feature's change reaches every layer
+        written = rm.write(layer, changes)  # a cross-layer feature's change reaches every layer
+        return None if isinstance(written, float) else out + written
 
     patterns = trace.patterns if mode == "frozen-attention" else None
     return rm.edited_run(tokens, edit_out, patterns=patterns)
