@@ -7,6 +7,7 @@
     circuitlab pack --out DIR ...            compact training inputs for an offline GPU host
     circuitlab finetune DIR --out DIR ...    fine-tune their decoders on the spliced-in KL
     circuitlab eval-transcoders DIR ...      evaluate transcoders on held-out text and prose
+    circuitlab quantize DIR --out DIR        store transcoders in 8 bits (half of bfloat16's bytes)
     circuitlab cards ...                     precompute feature cards and labels over held-out text
     circuitlab plan --model M --device t4    will a model, its transcoders and a graph fit? (no download)
 
@@ -181,6 +182,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the table to this JSON file")
     p.add_argument("--per-layer", action="store_true",
                    help="also the CE increase of splicing each layer alone (slower)")
+
+    p = command("quantize", "quantize", "store a folder of SAE-Lens transcoders in 8 bits: "
+                "int8 matrices with one float32 scale per feature, half the bytes of bfloat16 "
+                "(circuitlab.load reads both)")
+    p.add_argument("transcoders", help="folder of SAE-Lens transcoders (layer_XX/cfg.json and "
+                   "sae_weights.safetensors), e.g. what `circuitlab train` writes")
+    p.add_argument("--out", required=True, help="new folder for the 8-bit transcoders")
 
     p = command("cards", "cards", "precompute feature cards and automatic labels over held-out text")
     model_options(p, dtype=True)

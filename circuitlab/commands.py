@@ -22,6 +22,7 @@ from .loading import is_pack, load, load_model, load_transcoders
 from .plan import plan as make_plan
 from .plan import table as plan_table
 from .precision import check_device, fast_bf16
+from .quantize import quantize_folder
 from .train.build_cards import build_examples, relabel
 from .train.clt_trainer import train_clt
 from .train.corpus import build_corpus
@@ -193,6 +194,17 @@ def evaluate(args) -> None:
         doc = ({"splits": {split: record(df) for split, df in result.items()}}
                if isinstance(result, dict) else record(result))
         atomic_write_text(args.json, json.dumps(doc, indent=1, default=float))
+
+
+def quantize(args) -> None:
+    """``circuitlab quantize``: the 8-bit twin of a folder of transcoders."""
+    report = quantize_folder(args.transcoders, args.out, command=command(args))
+    before = sum(r["bytes_before"] for r in report.values())
+    after = sum(r["bytes_after"] for r in report.values())
+    error = max(r["relative_error"] for r in report.values())
+    print(f"Wrote {len(report)} layers to {args.out}: {after / 1e6:.1f} MB of weights "
+          f"(from {before / 1e6:.1f} MB); rounding changed each matrix by at most "
+          f"{error:.1%} of its norm")
 
 
 def cards(args) -> None:

@@ -15,7 +15,8 @@ Models:
 Transcoders (one SAE-Lens transcoder per layer) come from:
     * the bundle in ``data/transcoders/`` (the default for the embedded model);
     * an SAE-Lens release name (``TRANSCODER_PRESETS``), fetched from the hub;
-    * a directory of SAE-Lens ``save_model`` folders (optionally with a sha256 manifest);
+    * a directory of SAE-Lens ``save_model`` folders (optionally with a sha256 manifest), or
+      of their 8-bit twins (``circuitlab.quantize``);
     * a circuit-tracer directory: ``config.yaml`` plus per-layer safetensors;
     * a list of SAE-Lens transcoder objects.
 
@@ -61,6 +62,7 @@ from .files import BUNDLE_DIR, atomic_dir, cache_dir, sha256, verify_manifest
 from .hooks import layer_of
 from .plan import check_load
 from .precision import check_device, check_dtype
+from .quantize import load_sae
 from .replacement import ReplacementModel
 
 EMBEDDED_MODEL = "gemma-3-270m"
@@ -417,9 +419,10 @@ def _load_sae_lens_dir(path: Path, device: str) -> list[SAE]:
     if not folders:
         raise CircuitlabError(
             f"{path} holds no transcoders: expected SAE-Lens save_model folders (each with "
-            "cfg.json and sae_weights.safetensors) or a circuit-tracer config.yaml."
+            "cfg.json and sae_weights.safetensors or its 8-bit twin) or a circuit-tracer "
+            "config.yaml."
         )
-    saes = [SAE.load_from_disk(f, device=device) for f in folders]
+    saes = [load_sae(f, device=device) for f in folders]
     return sorted(saes, key=lambda sae: layer_of(sae.cfg.metadata.hook_name))
 
 

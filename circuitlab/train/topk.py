@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from circuitlab.quantize import read_weights
 from circuitlab.train.checkpoints import adam_tensors, restore_adam
 from circuitlab.train.sparse import (decode, gather_dot, jump_active, matching_thresholds,
                                      scatter_rows, topk_active)
@@ -91,7 +91,8 @@ class TopKTranscoders:
     def from_bundle(cls, folder: Path, layers: list[int], x: torch.Tensor, y: torch.Tensor,
                     lr: float) -> "TopKTranscoders":
         """Warm start from exported transcoders ``folder/layer_XX/`` (this module's export,
-        or any SAE-Lens skip transcoder folder with ``W_enc, b_enc, W_dec, W_skip, b_dec``).
+        any SAE-Lens skip transcoder folder with ``W_enc, b_enc, W_dec, W_skip, b_dec``, or
+        its 8-bit twin).
 
         The normalizing scales come from the sample ``x, y [L, N, d]``; the weights are
         mapped into that normalized space (exactly the inverse of ``to_jumprelu``). The
@@ -101,8 +102,8 @@ class TopKTranscoders:
         scale_in, scale_out = _scales(x, y)
         out = {n: [] for n in PARAMS}
         for l, layer in enumerate(layers):
-            w = load_file(folder / f"layer_{layer:02d}" / "sae_weights.safetensors")
-            w = {n: w[n].float().to(x.device) for n in PARAMS}
+            w = read_weights(folder / f"layer_{layer:02d}")
+            w = {n: w[n].to(x.device) for n in PARAMS}
             ratio = scale_in[l] / scale_out[l]
             for n, v in zip(PARAMS, ((w["W_enc"] * ratio).T, w["b_enc"] / scale_out[l],
                                      F.normalize(w["W_dec"], dim=-1), w["W_skip"] * ratio,

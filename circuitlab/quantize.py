@@ -1,0 +1,182 @@
+"""Transcoder weights stored in 8 bits: half the bytes of bfloat16, at almost no cost.
+
+A folder of SAE-Lens transcoders (``layer_XX/cfg.json`` and ``sae_weights.safetensors``) has
+an 8-bit twin with the same ``cfg.json`` files and, in place of each weights file,
+``sae_weights_int8.safetensors``:
+
+* every matrix ``M`` (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``W_skip [d_out,
+  d_in]``) is stored as ``M`` (int8, from -127 to 127) and ``M_scale`` (float32): one scale
+  per feature for the encoder (shape ``[1, d_sae]``) and one per row for the others
+  (``[rows, 1]``). The weight is ``M * M_scale``; each scale is its slice's largest
+  magnitude / 127, and values are rounded to the nearest step;
+* vectors (``b_enc``, ``b_dec``, ``threshold``) are stored as float32, unchanged;
+* the file's metadata holds ``{"format": "circuitlab-int8", "version": "1"}``.
+
+Any tool that reads safetensors reads these files. ``circuitlab.load`` reads both kinds of
+folder, and ``circuitlab quantize SRC --out DST`` (``quantize_folder``) writes the 8-bit twin
+of a folder, with a sha256 manifest. Rounding changes each weight by at most half a step
+(``M_scale / 2``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from sae_lens import SAE
+from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk
+from sae_lens.util import str_to_dtype
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CircuitlabError
+from .files import atomic_dir, sha256, verify_manifest
+
+#: The weights file of an 8-bit layer folder (SAE-Lens' own is ``sae_weights.safetensors``).
+INT8_WEIGHTS = "sae_weights_int8.safetensors"
+SAE_LENS_WEIGHTS = "sae_weights.safetensors"
+FORMAT = {"format": "circuitlab-int8", "version": "1"}
+
+
+def quantize_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SAE-Lens state dict in this module's 8-bit layout (matrices int8 with scales)."""
+    out = {}
+    for name, value in state.items():
+        value = value.detach().float().cpu()
+        if value.ndim != 2:
+            out[name] = value.contiguous()
+            continue
+        axis = 0 if name == "W_enc" else 1  # the scale runs along the feature axis
+        scale = value.abs().amax(dim=axis, keepdim=True) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        out[name] = (value / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
+        out[f"{name}_scale"] = scale.contiguous()
+    return out
+
+
+def dequantize_tensors(tensors: dict[str, torch.Tensor],
+                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The state dict an 8-bit file holds (``quantize_tensors``'s inverse up to rounding)."""
+    state = {}
+    for name, value in tensors.items():
+        if name.endswith("_scale") and name[:-6] in tensors:
+            continue
+        if value.dtype == torch.int8:
+            if f"{name}_scale" not in tensors:
+                raise CircuitlabError(f"The 8-bit matrix {name} has no {name}_scale tensor; "
+                                      "the file is not in circuitlab's int8 layout. Re-create "
+                                      "it with `circuitlab quantize`.")
+            value = value.float() * tensors[f"{name}_scale"].float()
+        state[name] = value.to(dtype)
+    return state
+
+
+def is_int8(folder: Path) -> bool:
+    """Whether a layer folder holds 8-bit weights (``INT8_WEIGHTS``)."""
+    return (Path(folder) / INT8_WEIGHTS).exists()
+
+
+def int8_disk_loader(path, device: str = "cpu", cfg_overrides: dict | None = None):
+    """An SAE-Lens disk loader (the ``converter`` of ``SAE.load_from_disk``) for an 8-bit
+    layer folder: its ``cfg.json`` and dequantized weights, in the cfg's dtype."""
+    cfg = get_sae_lens_config_from_disk(path, device, cfg_overrides)
+    with safe_open(Path(path) / INT8_WEIGHTS, framework="pt", device=device) as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    return cfg, dequantize_tensors(tensors, str_to_dtype(cfg.get("dtype", "float32")))
+
+
+def load_sae(folder: Path, device: str = "cpu") -> SAE:
+    """The SAE-Lens transcoder of one layer folder, 8-bit or SAE-Lens' own."""
+    if is_int8(folder):
+        return SAE.load_from_disk(folder, device=device, converter=int8_disk_loader)
+    return SAE.load_from_disk(folder, device=device)
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The float32 state dict of one layer folder, 8-bit or SAE-Lens' own (CPU)."""
+    name = INT8_WEIGHTS if is_int8(folder) else SAE_LENS_WEIGHTS
+    with safe_open(Path(folder) / name, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
+    return dequantize_tensors(tensors)
+
+
+def _layer_folders(src: Path) -> list[Path]:
+    folders = sorted(p.parent for p in src.glob("*/cfg.json") if not p.parent.name.startswith("."))
+    missing = [f.name for f in folders if not (f / SAE_LENS_WEIGHTS).exists()]
+    if not folders or missing:
+        raise CircuitlabError(
+            f"{src} holds no SAE-Lens transcoder folders to quantize"
+            + (f" ({', '.join(missing)} lack {SAE_LENS_WEIGHTS})" if missing else "")
+            + ": expected layer folders with cfg.json and sae_weights.safetensors, as "
+            "`circuitlab train` writes them.")
+    return folders
+
+
+def _check_out(src: Path, out: Path) -> None:
+    if out.resolve() == src.resolve():
+        raise CircuitlabError(f"--out {out} is the source folder; give a new folder.")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    try:
+        ours = json.loads((out / "manifest.json").read_text())["storage"]["format"] == FORMAT["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise CircuitlabError(f"{out} exists and is not an earlier `circuitlab quantize` "
+                              "output; it is left untouched. Give a new or empty folder.")
+
+
+def quantize_folder(src, out, command: str | None = None) -> dict:
+    """Write the 8-bit twin of a folder of SAE-Lens transcoders.
+
+    ``out`` gets each layer's ``cfg.json`` and ``INT8_WEIGHTS``, and a ``manifest.json``
+    holding their sha256, the source manifest's record (training commands, tokens, times)
+    and, under ``storage``, the format, the source manifest's sha256 and ``command``. The
+    folder is written beside ``out`` and swapped in whole.
+
+    Args:
+        src: the folder (its manifest, if any, is checked first).
+        out: a new or empty folder, or an earlier output of this function (replaced).
+        command: the command line, recorded in the manifest.
+
+    Returns:
+        Per layer folder, the bytes before and after and ``relative_error``: the largest
+        ``||M' - M|| / ||M||`` (Frobenius norms) of its matrices.
+
+    Raises:
+        CircuitlabError: for a source without transcoder folders, a corrupt source, or an
+            ``out`` that holds something else.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CircuitlabError(f"{src} is not a folder of transcoders.")
+    manifest = {}
+    if (src / "manifest.json").exists():
+        verify_manifest(src, f"the transcoders in {src}", "Restore it from git or retrain it.")
+        manifest = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+    folders = _layer_folders(src)
+    _check_out(src, out)
+    report, digests = {}, {}
+    with atomic_dir(out, "nothing was written.") as tmp:
+        for folder in folders:
+            state = read_weights(folder)
+            tensors = quantize_tensors(state)
+            back = dequantize_tensors(tensors)
+            (tmp / folder.name).mkdir()
+            (tmp / folder.name / "cfg.json").write_bytes((folder / "cfg.json").read_bytes())
+            save_file(tensors, tmp / folder.name / INT8_WEIGHTS, metadata=FORMAT)
+            for f in ("cfg.json", INT8_WEIGHTS):
+                digests[f"{folder.name}/{f}"] = sha256(tmp / folder.name / f)
+            report[folder.name] = {
+                "bytes_before": (folder / SAE_LENS_WEIGHTS).stat().st_size,
+                "bytes_after": (tmp / folder.name / INT8_WEIGHTS).stat().st_size,
+                "relative_error": max(float((back[n] - v).norm() / v.norm().clamp_min(1e-30))
+                                      for n, v in state.items() if v.ndim == 2)}
+        record = {k: v for k, v in manifest.items() if k != "sha256"}
+        record["storage"] = {**FORMAT, "source": str(src), "command": command,
+                             "source_manifest_sha256": sha256(src / "manifest.json")
+                             if manifest else None}
+        (tmp / "manifest.json").write_text(json.dumps({"sha256": digests, **record}, indent=1),
+                                           encoding="utf-8")
+    return report

@@ -1,0 +1,125 @@
+"""8-bit transcoder folders: the layout on disk, loading, warm starts and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model, tiny_transcoders
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import circuitlab
+from circuitlab import CircuitlabError, cli
+from circuitlab.files import sha256, verify_manifest
+from circuitlab.plan import transcoder_shape
+from circuitlab.quantize import INT8_WEIGHTS, quantize_folder, read_weights
+from circuitlab.train.topk import TopKTranscoders
+
+MATRICES = ("W_enc", "W_dec", "W_skip")
+
+
+def write_folder(path, saes):
+    """SAE-Lens folders with a sha256 manifest, as `circuitlab train` leaves them."""
+    for layer, sae in enumerate(saes):
+        sae.save_model(path / f"layer_{layer:02d}")
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*.*"))
+    (path / "manifest.json").write_text(json.dumps(
+        {"sha256": {f: sha256(path / f) for f in files}, "tokens_seen": 1234}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("gemma3")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layout_and_loading_match_a_hand_dequantization(model, arch, tmp_path, capsys):
+    saes = tiny_transcoders(model, arch)
+    src = write_folder(tmp_path / "src", saes)
+    assert cli.main(["quantize", str(src), "--out", str(tmp_path / "q8")]) == 0
+    assert "rounding changed each matrix by at most" in capsys.readouterr().out
+    out = tmp_path / "q8"
+    verify_manifest(out, "8-bit transcoders", "requantize")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens_seen"] == 1234  # the source's record is carried
+    assert manifest["storage"]["format"] == "circuitlab-int8"
+    assert manifest["storage"]["source_manifest_sha256"] == sha256(src / "manifest.json")
+    rm = circuitlab.load(model, out)
+    for layer, (sae, loaded) in enumerate(zip(saes, rm.transcoders)):
+        assert type(loaded) is type(sae)
+        folder = out / f"layer_{layer:02d}"
+        assert not (folder / "sae_weights.safetensors").exists()
+        with safe_open(folder / INT8_WEIGHTS, "pt") as f:
+            assert f.metadata() == {"format": "circuitlab-int8", "version": "1"}
+        raw = load_file(folder / INT8_WEIGHTS)
+        for name, value in sae.state_dict().items():
+            got = getattr(loaded, name).detach()
+            if name not in MATRICES:
+                assert raw[name].dtype == torch.float32 and torch.equal(got, value)
+                continue
+            q, scale = raw[name], raw[f"{name}_scale"]
+            assert q.dtype == torch.int8 and q.abs().max() == 127
+            rows, cols = value.shape
+            assert scale.shape == ((1, cols) if name == "W_enc" else (rows, 1))
+            assert torch.equal(got, q.float() * scale)  # exactly the documented formula
+            assert ((got - value).abs() <= scale / 2 * (1 + 1e-5)).all()  # half a step at most
+        x = torch.randn(8, model.cfg.d_model)
+        torch.testing.assert_close(loaded(x), sae(x), rtol=0.05, atol=0.05)
+    before = sum(p.stat().st_size for p in src.glob("*/sae_weights.safetensors"))
+    after = sum(p.stat().st_size for p in out.glob(f"*/{INT8_WEIGHTS}"))
+    assert after < before / 2  # float32 source: close to a quarter, headers aside
+    a, b = transcoder_shape(out), transcoder_shape(src)
+    assert (a.width, a.skip, a.jumprelu, a.l0) == (b.width, b.skip, b.jumprelu, b.l0)
+
+
+def test_warm_start_reads_an_8bit_folder_as_its_float_twin(model, tmp_path):
+    saes = tiny_transcoders(model, "jumprelu_skip_transcoder")
+    src = write_folder(tmp_path / "src", saes)
+    out = tmp_path / "q8"
+    assert cli.main(["quantize", str(src), "--out", str(out)]) == 0
+    for layer, sae in enumerate(saes):  # the float twin: the dequantized weights, SAE-Lens' way
+        with torch.no_grad():
+            for name, value in read_weights(out / f"layer_{layer:02d}").items():
+                getattr(sae, name).copy_(value)
+    twin = write_folder(tmp_path / "twin", saes)
+    x = torch.randn(model.cfg.n_layers, 64, model.cfg.d_model)
+    y = torch.randn(model.cfg.n_layers, 64, model.cfg.d_model)
+    layers = list(range(model.cfg.n_layers))
+    a = TopKTranscoders.from_bundle(out, layers, x, y, lr=1e-3)
+    b = TopKTranscoders.from_bundle(twin, layers, x, y, lr=1e-3)
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name]), name
+
+
+def test_bad_input_leaves_user_files_alone(model, tmp_path, capsys):
+    src = write_folder(tmp_path / "src", tiny_transcoders(model, "skip_transcoder"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli.main(["quantize", str(src), "--out", str(mine)]) == 2
+    assert "not an earlier `circuitlab quantize` output" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    assert cli.main(["quantize", str(src), "--out", str(src)]) == 2
+    assert "is the source folder" in capsys.readouterr().err
+    assert cli.main(["quantize", str(mine), "--out", str(tmp_path / "q")]) == 2
+    assert "no SAE-Lens transcoder folders" in capsys.readouterr().err
+    # An earlier output is replaced whole; a corrupt one is caught by its checksums.
+    out = tmp_path / "q8"
+    assert cli.main(["quantize", str(src), "--out", str(out)]) == 0
+    (out / "stale.txt").write_text("x")
+    assert cli.main(["quantize", str(src), "--out", str(out)]) == 0
+    assert not (out / "stale.txt").exists()
+    weights = out / "layer_00" / INT8_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CircuitlabError, match="fails its checksum"):
+        circuitlab.load(model, out)
+    # A source whose own checksums fail is refused before anything is written.
+    (src / "layer_01" / "cfg.json").write_text("{}")
+    with pytest.raises(CircuitlabError, match="fails its checksum"):
+        quantize_folder(src, tmp_path / "q9")
+    assert not (tmp_path / "q9").exists()
