@@ -184,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also the CE increase of splicing each layer alone (slower)")
 
     p = command("quantize", "quantize", "store a folder of SAE-Lens transcoders in 8 bits: "
-                "int8 matrices with one float32 scale per feature, half the bytes of bfloat16 "
+                "8-bit float matrices with one float32 scale per feature, half the bytes of bfloat16 "
                 "(circuitlab.load reads both)")
     p.add_argument("transcoders", help="folder of SAE-Lens transcoders (layer_XX/cfg.json and "
                    "sae_weights.safetensors), e.g. what `circuitlab train` writes")
