@@ -88,8 +88,7 @@ def float8_disk_loader(path, device: str = "cpu", cfg_overrides: dict | None = N
     """An SAE-Lens disk loader (the ``converter`` of ``SAE.load_from_disk``) for an 8-bit
     layer folder: its ``cfg.json`` and dequantized weights, in the cfg's dtype."""
     cfg = get_sae_lens_config_from_disk(path, device, cfg_overrides)
-    with safe_open(Path(path) / FLOAT8_WEIGHTS, framework="pt", device=device) as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    tensors = _read(Path(path) / FLOAT8_WEIGHTS, device)
     return cfg, dequantize_tensors(tensors, str_to_dtype(cfg.get("dtype", "float32")))
 
 
@@ -103,9 +102,12 @@ def load_sae(folder: Path, device: str = "cpu") -> SAE:
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The float32 state dict of one layer folder, 8-bit or SAE-Lens' own (CPU)."""
     name = FLOAT8_WEIGHTS if is_float8(folder) else SAE_LENS_WEIGHTS
-    with safe_open(Path(folder) / name, framework="pt") as f:
-        tensors = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
-    return dequantize_tensors(tensors)
+    return dequantize_tensors(_read(Path(folder) / name))
+
+
+def _read(file: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    with safe_open(file, framework="pt", device=device) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
 
 
 def _layer_folders(src: Path) -> list[Path]:
