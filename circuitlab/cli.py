@@ -145,8 +145,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 products and buffer in training (default: where bf16 is fast)")
     p.add_argument("--init-from", default=None,
-                   help="warm start from exported transcoders of the same width (e.g. the "
-                   "bundle; not with --clt)")
+                   help="warm start from exported per-layer transcoders of the same width "
+                   "(e.g. the bundle); with --clt each feature starts as its per-layer "
+                   "namesake, writing into its own layer only")
+    p.add_argument("--window", type=int, default=None,
+                   help="with --clt: the most layers a feature writes into, its own "
+                   "included (default: all later layers); decoders shrink with it")
+    p.add_argument("--k-start", type=int, default=None,
+                   help="with --clt: active features per token and layer at the start, "
+                   "annealed linearly down to --k")
+    p.add_argument("--k-anneal-tokens", type=int, default=None,
+                   help="with --k-start: training tokens over which k anneals")
 
     p = command("pack", "pack", "compact training inputs for a machine with no registries")
     p.add_argument("--out", required=True, help="output folder")

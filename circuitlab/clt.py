@@ -22,6 +22,11 @@ reads the other's files:
   ``W_skip_{s} [d_model, d_model]`` (applied as ``x @ W_skip_{s}``);
 * ``W_dec_{s}.safetensors``: ``W_dec_{s} [d_sae, L - s, d_model]``.
 
+A CLT may write into fewer layers: with ``window: w`` in ``config.yaml`` (circuitlab's
+extension of the layout) the features of ``s`` write into layers ``s .. s + w - 1`` only and
+``W_dec_{s}`` holds ``min(w, L - s)`` of them; ``decoders`` pads the rest with zeros, so
+everything downstream sees the full layout.
+
 With ``lazy=True`` the decoders stay on disk and are read (memory-mapped) when used.
 """
 
@@ -52,6 +57,7 @@ class CrossLayerTranscoder(torch.nn.Module):
         b_dec: ``[L, d_model]``.
         W_skip: ``[L, d_model, d_model]`` affine skip matrices ``[d_out, d_in]``, or ``None``.
         activation: ``"relu"``, ``"jumprelu"`` or ``"topk"``; ``k`` for TopK.
+        window: the most layers a feature writes into (``None``: all later layers).
         hook_in, hook_out: the TransformerLens hook names (without ``blocks.<layer>.``)
             the encoders read and the decoders write.
     """
@@ -59,7 +65,7 @@ class CrossLayerTranscoder(torch.nn.Module):
     def __init__(self, n_layers: int, d_model: int, d_sae: int, *, activation: str = "relu",
                  k: int | None = None, skip: bool = False, model_name: str | None = None,
                  hook_in: str = "hook_mlp_in", hook_out: str = "hook_mlp_out",
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 window: int | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise CircuitlabError(f"activation={activation!r}: a CLT's activation is one of "
@@ -67,7 +73,11 @@ class CrossLayerTranscoder(torch.nn.Module):
         if (activation == "topk") != (k is not None):
             raise CircuitlabError("A TopK CLT needs k (features per token and layer); only TopK "
                                   "takes k.")
+        if window is not None and not 1 <= window <= n_layers:
+            raise CircuitlabError(f"window={window!r}: a CLT's write window is between 1 and "
+                                  f"its {n_layers} layers (or None for all later layers).")
         self.n_layers, self.d_model, self.d_sae = n_layers, d_model, d_sae
+        self.window = None if window is None or window >= n_layers else window
         self.activation, self.k = activation, k
         self.model_name, self.hook_in, self.hook_out = model_name, hook_in, hook_out
         zeros = lambda *shape: torch.nn.Parameter(  # noqa: E731
@@ -75,7 +85,7 @@ class CrossLayerTranscoder(torch.nn.Module):
         self.W_enc = zeros(n_layers, d_model, d_sae)
         self.b_enc = zeros(n_layers, d_sae)
         self.threshold = zeros(n_layers, d_sae) if activation == "jumprelu" else None
-        self.W_dec = torch.nn.ParameterList([zeros(d_sae, n_layers - s, d_model)
+        self.W_dec = torch.nn.ParameterList([zeros(d_sae, self.n_out(s), d_model)
                                              for s in range(n_layers)])
         self.b_dec = zeros(n_layers, d_model)
         self.W_skip = zeros(n_layers, d_model, d_model) if skip else None
@@ -83,8 +93,14 @@ class CrossLayerTranscoder(torch.nn.Module):
 
     def __repr__(self) -> str:
         k = f", k={self.k}" if self.k else ""
+        window = f", window={self.window}" if self.window else ""
         return (f"CrossLayerTranscoder({self.n_layers} layers, {self.d_sae} features/layer, "
-                f"{self.activation}{k}, skip={self.W_skip is not None})")
+                f"{self.activation}{k}, skip={self.W_skip is not None}{window})")
+
+    def n_out(self, source: int) -> int:
+        """How many layers (``source`` and after) the features of ``source`` write into."""
+        left = self.n_layers - source
+        return left if self.window is None else min(self.window, left)
 
     # ------------------------------------------------------------------ the maps
 
@@ -105,7 +121,14 @@ class CrossLayerTranscoder(torch.nn.Module):
 
     def decoders(self, source: int) -> torch.Tensor:
         """``[d_sae, L - source, d_model]``: the writes of ``source``'s features into layers
-        ``source, source + 1, ...`` (read from disk when the CLT is lazy)."""
+        ``source, source + 1, ...`` (read from disk when the CLT is lazy; zeros past a
+        write window)."""
+        W = self.stored_decoders(source)
+        missing = self.n_layers - source - W.shape[1]
+        return W if not missing else torch.cat([W, W.new_zeros(W.shape[0], missing, W.shape[2])], 1)
+
+    def stored_decoders(self, source: int) -> torch.Tensor:
+        """``[d_sae, n_out(source), d_model]``: the decoders as stored (no padding)."""
         if self.lazy_folder is None:
             return self.W_dec[source]
         with safe_open(self.lazy_folder / f"W_dec_{source}.safetensors", "pt",
@@ -117,7 +140,8 @@ class CrossLayerTranscoder(torch.nn.Module):
         every ``s <= layer``) and, with a skip connection, the MLP input ``x``."""
         out = self.b_dec[layer]
         for s in range(layer + 1):
-            out = out + acts[s] @ self.decoders(s)[:, layer - s]
+            if layer - s < self.n_out(s):
+                out = out + acts[s] @ self.stored_decoders(s)[:, layer - s]
         if self.W_skip is not None:
             out = out + x.to(self.W_skip.dtype) @ self.W_skip[layer].T
         return out
@@ -130,6 +154,8 @@ class CrossLayerTranscoder(torch.nn.Module):
             config = dict(model_kind=MODEL_KIND, model_name=self.model_name,
                           feature_input_hook=self.hook_in, feature_output_hook=self.hook_out,
                           activation=self.activation, k=self.k)
+            if self.window is not None:
+                config["window"] = self.window
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             for s in range(self.n_layers):
                 enc = {f"W_enc_{s}": self.W_enc[s].T, f"b_enc_{s}": self.b_enc[s],
@@ -141,7 +167,7 @@ class CrossLayerTranscoder(torch.nn.Module):
                 with atomic_file(tmp / f"W_enc_{s}.safetensors") as file:
                     save_file({k: v.detach().contiguous().cpu() for k, v in enc.items()}, file)
                 with atomic_file(tmp / f"W_dec_{s}.safetensors") as file:
-                    save_file({f"W_dec_{s}": self.decoders(s).detach().contiguous().cpu()}, file)
+                    save_file({f"W_dec_{s}": self.stored_decoders(s).detach().contiguous().cpu()}, file)
         return Path(folder)
 
 
@@ -191,7 +217,8 @@ def load(folder, *, device="cpu", dtype: torch.dtype | None = None, lazy: bool =
         n_layers, d_model, d_sae, activation=activation, k=settings.get("k"),
         skip="W_skip" in first, model_name=settings.get("model_name"),
         hook_in=settings.get("feature_input_hook", "hook_mlp_in"),
-        hook_out=settings.get("feature_output_hook", "hook_mlp_out"), dtype=dtype, device=device)
+        hook_out=settings.get("feature_output_hook", "hook_mlp_out"),
+        window=settings.get("window"), dtype=dtype, device=device)
     with torch.no_grad():
         for s, layer in enumerate(layers):
             missing = {"W_enc", "b_enc", "b_dec"} - set(layer)
@@ -210,9 +237,9 @@ def load(folder, *, device="cpu", dtype: torch.dtype | None = None, lazy: bool =
                 raise CircuitlabError(f"{dec} is missing: every layer of a CLT needs its decoders.")
             with safe_open(dec, "pt", device=str(device)) as f:
                 shape = tuple(f.get_slice(f"W_dec_{s}").get_shape())
-                if shape != (d_sae, n_layers - s, d_model):
+                if shape != (d_sae, clt.n_out(s), d_model):
                     raise CircuitlabError(f"{dec} holds W_dec_{s} of shape {shape}; expected "
-                                          f"{(d_sae, n_layers - s, d_model)}.")
+                                          f"{(d_sae, clt.n_out(s), d_model)}.")
                 if not lazy:
                     clt.W_dec[s] = torch.nn.Parameter(f.get_tensor(f"W_dec_{s}").to(dtype),
                                                       requires_grad=False)

@@ -152,12 +152,19 @@ def model_dtype(args):
 
 def train(args) -> None:
     """``circuitlab train``: train one transcoder per layer, or a cross-layer one (``--clt``)."""
-    if args.clt and (args.layers or args.init_from):
-        raise CircuitlabError("--clt trains a cross-layer transcoder over all layers from "
-                              "scratch; drop --layers and --init-from.")
+    if args.clt and args.layers:
+        raise CircuitlabError("--clt trains a cross-layer transcoder over all layers; drop "
+                              "--layers.")
+    clt_only = [f"--{n.replace('_', '-')}" for n in ("window", "k_start", "k_anneal_tokens")
+                if getattr(args, n) is not None]
+    if clt_only and not args.clt:
+        raise CircuitlabError(f"{', '.join(clt_only)} set the cross-layer training; add --clt "
+                              "or drop them.")
     model = load_model(args.model, device=check_device(args.device), dtype=model_dtype(args))
     names = ("width", "k", "tokens", "time_budget", "context", "batch_tokens", "buffer_tokens",
              "passes", "lr", "seed", "device", "checkpoint_every", "init_from", "bf16")
+    if args.clt:
+        names += ("window", "k_start", "k_anneal_tokens")
     kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.layers:
         kwargs["layers"] = [int(x) for x in args.layers.split(",")]

@@ -3,7 +3,7 @@ notebooks' prompts, for one transcoder set: how much of each graph the transcode
 (see the README's glossary). Used to compare a retrained bundle, or a cross-layer
 transcoder, with the bundle.
 
-    python scripts/graph_scores.py [--transcoders FOLDER] [--json FILE]
+    python scripts/graph_scores.py [--transcoders FOLDER] [--set untuned] [--json FILE]
 """
 
 from __future__ import annotations
@@ -30,18 +30,34 @@ PROMPTS = [
 ]
 
 
+#: Prompts no transcoder set was tuned on, fixed before the cross-layer training started:
+#: prose, code, multilingual, arithmetic and rhyme, traced with the default node budget.
+UNTUNED = [
+    ("prose", "The old lighthouse keeper climbed the stairs every night to light the", 500),
+    ("code", "def add(a, b):\n    return a", 500),
+    ("de", 'Das Gegenteil von "groß" ist "', 500),
+    ("zh", "中国的首都是", 500),
+    ("arithmetic", "12 + 7 =", 500),
+    ("rhyme", "Roses are red,\nViolets are blue,\nSugar is sweet,\nAnd so are", 500),
+    ("facts", "The Great Wall is in the country of", 500),
+]
+SETS = {"notebooks": PROMPTS, "untuned": UNTUNED}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transcoders", default=None, help="folder of per-layer transcoders or of a cross-layer transcoder "
                         "(default: the bundled set)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--set", default="notebooks", choices=sorted(SETS),
+                        help="the demo and notebook prompts, or prompts nothing was tuned on")
     args = parser.parse_args()
     rm = circuitlab.load("gemma-3-270m", args.transcoders)
     rows = []
     print("| graph | feature nodes | replacement | completeness | pruned replacement | "
           "pruned completeness | path length | pruned path length |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, prompt, max_nodes in PROMPTS:
+    for name, prompt, max_nodes in SETS[args.set]:
         t0 = time.perf_counter()
         graph = attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False)
         full, pruned = graph.scores(), graph.prune().scores()

@@ -94,20 +94,23 @@ ARCHS = ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_
 
 
 def tiny_clt(model: HookedTransformer, activation: str = "jumprelu", skip: bool = True,
-             d_sae: int = 32, seed: int = 0):
-    """A random ``CrossLayerTranscoder`` over every layer of ``model``."""
+             d_sae: int = 32, seed: int = 0, window: int | None = None):
+    """A random ``CrossLayerTranscoder`` over every layer of ``model`` (its features writing
+    into ``window`` layers, or all later ones)."""
     from circuitlab.clt import CrossLayerTranscoder
 
     g = torch.Generator().manual_seed(seed)
     L, d = model.cfg.n_layers, model.cfg.d_model
     clt = CrossLayerTranscoder(L, d, d_sae, activation=activation, skip=skip,
-                               k=6 if activation == "topk" else None, model_name="tiny")
+                               k=6 if activation == "topk" else None, model_name="tiny",
+                               window=window)
     with torch.no_grad():
         clt.W_enc.copy_(torch.randn(L, d, d_sae, generator=g) / d ** 0.5)
         clt.b_enc.copy_(0.1 * torch.randn(L, d_sae, generator=g))
         clt.b_dec.copy_(0.1 * torch.randn(L, d, generator=g))
         for s in range(L):
-            clt.W_dec[s].copy_(torch.randn(d_sae, L - s, d, generator=g) / (d_sae * (L - s)) ** 0.5)
+            n = clt.n_out(s)
+            clt.W_dec[s].copy_(torch.randn(d_sae, n, d, generator=g) / (d_sae * n) ** 0.5)
         if clt.threshold is not None:
             clt.threshold.copy_(0.2 * torch.rand(L, d_sae, generator=g))
         if skip:

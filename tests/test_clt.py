@@ -94,6 +94,27 @@ def test_edges_match_brute_force_layernorm_model():
     check_edges_brute_force(rm, graph)
 
 
+def test_windowed_clt_edges_match_brute_force_and_round_trip(tmp_path):
+    """Features that write into two layers only: exact edges, and the window survives a save
+    (``W_dec_<s>`` stores only the written layers)."""
+    rm = clt_rm(("jumprelu", True), window=2)
+    assert [tuple(W.shape[1:2]) for W in rm.clt.W_dec] == [(2,), (2,), (1,)]
+    assert (rm.clt.decoders(0)[:, 2] == 0).all() and rm.clt.decoders(0).shape[1] == 3
+    graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=None, progress=False,
+                                 dtype=torch.float32)
+    exact(graph)
+    check_edges_brute_force(rm, graph)
+    loaded = clt_module.load(rm.clt.save(tmp_path / "clt"))
+    assert loaded.window == 2 and "window=2" in repr(loaded)
+    for s in range(3):
+        assert torch.equal(loaded.decoders(s), rm.clt.decoders(s))
+    lazy = clt_module.load(tmp_path / "clt", lazy=True)
+    assert torch.equal(lazy.decoders(1), rm.clt.decoders(1))
+    again = circuitlab.attribute(ReplacementModel(rm.model, loaded, name="tiny"), PROMPT,
+                                 max_feature_nodes=None, progress=False, dtype=torch.float32)
+    assert torch.allclose(again.adjacency, graph.adjacency, atol=1e-6)
+
+
 def test_edge_sums_the_writes_of_every_layer(rm):
     """A layer-0 feature's edge to a layer-2 target is the sum of its contributions through
     its writes into layers 0 and 1: with the layer-1 write removed the edge changes by the

@@ -1,6 +1,7 @@
 """Tests for cross-layer transcoder training (``train --clt``) and its evaluation, on the tiny
 random Gemma-3-like model."""
 
+import dataclasses
 import json
 from functools import partial
 
@@ -47,12 +48,14 @@ def heldout(corpus, tmp_path_factory):
     return folder
 
 
-def test_hand_gradients_match_autograd():
+@pytest.mark.parametrize("window", [None, 2])
+def test_hand_gradients_match_autograd(window):
     g = torch.Generator().manual_seed(0)
     L, N, d, width, k, B = 3, 256, 8, 24, 3, 64
     x = 2 * torch.randn(L, N, d, generator=g) + 0.5
     y = 3 * torch.tanh(x @ torch.randn(d, d, generator=g)) + 0.1 * torch.randn(L, N, d, generator=g)
-    state = TopKCLT.init(x, y, width, k, 1e-3, seed=0)
+    state = TopKCLT.init(x, y, width, k, 1e-3, seed=0, window=window)
+    assert [state.n_out(s) for s in range(L)] == ([3, 2, 1] if window is None else [2, 2, 1])
     state.opt.step = lambda: None  # keep the gradients, leave the weights
     for aux_k, dead_tokens in ((0, 10 ** 9), (4, 0)):  # no AuxK; every feature dead
         fvu = state.step(x[:, :B], y[:, :B], k, aux_k, dead_tokens, 1e-3, torch.float32)
@@ -65,7 +68,7 @@ def test_hand_gradients_match_autograd():
             pres.append(xn[s] @ ref["W_enc"][s].T + ref["b_enc"][s])
             top = pres[s].topk(k)
             acts = torch.zeros_like(pres[s]).scatter(1, top.indices, top.values.relu())
-            for t in range(s, L):
+            for t in range(s, min(L, s + (window or L))):
                 recon[t] = recon[t] + acts @ ref[f"W_dec_{s}"][:, t - s]
         fvus = torch.stack([(recon[t] - yn[t]).pow(2).sum() / (B * d) for t in range(L)])
         loss = fvus.sum()
@@ -203,3 +206,51 @@ def test_clt_flag_errors(model, corpus, tmp_path, monkeypatch, capsys):
     assert "holds per-layer transcoders" in capsys.readouterr().err
     with pytest.raises(CircuitlabError, match="1 <= k < width"):
         train_clt(model, corpus, tmp_path / "b", tokens=512, **{**SMALL, "k": 64})
+
+
+def test_warm_start_from_per_layer_transcoders(model, corpus, trained, tmp_path):
+    """A CLT warm-started from per-layer transcoders starts as them (same reconstruction of
+    every layer under TopK), then trains with a write window and an annealed k."""
+    from circuitlab.train.topk import TopKTranscoders
+
+    x, y = data.activation_buffer(model, data.TokenRows(model.tokenizer, corpus, 64).take(32),
+                                  [0, 1, 2], 8, torch.float32, "cpu")
+    per_layer = TopKTranscoders.from_bundle(trained, [0, 1, 2], x, y, 1e-3)
+    clt = TopKCLT.from_bundle(trained, x, y, 1e-3, window=2)
+    assert clt.window == 2 and [clt.n_out(s) for s in range(3)] == [2, 2, 1]
+    for state in (per_layer, clt):
+        state.opt.step = lambda: None
+    torch.testing.assert_close(clt.step(x, y, 4, 0, 10 ** 9, 0.0, torch.float32),
+                               per_layer.step(x, y, 4, 0, 10 ** 9, 0.0, torch.float32))
+
+    out = train_clt(model, corpus, tmp_path / "clt", tokens=6_144, init_from=trained, window=2,
+                    k_start=8, k_anneal_tokens=4_096, lr=1e-3,
+                    **{**SMALL, "k": 4})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["window"] == 2 and manifest["settings"]["k_start"] == 8
+    assert manifest["settings"]["init_from"] == str(trained.resolve())
+    loaded = load_clt(out)
+    assert loaded.window == 2 and tuple(loaded.W_dec[0].shape) == (64, 2, 32)
+    assert (loaded.W_dec[0][:, 1].norm(dim=-1) > 0).any()  # later writes learned from zero
+    for layer, cal in manifest["calibration"].items():
+        assert abs(cal["l0_jumprelu"] - 4) < 1, layer
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(window=0), "window=0"), (dict(k_start=2), "k_start=2"),
+    (dict(k_start=8, k_anneal_tokens=0), "anneals"),
+])
+def test_bad_clt_arguments(model, corpus, tmp_path, kwargs, message):
+    with pytest.raises(CircuitlabError, match=message):
+        train_clt(model, corpus, tmp_path / "clt", tokens=512, **{**SMALL, **kwargs})
+
+
+def test_k_anneals_linearly():
+    from circuitlab.train.clt_trainer import k_at
+
+    s = CLTSettings(model_name="m", n_layers=2, d_model=4, layers=(0, 1), width=8, k=16,
+                    aux_k=0, dead_tokens=1, context=8, batch_tokens=8, buffer_tokens=8,
+                    passes=1, lr=1e-3, jumprelu_share=0.1, bf16=False, seed=0, corpus="c",
+                    k_start=64, k_anneal_tokens=1000)
+    assert [k_at(s, t) for t in (0, 500, 1000, 5000)] == [64, 40, 16, 16]
+    assert k_at(dataclasses.replace(s, k_start=None), 0) == 16

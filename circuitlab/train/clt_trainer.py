@@ -2,10 +2,11 @@
 circuit-tracer's layout (``circuitlab.clt``).
 
 The features of layer ``s`` read its MLP input ``x[s]`` and write into the MLP outputs of
-layers ``s, s + 1, ...``. During training each layer's features are a TopK (the ``k``
-largest per token and layer) and every target layer has an affine skip::
+layers ``s, s + 1, ...`` (all later layers, or the ``window`` layers from ``s`` on). During
+training each layer's features are a TopK (the ``k`` largest per token and layer) and every
+target layer has an affine skip::
 
-    y_hat[t] = sum_{s <= t} topk_k(W_enc[s] x[s] + b_enc[s]) W_dec[s][:, t - s]
+    y_hat[t] = sum_{t - window < s <= t} topk_k(W_enc[s] x[s] + b_enc[s]) W_dec[s][:, t - s]
                + W_skip[t] x[t] + b_dec[t]
 
 trained with Adam on the sum over target layers of the normalized MSE (each layer's FVU),
@@ -17,6 +18,13 @@ computed by hand with the sparse kernels of ``sparse`` (per token only the ``k``
 decoders of each layer are read and updated), and the dense encoder and skip products
 run in bfloat16 when ``bf16`` is set. A feature's decoders (all its target layers
 together) are kept at unit norm.
+
+A run can warm-start from per-layer skip transcoders of the same width (``init_from``, the
+bundle): each feature's encoder, its first decoder (into its own layer) and each layer's
+skip come from them, its later decoders start at zero. Its sparsity can be annealed:
+``k_start`` active features per token and layer at the start, falling linearly to ``k``
+over the first ``k_anneal_tokens`` training tokens (a warm start from transcoders trained
+at a larger ``k`` starts there).
 
 Everything else is ``trainer``'s: the activation buffer (all layers' MLP inputs and
 outputs from one forward pass), budgets, checkpoints, resume and the JumpReLU phase at
@@ -53,7 +61,8 @@ from circuitlab.train import CLT_K, CLT_WIDTH
 from circuitlab.train.sparse import (Active, decode, gather_dot, jump_active,
                                      matching_thresholds, scatter_rows, topk_active)
 from circuitlab.train.topk import AUX_COEF, TopKTranscoders, _ridge, _scales
-from circuitlab.train.trainer import Settings, _check_args, _Run, describe, start_run
+from circuitlab.train.trainer import (Settings, _check_args, _check_init_from, _Run, describe,
+                                      start_run)
 
 GAIN_TOKENS = 512  # tokens of the joint least-squares fit of the initial encoder gains
 STATS_TOKENS = 4096  # calibration tokens the export's FVU is measured on
@@ -64,6 +73,18 @@ class CLTSettings(Settings):
     """``Settings`` of a CLT run (a per-layer checkpoint does not resume as a CLT)."""
 
     clt: bool = True
+    window: int | None = None
+    k_start: int | None = None
+    k_anneal_tokens: int = 0
+
+
+def k_at(settings: CLTSettings, tokens_seen: int) -> int:
+    """Active features per token and layer after ``tokens_seen`` training tokens: ``k_start``
+    falling linearly to ``k`` over ``k_anneal_tokens`` (``k`` throughout without a start)."""
+    if settings.k_start is None or tokens_seen >= settings.k_anneal_tokens:
+        return settings.k
+    share = tokens_seen / settings.k_anneal_tokens
+    return round(settings.k_start + share * (settings.k - settings.k_start))
 
 
 class TopKCLT(TopKTranscoders):
@@ -77,7 +98,8 @@ class TopKCLT(TopKTranscoders):
 
     Attributes:
         params: ``W_enc [L, F, d]`` (one row per feature), ``b_enc [L, F]``,
-            ``W_dec_<s> [F, L - s, d]`` (one per source layer), ``W_skip [L, d_out, d_in]``,
+            ``W_dec_<s> [F, n_s, d]`` (one per source layer; ``n_s = L - s``, or fewer with
+            a write window), ``W_skip [L, d_out, d_in]``,
             ``b_dec [L, d]``.
         scale_in, scale_out: ``[L]``.
         since_fired: ``[L, F]`` tokens since each feature was last selected.
@@ -91,14 +113,24 @@ class TopKCLT(TopKTranscoders):
             self.opt = torch.optim.Adam(self.params.values(), lr=lr, fused=True)
 
     def dec(self, s: int) -> torch.Tensor:
-        """The decoders of layer ``s``'s features as ``[F, (L - s) * d]`` (a view)."""
+        """The decoders of layer ``s``'s features as ``[F, n_s * d]`` (a view)."""
         W = self.params[f"W_dec_{s}"]
         return W.view(W.shape[0], -1)
 
+    def n_out(self, s: int) -> int:
+        """How many layers (``s`` and after) layer ``s``'s features write into."""
+        return self.params[f"W_dec_{s}"].shape[1]
+
+    @property
+    def window(self) -> int | None:
+        """The write window, or None when every feature writes into all later layers."""
+        return None if self.n_out(0) == self.n_layers else self.n_out(0)
+
     @classmethod
     def init(cls, x: torch.Tensor, y: torch.Tensor, width: int, k: int, lr: float,
-             seed: int) -> "TopKCLT":
-        """Initialize from a sample ``x, y [L, N, d]`` of the first buffer.
+             seed: int, window: int | None = None) -> "TopKCLT":
+        """Initialize from a sample ``x, y [L, N, d]`` of the first buffer (features write
+        into the ``window`` layers from their own, or all later layers with None).
 
         ``W_skip, b_dec``: ridge fit of each ``y[t]`` on ``x[t]``. Each feature of layer
         ``s`` starts from a random token: its encoder row is the direction of ``x[s]`` there
@@ -107,6 +139,7 @@ class TopKCLT(TopKTranscoders):
         layers' initial reconstructions of the residuals is least-squares optimal.
         """
         L, N, d = x.shape
+        n_out = [L - s if window is None else min(window, L - s) for s in range(L)]
         scale_in, scale_out = _scales(x, y)
         gen = torch.Generator().manual_seed(seed)
 
@@ -115,9 +148,9 @@ class TopKCLT(TopKTranscoders):
 
         skips = [_ridge(inputs(l), y[l].float() / scale_out[l]) for l in range(L)]
 
-        def residual(rows, first):  # [len(rows), L - first, d] left by the skips
+        def residual(rows, first, last=L):  # [len(rows), last - first, d] left by the skips
             return torch.stack([y[t, rows].float() / scale_out[t] - inputs(t, rows)
-                                @ skips[t][0].T - skips[t][1] for t in range(first, L)], 1)
+                                @ skips[t][0].T - skips[t][1] for t in range(first, last)], 1)
 
         fit = torch.arange(min(N, GAIN_TOKENS), device=x.device)
         params, recons = {"W_enc": [], "b_enc": []}, []
@@ -127,12 +160,13 @@ class TopKCLT(TopKTranscoders):
             noise = 0.1 * F.normalize(torch.randn(width, d, generator=gen), dim=-1).to(x.device)
             x_mean = inputs(s).mean(0)
             W_enc = F.normalize(F.normalize(inputs(s, pick) - x_mean, dim=-1) + noise, dim=-1)
-            W_dec = F.normalize(residual(pick, s).flatten(1), dim=-1)
+            W_dec = F.normalize(residual(pick, s, s + n_out[s]).flatten(1), dim=-1)
             a = topk_active(torch.addmm(-W_enc @ x_mean, inputs(s, fit), W_enc.T), k)
-            recons.append(decode(a, a.pre.relu(), W_dec))  # [len(fit), (L - s) * d]
+            recon = decode(a, a.pre.relu(), W_dec)  # [len(fit), n_out[s] * d], padded to L - s
+            recons.append(F.pad(recon, (0, (L - s - n_out[s]) * d)))
             params["W_enc"].append(W_enc)
             params["b_enc"].append(-W_enc @ x_mean)
-            params[f"W_dec_{s}"] = W_dec.view(width, L - s, d)
+            params[f"W_dec_{s}"] = W_dec.view(width, n_out[s], d)
         # One gain per layer, jointly: sum_s gain_s * recons[s] ~ residual (least squares);
         # the writes of layers s and s' overlap in layers max(s, s')..L-1.
         target = residual(fit, 0).flatten(1)
@@ -148,6 +182,31 @@ class TopKCLT(TopKTranscoders):
         params["W_skip"] = torch.stack([w for w, _ in skips])
         params["b_dec"] = torch.stack([b for _, b in skips])
         return cls(params, scale_in, scale_out,
+                   torch.zeros(L, width, dtype=torch.long, device=x.device), lr)
+
+    @classmethod
+    def from_bundle(cls, folder: Path, x: torch.Tensor, y: torch.Tensor, lr: float,
+                    window: int | None = None) -> "TopKCLT":
+        """Warm start from per-layer skip transcoders ``folder/layer_XX/`` (all layers, of
+        one width; SAE-Lens or 8-bit folders) and a sample ``x, y [L, N, d]``.
+
+        Each feature keeps its encoder and writes into its own layer through its
+        per-layer decoder (unit norm in the normalized space, the inverse of the per-layer
+        export); its writes into later layers start at zero. Skips and ``b_dec`` are the
+        per-layer ones. So the CLT starts as the per-layer set under TopK.
+        """
+        L, _, d = x.shape
+        per_layer = TopKTranscoders.from_bundle(Path(folder), list(range(L)), x, y, lr)
+        p = {n: v.detach() for n, v in per_layer.params.items()}
+        params = {"W_enc": p["W_enc"], "b_enc": p["b_enc"], "W_skip": p["W_skip"],
+                  "b_dec": p["b_dec"]}
+        width = p["W_enc"].shape[1]
+        for s in range(L):
+            n = L - s if window is None else min(window, L - s)
+            W = p["W_dec"].new_zeros(width, n, d)
+            W[:, 0] = p["W_dec"][s]
+            params[f"W_dec_{s}"] = W
+        return cls(params, per_layer.scale_in, per_layer.scale_out,
                    torch.zeros(L, width, dtype=torch.long, device=x.device), lr)
 
     def active(self, s: int, pre: torch.Tensor, k: int) -> Active:
@@ -169,7 +228,8 @@ class TopKCLT(TopKTranscoders):
         for s in range(L):
             pres.append(self.pre(s, x[s], dtype))
             actives.append(self.active(s, pres[s], k))
-            y_hat[:, s:] += decode(actives[s], actives[s].pre.relu(), self.dec(s)).view(B, -1, d)
+            y_hat[:, s:s + self.n_out(s)] += decode(actives[s], actives[s].pre.relu(),
+                                                    self.dec(s)).view(B, -1, d)
         err = y_hat.sub_((y.float() / self.scale_out[:, None, None]).transpose(0, 1))
         grad_out = err * (2 / (B * d))
         dead = self.since_fired >= dead_tokens
@@ -200,7 +260,7 @@ class TopKCLT(TopKTranscoders):
         p, W = self.params, self.dec(s)
         B, width = len(x), len(W)
         acts = a.pre.relu()
-        g = grad_out[:, s:].reshape(B, -1)
+        g = grad_out[:, s:s + self.n_out(s)].reshape(B, -1)
         grad_acts = gather_dot(a, g, W) * (acts > 0)
         grad_dec = scatter_rows(a.feats, a.toks, acts, g, width).view_as(p[f"W_dec_{s}"])
         feats, toks = a.feats, a.toks
@@ -239,7 +299,7 @@ class TopKCLT(TopKTranscoders):
         s_in, s_out = self.scale_in.float().cpu(), self.scale_out.float().cpu()
         L, width, d = p["W_enc"].shape
         clt = CrossLayerTranscoder(L, d, width, activation="jumprelu", skip=True,
-                                   model_name=model_name)
+                                   model_name=model_name, window=self.window)
         x, y = x.float().cpu(), y.float().cpu()
         n = min(STATS_TOKENS, x.shape[1])
         recon = {"topk": y.new_zeros(n, L, d), "jumprelu": y.new_zeros(n, L, d)}
@@ -247,7 +307,8 @@ class TopKCLT(TopKTranscoders):
         for s in range(L):
             clt.W_enc[s] = p["W_enc"][s].T * (s_out[s] / s_in[s])
             clt.b_enc[s] = p["b_enc"][s] * s_out[s]
-            clt.W_dec[s].copy_(p[f"W_dec_{s}"] * (s_out[s:] / s_out[s])[None, :, None])
+            n_s = self.n_out(s)
+            clt.W_dec[s].copy_(p[f"W_dec_{s}"] * (s_out[s:s + n_s] / s_out[s])[None, :, None])
             clt.W_skip[s] = p["W_skip"][s] * (s_out[s] / s_in[s])
             clt.b_dec[s] = p["b_dec"][s] * s_out[s]
             pre = clt.pre_activations(s, x[s])
@@ -255,8 +316,8 @@ class TopKCLT(TopKTranscoders):
             jump = jump_active(pre, clt.threshold[s])
             for kind, a in (("topk", topk_active(pre[:n], k)),
                             ("jumprelu", jump_active(pre[:n], clt.threshold[s]))):
-                recon[kind][:, s:] += decode(a, a.pre.relu(), clt.W_dec[s].flatten(1)).view(
-                    n, -1, d)
+                recon[kind][:, s:s + n_s] += decode(a, a.pre.relu(),
+                                                    clt.W_dec[s].flatten(1)).view(n, -1, d)
             stats[s] = {"l0_jumprelu": len(jump.feats) / x.shape[1],
                         "dead_share": 1 - len(jump.feats.unique()) / width}
         for t in range(L):
@@ -274,7 +335,12 @@ class _CLTRun(_Run):
 
     def new_state(self) -> TopKCLT:
         s = self.s
-        return TopKCLT.init(*self.sample, s.width, s.k, s.lr, s.seed)
+        if s.init_from is not None:
+            return TopKCLT.from_bundle(Path(s.init_from), *self.sample, s.lr, s.window)
+        return TopKCLT.init(*self.sample, s.width, s.k, s.lr, s.seed, s.window)
+
+    def k_now(self) -> int:
+        return k_at(self.s, self.counters["tokens_seen"])
 
     def export(self) -> None:
         """Write the CLT files and ``manifest.json`` into ``out_dir`` in one atomic swap
@@ -305,15 +371,22 @@ def train_clt(model, corpus, out_dir, *, width: int = CLT_WIDTH, k: int = CLT_K,
               lr: float = 3e-3, aux_k: int = 64, dead_tokens: int = 50_000,
               jumprelu_share: float = 0.1, device: str = "cpu", bf16: bool | None = None,
               seed: int = 0, checkpoint_every: float = 600.0, checkpoint_dir=None,
-              resume: bool = True, progress: bool = True, command: str | None = None) -> Path:
+              resume: bool = True, progress: bool = True, command: str | None = None,
+              window: int | None = None, init_from=None, k_start: int | None = None,
+              k_anneal_tokens: int = 0) -> Path:
     """Train a TopK cross-layer transcoder over all of ``model``'s layers and export it as a
     JumpReLU CLT folder (``circuitlab.clt.load`` reads it).
 
     The arguments are ``train_transcoders``' (see there), except that the CLT always spans
-    every layer and has no warm start; ``width`` is the features per layer and ``k`` the
-    active features per token and layer (a token has about ``k * n_layers`` in all).
+    every layer; ``width`` is the features per layer and ``k`` the active features per
+    token and layer (a token has about ``k * n_layers`` in all). ``window``: the most layers
+    a feature writes into (its own and the next ``window - 1``; None: all later layers).
+    ``init_from``: per-layer skip transcoders of width ``width`` for every layer to start
+    from (see ``TopKCLT.from_bundle``; Adam starts afresh, so use a lower ``lr``).
+    ``k_start, k_anneal_tokens``: start at ``k_start`` active features and anneal to ``k``
+    over that many training tokens.
     Size: the decoders hold ``width * n_layers * (n_layers + 1) / 2 * d_model`` floats
-    (224M for Gemma 3 270M at width 2048), trained in float32 with their gradients and
+    without a window (224M for Gemma 3 270M at width 2048), trained in float32 with their gradients and
     Adam's two moments (3.6 GB there, besides the activation buffer's 46 kB per token in
     bfloat16); a checkpoint writes three copies (2.7 GB) and an export one (0.9 GB).
 
@@ -333,13 +406,25 @@ def train_clt(model, corpus, out_dir, *, width: int = CLT_WIDTH, k: int = CLT_K,
     if out_dir.is_dir() and any((out_dir / n).exists() for n in ("layer_00", "cfg.json")):
         raise CircuitlabError(f"{out_dir} holds per-layer transcoders; write the cross-layer "
                               "transcoder to another folder.")
+    if window is not None and not 1 <= window <= L:
+        raise CircuitlabError(f"window={window}: the write window is 1 to {L} layers.")
+    if k_start is not None and (k_start < k or k_anneal_tokens <= 0):
+        raise CircuitlabError(f"k_start={k_start}, k_anneal_tokens={k_anneal_tokens}: the "
+                              f"sparsity anneals down from k_start >= k={k} over a positive "
+                              "number of tokens.")
+    if init_from is not None:
+        init_from = Path(init_from).expanduser().resolve()
+        _check_init_from(init_from, list(range(L)), width, model.cfg.d_model)
     ckpt_dir = out_dir / "checkpoint" if checkpoint_dir is None else Path(checkpoint_dir)
     settings = CLTSettings(
         model_name=model.cfg.model_name, n_layers=L, d_model=model.cfg.d_model,
         layers=tuple(range(L)), width=width, k=k, aux_k=aux_k, dead_tokens=dead_tokens,
         context=context, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, passes=passes,
         lr=lr, jumprelu_share=jumprelu_share, bf16=bf16, seed=seed,
-        corpus=str(Path(corpus).expanduser().resolve()))
+        corpus=str(Path(corpus).expanduser().resolve()),
+        init_from=None if init_from is None else str(init_from),
+        window=None if window is None or window >= L else window, k_start=k_start,
+        k_anneal_tokens=k_anneal_tokens if k_start is not None else 0)
     command = command or describe("train_clt", settings, out_dir, tokens, time_budget, device)
     run = start_run(_CLTRun, model, settings, out_dir, ckpt_dir, device, tokens, time_budget,
                     checkpoint_every, command, None, resume)

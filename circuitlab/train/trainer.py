@@ -346,7 +346,7 @@ class _Run(Budgets):
         for idx in batches:
             if self.budget_reached():
                 break
-            fvu = self.state.step(x[:, idx], y[:, idx], s.k, s.aux_k, s.dead_tokens,
+            fvu = self.state.step(x[:, idx], y[:, idx], self.k_now(), s.aux_k, s.dead_tokens,
                                   lr_at(s.lr, self.progress()), self.dtype)
             c["tokens_seen"] += size
             c["steps"] += 1
@@ -354,6 +354,10 @@ class _Run(Budgets):
             bar.update(size)
             bar.set_postfix(fvu=f"{fvu.mean():.3f}", dead=f"{dead:.1%}", refresh=False)
         return True
+
+    def k_now(self) -> int:
+        """Active features per token and layer in the next step."""
+        return self.s.k
 
     def new_state(self):
         """The state training starts from, made from the first buffer's sample."""
