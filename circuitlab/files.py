@@ -3,16 +3,21 @@
 Everything circuitlab writes for a user (graphs, labels, cards, checkpoints, bundles,
 caches) goes through ``atomic_file`` or ``atomic_dir``: the new content is written beside
 its destination and renamed into place, so a crash or a full disk leaves either the old
-version or the new one, never a mix. Files and folders get the user's umask.
+version or the new one, never a mix. Files and folders get the user's umask. Temporary
+names carry the writer's process id (``.<name>.<pid>.<random>``), so the next write to the
+same place removes what a killed writer left behind, and never a live writer's files.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
+import platform
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -32,6 +37,18 @@ BUNDLE_DIR = DATA_DIR / "transcoders"
 def cache_dir() -> Path:
     """Root of circuitlab's cache: ``$CIRCUITLAB_CACHE`` or ``~/.cache/circuitlab``."""
     return Path(os.environ.get("CIRCUITLAB_CACHE", Path.home() / ".cache" / "circuitlab"))
+
+
+def machine() -> str:
+    """This machine's processor as the system names it, and its core count."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def sha256(path: Path) -> str:
@@ -67,6 +84,31 @@ def verify_manifest(folder: Path, what: str, fix: str) -> None:
             )
 
 
+def _temp_prefix(path: Path) -> str:
+    """The prefix of this process's temporary names beside ``path``, after removing the
+    temporaries that dead writers left there (and a ``replace_dir`` leftover)."""
+    stale = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.\w+|old)")
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        match = stale.fullmatch(entry.name)
+        if match and not (match[1] and _alive(int(match[1]))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -99,7 +141,7 @@ def atomic_file(path: str | os.PathLike, keeps: str = "the previous file is inta
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path))
     os.close(fd)
     tmp = Path(name)
     try:
@@ -170,7 +212,7 @@ def atomic_dir(path: str | os.PathLike, keeps: str = "the previous folder is int
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path)))
     try:
         with disk_errors(path, keeps):
             if carry_except is not None and path.is_dir():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 import circuitlab
 from circuitlab import Graph
 from circuitlab.errors import CircuitlabError
+from circuitlab.files import verify_manifest
 from circuitlab.interventions import ablate, set_to
 
 PROMPT = "the cat sat on the mat."
@@ -334,6 +336,7 @@ WRITER = textwrap.dedent("""
     from circuitlab.sidecar import write as write_labels
     from circuitlab.train.build_cards import build_examples
     from circuitlab.train.checkpoints import save_checkpoint
+    from circuitlab.train.export import export_layers
 
     @dataclasses.dataclass(frozen=True)
     class Settings:
@@ -341,7 +344,8 @@ WRITER = textwrap.dedent("""
 
     out = Path({out!r})
     tiny = tiny_model("gemma3")
-    rm = ReplacementModel(tiny, tiny_transcoders(tiny, "jumprelu_skip_transcoder"), name="tiny")
+    tcs = tiny_transcoders(tiny, "jumprelu_skip_transcoder")
+    rm = ReplacementModel(tiny, tcs, name="tiny")
     g = circuitlab.attribute(rm, "the cat sat.", max_feature_nodes=None, progress=False)
     version = int(sys.argv[1])
     print("ready", flush=True)
@@ -354,6 +358,7 @@ WRITER = textwrap.dedent("""
                        out=out / "cards.safetensors", command=str(version))
         save_checkpoint(out / "ckpt", {{"w": torch.full((64, 64), float(version))}}, Settings(),
                         {{"version": version}})
+        export_layers(dict(enumerate(tcs)), out / "export", {{"version": version}})
         print("done", version, flush=True)
 """)
 
@@ -373,14 +378,24 @@ def _versions(out: Path) -> dict:
     if (out / "ckpt" / "state.safetensors").exists():
         found["checkpoint"] = int(load_file(out / "ckpt" / "state.safetensors")["w"][0, 0])
         json.loads((out / "ckpt" / "settings.json").read_text())
+    if (out / "export" / "manifest.json").exists():
+        verify_manifest(out / "export", "training export", "resume the run")
+        found["export"] = json.loads((out / "export" / "manifest.json").read_text())["version"]
     return found
+
+
+def _temp_pids(out: Path) -> set[int]:
+    """The process ids in the names of the temporary files and folders under ``out``."""
+    names = (p.name for p in out.rglob(".*"))
+    return {int(m[1]) for m in map(re.compile(r"\..+\.(\d+)\.\w+").fullmatch, names) if m}
 
 
 @pytest.mark.slow
 def test_sigkill_while_saving_leaves_old_or_new_versions(tmp_path):
     """20 SIGKILLs at random moments of a process that saves a graph, its labels, feature
-    cards and a training checkpoint in a loop: afterwards every file loads and holds the last
-    version reported done or the one being written."""
+    cards, a training checkpoint and a training export in a loop: afterwards every file loads
+    and holds the last version reported done or the one being written, and the temporary
+    files of earlier killed writers are gone (the next writer removed them)."""
     out = tmp_path / "out"
     (out / "corpus").mkdir(parents=True)
     (out / "corpus" / "heldout.jsonl").write_text(
@@ -399,13 +414,35 @@ def test_sigkill_while_saving_leaves_old_or_new_versions(tmp_path):
             assert line.startswith("done"), line
             done = int(line.split()[1])
         time.sleep(rng.uniform(0.0, 0.25))
+        assert _temp_pids(out) <= {proc.pid}  # the writer before this one left nothing behind
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         rest = proc.stdout.read().split()
         done = max([done] + [int(x) for x in rest if x.isdigit()])
         kills += 1
         versions = _versions(out)
-        assert set(versions) == {"graph", "labels", "cards", "checkpoint"}
+        assert set(versions) == {"graph", "labels", "cards", "checkpoint", "export"}
         for kind, v in versions.items():
             assert v in (done, done + 1), (kind, v, done)
     assert done >= 20
+
+
+def test_next_write_removes_what_dead_writers_left(tmp_path):
+    """Temporaries of a killed writer (file or folder) go at the next write to the same place;
+    a live writer's, other names' and the user's own files stay."""
+    from circuitlab.files import atomic_write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    left = [tmp_path / f".labels.json.{dead}.abc_1", tmp_path / f".labels.json.{dead}.x2",
+            tmp_path / ".labels.json.old"]
+    kept = [tmp_path / f".labels.json.{os.getpid()}.live", tmp_path / f".other.json.{dead}.ab",
+            tmp_path / f".labels.json.7.{dead}.ab", tmp_path / ".labels.json.mine"]
+    for p in left[:1] + kept:
+        p.write_text("x")
+    for p in left[1:]:
+        p.mkdir()
+        (p / "inner").write_text("x")
+    atomic_write_text(tmp_path / "labels.json", "{}")
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in kept)

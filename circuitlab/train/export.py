@@ -4,20 +4,19 @@ Each layer is converted to an SAE-Lens ``JumpReLUSkipTranscoder``: feature ``f``
 threshold is set so that, on a calibration sample, the JumpReLU fires on exactly as many
 tokens as the TopK selected ``f`` (per-feature quantile matching). Folders
 ``out_dir/layer_XX/`` hold ``cfg.json`` and ``sae_weights.safetensors`` (matrices in
-bfloat16, vectors in float32; SAE-Lens casts to the cfg's float32 on load), each swapped in
-whole, and ``out_dir/manifest.json``, written last, lists their sha256.
+bfloat16, vectors in float32; SAE-Lens casts to the cfg's float32 on load), and
+``out_dir/manifest.json`` lists their sha256; the whole set is swapped in at once.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from sae_lens import SAE
 
-from circuitlab.files import atomic_dir, atomic_file, sha256
+from circuitlab.files import atomic_dir, sha256
 from circuitlab.train.sparse import Active, decode, jump_active, matching_thresholds
 from circuitlab.train.topk import TopKTranscoders
 
@@ -76,27 +75,20 @@ def save_transcoder(sae: SAE, folder: Path) -> None:
     sae.save_model(folder)
 
 
-def export_layers(saes: dict[int, SAE], out_dir: Path) -> dict[str, str]:
-    """Write each ``saes[layer]`` to ``out_dir/layer_XX/`` (``save_transcoder``; each folder
-    swapped in whole, so an interrupted export leaves the previous one intact).
-
-    Returns:
-        ``{"layer_XX/file": sha256}`` for a manifest.
+def export_layers(saes: dict[int, SAE], out_dir: Path, manifest: dict) -> None:
+    """Write each ``saes[layer]`` to ``out_dir/layer_XX/`` (``save_transcoder``) and
+    ``manifest`` (plus the files' sha256 under ``"sha256"``) to ``out_dir/manifest.json``, all
+    swapped in at once: a reader sees the previous complete export or the new one, never a
+    mix. Other entries of ``out_dir`` (the checkpoint folder) are kept.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".layer_*"):  # left by an interrupted export
-        shutil.rmtree(stale)
-    files = {}
-    for layer, sae in saes.items():
-        folder = out_dir / f"layer_{layer:02d}"
-        with atomic_dir(folder, "the previous export of this layer is intact.") as tmp:
-            save_transcoder(sae, tmp)
-        for f in sorted(folder.iterdir()):
-            files[f"{folder.name}/{f.name}"] = sha256(f)
-    return files
-
-
-def write_manifest(out_dir: Path, manifest: dict) -> None:
-    """Write ``out_dir/manifest.json`` atomically (last, after the layer folders)."""
-    with atomic_file(out_dir / "manifest.json", "the previous manifest is intact.") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    names = {f"layer_{layer:02d}" for layer in saes} | {"manifest.json"}
+    with atomic_dir(out_dir, "the previous export is intact.", carry_except=names) as tmp:
+        files = {}
+        for layer, sae in saes.items():
+            folder = tmp / f"layer_{layer:02d}"
+            folder.mkdir()
+            save_transcoder(sae, folder)
+            for f in sorted(folder.iterdir()):
+                files[f"{folder.name}/{f.name}"] = sha256(f)
+        (tmp / "manifest.json").write_text(json.dumps({"sha256": files, **manifest}, indent=1),
+                                           encoding="utf-8")

@@ -50,7 +50,7 @@ from circuitlab.hooks import layer_of, mlp_hooks
 from circuitlab.train.checkpoints import (CHECKPOINT_FILE, adam_tensors, load_checkpoint,
                                           restore_adam, save_checkpoint)
 from circuitlab.train.data import TokenRows
-from circuitlab.train.export import HISTORY, export_layers, write_manifest
+from circuitlab.train.export import HISTORY, export_layers
 from circuitlab.train.schedule import Budgets, lr_at
 
 DECODER = ("W_dec", "W_skip", "b_dec")
@@ -353,9 +353,8 @@ class _Finetune(Budgets):
             tc.cfg.metadata.finetune = {"trainer": "circuitlab decoder KL fine-tuning",
                                         "tokens_seen": c["tokens_seen"], "kl": c["kl"],
                                         "fvu": c["fvu"]}
-        files = export_layers(dict(enumerate(self.tcs)), self.out_dir)
         manifest = {
-            "sha256": files, "command": self.command, "tokens_seen": c["tokens_seen"],
+            "command": self.command, "tokens_seen": c["tokens_seen"],
             "tokens_read": c["tokens_read"], "steps": c["steps"], "seconds": round(c["seconds"], 1),
             "tokens_per_second": round(c["tokens_seen"] / max(c["seconds"], 1e-9), 1),
             "stopped": self.stopped, "settings": dataclasses.asdict(s),
@@ -363,5 +362,5 @@ class _Finetune(Budgets):
             "init_from": {"path": s.init_from,
                           **{n: self.earlier[n] for n in HISTORY if n in self.earlier}},
         }
-        write_manifest(self.out_dir, manifest)
+        export_layers(dict(enumerate(self.tcs)), self.out_dir, manifest)
         save_checkpoint(self.out_dir / "checkpoint", adam_tensors(self.opt, self.params), s, c)

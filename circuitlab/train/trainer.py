@@ -45,6 +45,7 @@ import dataclasses
 import json
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -52,11 +53,12 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuitlab.errors import CircuitlabError
+from circuitlab.files import machine
 from circuitlab.precision import fast_bf16
 from circuitlab.train import K, WIDTH
 from circuitlab.train.checkpoints import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from circuitlab.train.data import TokenRows, activation_buffer
-from circuitlab.train.export import HISTORY, export_layers, to_jumprelu, write_manifest
+from circuitlab.train.export import HISTORY, export_layers, to_jumprelu
 from circuitlab.train.schedule import Budgets, lr_at
 from circuitlab.train.topk import TopKTranscoders
 
@@ -286,6 +288,7 @@ class _Run(Budgets):
                               docs_done=counters["docs_done"], pending=counters["pending"])
         self.sample = None
         self.stopped = None
+        self.last_fvu = None
 
     def skip_rows(self, n_rows: int) -> None:
         """Skip the first ``n_rows`` rows of the corpus (read by the run warm-started from)."""
@@ -348,6 +351,7 @@ class _Run(Budgets):
                 break
             fvu = self.state.step(x[:, idx], y[:, idx], self.k_now(), s.aux_k, s.dead_tokens,
                                   lr_at(s.lr, self.progress()), self.dtype)
+            self.last_fvu = [round(float(v), 4) for v in fvu]
             c["tokens_seen"] += size
             c["steps"] += 1
             dead = (self.state.since_fired >= s.dead_tokens).float().mean()
@@ -374,9 +378,21 @@ class _Run(Budgets):
         self.counters["seconds"] = self.seconds()
         self.export()
         save_checkpoint(self.ckpt_dir, self.state.state_tensors(), self.s, self.counters)
+        self.log()
+
+    def log(self) -> None:
+        """Append the run's progress to ``log.jsonl`` beside the checkpoint: the time, the
+        machine, tokens and seconds so far, the current k and the last batch's FVU."""
+        c = self.counters
+        line = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine(), "device": self.device, "tokens_seen": c["tokens_seen"],
+                "seconds": round(c["seconds"], 1), "k": self.k_now(),
+                "fvu": self.last_fvu, "stopped": self.stopped}
+        with open(self.ckpt_dir / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
     def export(self) -> None:
-        """Write ``layer_XX/`` folders (each swapped in whole) and then ``manifest.json``."""
+        """Write the ``layer_XX/`` folders and ``manifest.json`` (swapped in together)."""
         s, c = self.s, self.counters
         x, y = self.sample
         saes, stats = {}, {}
@@ -390,9 +406,8 @@ class _Run(Budgets):
                                  "tokens_seen": c["tokens_seen"], "k": s.k, "width": s.width}}
             saes[layer], stats[layer] = to_jumprelu(self.state, i, x[i], y[i], s.k, meta)
             saes[layer].cfg.metadata.training.update(calibration=stats[layer])
-        files = export_layers(saes, self.out_dir)
         manifest = {
-            "sha256": files, "command": self.command, "tokens_seen": c["tokens_seen"],
+            "command": self.command, "tokens_seen": c["tokens_seen"],
             "tokens_read": c.get("tokens_read", 0),
             "steps": c["steps"], "seconds": round(c["seconds"], 1),
             "tokens_per_second": round(c["tokens_seen"] / max(c["seconds"], 1e-9), 1),
@@ -401,4 +416,4 @@ class _Run(Budgets):
         }
         if self.history is not None:
             manifest["init_from"] = self.history
-        write_manifest(self.out_dir, manifest)
+        export_layers(saes, self.out_dir, manifest)
