@@ -94,7 +94,12 @@ def main(graph: str = "out/demo/graph") -> None:
 
     demo = Path(graph).parent
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS, timeout=60_000)
+        found = subprocess.run(["sh", str(HERE.parent / "scripts" / "find_browser.sh")],
+                               capture_output=True, text=True).stdout.strip()
+        if not found:
+            sys.exit("No Chromium or Chrome found: install one (apt-get install chromium) or "
+                     "set CIRCUITLAB_BROWSER to its path.")
+        browser = p.chromium.launch(executable_path=found, args=ARGS, timeout=60_000)
         html_shots(browser.new_page(viewport={"width": 1400, "height": 850}), demo / "graph.html")
         widget_shot(browser.new_page(viewport={"width": 1900, "height": 1300}), demo / "pruned")
         browser.close()

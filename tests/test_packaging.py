@@ -65,3 +65,38 @@ def test_installed_wheel_traces_from_outside_the_repository(wheel, tmp_path):
     again = subprocess.run([str(env_dir / "bin" / "circuitlab"), "trace", "The capital of France is",
                             "--out", "g"], cwd=work, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "--force" in again.stderr, "no silent overwrite"
+
+
+@pytest.mark.slow
+def test_make_demo_needs_no_browser_and_no_apt(tmp_path):
+    """``make demo`` on a machine where neither Chromium nor apt-get is on the PATH (an empty
+    PATH here): the Makefile's demo asks for neither, and the demo graph is written."""
+    repo = Path(__file__).resolve().parent.parent
+    make = ["/usr/bin/make", "-C", str(repo), f"OUT={tmp_path / 'demo'}"]
+    env = {**os.environ, "PATH": str(tmp_path / "empty")}
+    dry = subprocess.run(make + ["-n", "demo"], env=env, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    db = subprocess.run(make + ["-n", "-p", "demo"], env=env, capture_output=True, text=True)
+    rules = [line for line in db.stdout.splitlines() if line.startswith(("demo:", "setup:"))]
+    assert len(rules) == 2 and "apt-get" not in dry.stdout
+    assert "chromium" not in (dry.stdout + "".join(rules)).lower()
+    run = subprocess.run(make + ["demo"], env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "demo" / "graph.html").is_file()
+
+
+def test_browser_finder_reports_none_without_one(tmp_path):
+    """scripts/find_browser.sh prints nothing and exits 1 where no browser is on the PATH,
+    and finds one named by CIRCUITLAB_BROWSER or on the PATH."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "find_browser.sh"
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}
+    none = subprocess.run(["/bin/sh", str(script)], env=env, capture_output=True, text=True)
+    assert (none.returncode, none.stdout) == (1, "")
+    fake = tmp_path / "chromium"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    found = subprocess.run(["/bin/sh", str(script)], env=env, capture_output=True, text=True)
+    assert found.stdout.strip() == str(fake)
+    named = subprocess.run(["/bin/sh", str(script)], capture_output=True, text=True,
+                           env={**env, "PATH": "/nonexistent", "CIRCUITLAB_BROWSER": str(fake)})
+    assert named.stdout.strip() == str(fake)
