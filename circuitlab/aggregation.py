@@ -4,13 +4,18 @@ graphs are.
 A feature is ``(layer, feature)`` regardless of position, as in ``circuitlab.compare``; its
 influence in one graph is the sum of its nodes' influence there (each graph's influence
 sums to at most 1 over all nodes, so graphs compare). Supernodes match by name.
+
+Feature indices mean something only within one set of transcoders, so ``aggregate`` refuses
+graphs of different models or transcoders (``graph.metadata["model"]`` and
+``["transcoders"]``) unless asked to aggregate each set on its own (``separate=True``).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -47,17 +52,23 @@ class Aggregate:
             ``count``, ``share``, ``mean_influence`` (its members' summed influence,
             averaged over the graphs it is in), ``prompts`` (ids); empty when none.
         similarity: prompt id x prompt id, ``circuitlab.compare(a, b).overlap``.
+        missing: prompt id -> why its graph could not be read, for each prompt of a
+            ``trace_many`` folder (traced ``ok`` by its summary) whose graph folder is gone
+            or damaged; these prompts are left out of everything above. Empty for graphs
+            passed in memory.
     """
 
     features: pd.DataFrame
     matrix: pd.DataFrame
     supernodes: pd.DataFrame
     similarity: pd.DataFrame
+    missing: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         recurring = int((self.features["count"] >= 2).sum())
+        missing = f", {len(self.missing)} missing" if self.missing else ""
         return (f"Aggregate({len(self.similarity)} prompts, {len(self.features)} features, "
-                f"{recurring} in two or more, {len(self.supernodes)} supernodes)")
+                f"{recurring} in two or more, {len(self.supernodes)} supernodes{missing})")
 
     def figure(self, what: str = "matrix"):
         """A Plotly heatmap of ``matrix`` (``what="matrix"``) or ``similarity``."""
@@ -70,8 +81,14 @@ class Aggregate:
         self.figure(what).show()
 
 
-def aggregate(graphs_or_dir, *, labels: bool = True, top: int | None = 40) -> Aggregate:
+def aggregate(graphs_or_dir, *, labels: bool = True, top: int | None = 40,
+              separate: bool = False) -> Aggregate | dict[tuple, Aggregate]:
     """Aggregate graphs across prompts.
+
+    A prompt of a ``trace_many`` folder (traced ``ok`` by its summary) whose graph folder
+    is gone or cannot be read is left out with a warning that lists it, and named in
+    ``Aggregate.missing`` (a re-run of the batch with the same ``out`` traces again the
+    prompts whose graph folder is gone).
 
     Args:
         graphs_or_dir: a dict ``{prompt id: Graph}``, a list of graphs (ids made from their
@@ -81,15 +98,37 @@ def aggregate(graphs_or_dir, *, labels: bool = True, top: int | None = 40) -> Ag
             (for the bundled transcoders), else ``L{layer}/F{feature}``; ``False`` names
             them all ``L{layer}/F{feature}``.
         top: most features in ``matrix`` (``None``: every recurring feature).
+        separate: aggregate the graphs of each model and transcoder set on its own, and
+            return ``{(model, transcoders): Aggregate}``; by default graphs of different
+            models or transcoders are refused (their feature indices name unrelated
+            features).
 
     Returns:
-        An ``Aggregate``.
+        An ``Aggregate``; with ``separate=True`` a dict of them, keyed by the graphs'
+        ``(metadata["model"], metadata["transcoders"])``.
 
     Raises:
-        CircuitlabError: for an input holding no graphs.
+        CircuitlabError: for an input holding no graphs, or, without ``separate=True``,
+            graphs of different models or transcoders.
     """
     checks.integer("top", top, 1, none=True)
-    graphs = _graphs(graphs_or_dir)
+    graphs, missing = _graphs(graphs_or_dir)
+    groups = _groups(graphs)
+    if separate:
+        return {key: _aggregate(group, labels, top, missing) for key, group in groups.items()}
+    if len(groups) > 1:
+        sets = "; ".join(f"model {model!r} with transcoders {source!r} ({_some(group)})"
+                         for (model, source), group in groups.items())
+        raise CircuitlabError(
+            f"The graphs come from different models or transcoders: {sets}. Feature indices "
+            "of different transcoders name unrelated features; aggregate each set on its own, "
+            "or pass separate=True for one Aggregate per model and transcoders.")
+    return _aggregate(graphs, labels, top, missing)
+
+
+def _aggregate(graphs: dict[str, Graph], labels: bool, top: int | None,
+               missing: dict[str, str]) -> Aggregate:
+    """The ``Aggregate`` of ``graphs`` (see ``aggregate``)."""
     long = pd.concat({pid: _features(g) for pid, g in graphs.items()}, names=["prompt"])
     features = long.groupby(["layer", "feature"]).agg(
         count=("influence", "size"), mean_influence=("influence", "mean"),
@@ -104,15 +143,33 @@ def aggregate(graphs_or_dir, *, labels: bool = True, top: int | None = 40) -> Ag
     matrix = (long["influence"].unstack(["layer", "feature"]).reindex(index=list(graphs),
                                                                       columns=columns).fillna(0.0))
     matrix.index.name = "prompt"
-    return Aggregate(features, matrix, _supernodes(graphs), _similarity(graphs))
+    return Aggregate(features, matrix, _supernodes(graphs), _similarity(graphs), missing)
 
 
-def _graphs(source) -> dict[str, Graph]:
-    """``source`` as ``{prompt id: Graph}`` (see ``aggregate``)."""
+def _groups(graphs: dict[str, Graph]) -> dict[tuple, dict[str, Graph]]:
+    """``graphs`` by ``(model, transcoders)`` of their metadata, in order of appearance."""
+    groups: dict[tuple, dict[str, Graph]] = {}
+    for pid, graph in graphs.items():
+        key = (graph.metadata.get("model"), graph.metadata.get("transcoders"))
+        groups.setdefault(key, {})[pid] = graph
+    return groups
+
+
+def _some(ids, shown: int = 3) -> str:
+    """The first ``shown`` of ``ids``, and how many more there are."""
+    ids = list(ids)
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
+def _graphs(source) -> tuple[dict[str, Graph], dict[str, str]]:
+    """``source`` as ``{prompt id: Graph}``, and ``{prompt id: why}`` for the prompts of a
+    folder whose graph could not be read (see ``aggregate``)."""
+    missing = {}
     if isinstance(source, BatchResult):
         source = source.pruned or source.full
     elif isinstance(source, (str, os.PathLike)):
-        source = _load(Path(source))
+        source, missing = _load(Path(source))
     elif isinstance(source, (list, tuple)):
         ids = Counter()
         named = {}
@@ -127,24 +184,36 @@ def _graphs(source) -> dict[str, Graph]:
     if not source:
         raise CircuitlabError("There are no graphs to aggregate; trace some prompts first "
                               "(circuitlab.trace_many).")
-    return {str(k): g for k, g in source.items()}
+    return {str(k): g for k, g in source.items()}, missing
 
 
-def _load(folder: Path) -> dict[str, Graph]:
+def _load(folder: Path) -> tuple[dict[str, Graph], dict[str, str]]:
     """The graphs of a ``trace_many`` output folder: its prompts traced ``ok`` (every
-    subfolder holding a graph when it has no summary)."""
+    subfolder holding a graph when it has no summary); and, with a warning, why each of
+    those prompts whose graph is gone or damaged is left out."""
     if not folder.is_dir():
         raise CircuitlabError(f"{folder} is not a folder; pass the out folder of trace_many.")
     rows = read_summary(folder)
     ids = ([pid for pid, r in rows.items() if r["status"] == "ok"] if rows
            else sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    graphs = {}
+    graphs, missing = {}, {}
     for pid in ids:
         path = next((folder / pid / name for name in ("pruned", "graph")
                      if (folder / pid / name / "graph.json").is_file()), None)
-        if path is not None:
+        if path is None:
+            if rows:  # without a summary, a folder without a graph is no prompt
+                missing[pid] = f"{folder / pid} holds no pruned/ or graph/ folder"
+            continue
+        try:
             graphs[pid] = Graph.load(path)
-    return graphs
+        except CircuitlabError as err:
+            missing[pid] = str(err)
+    if missing:
+        warnings.warn(f"{len(missing)} traced prompts of {folder} have no readable graph and "
+                      f"are left out: {_some(missing, 10)} (see Aggregate.missing for why); "
+                      "run the batch again with the same out to trace those whose graph folder "
+                      "is gone.", stacklevel=4)
+    return graphs, missing
 
 
 def _features(graph: Graph) -> pd.DataFrame:

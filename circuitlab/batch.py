@@ -10,6 +10,11 @@ shared by the machines of a cluster::
     out/summary.parquet    one row per prompt (``COLUMNS``), rewritten atomically after
                            every prompt that ends
 
+While a batch runs it holds an exclusive lock on ``out`` (``out/.trace-batch.lock``, which
+names the holder's ``host:pid``): a second batch into the same ``out`` is refused rather
+than overwriting the summary rows of the first. The system releases the lock when the
+process ends, however it ends.
+
 A re-run with the same ``out`` skips every prompt whose id has status ``ok`` in the summary
 and whose graph folders exist, so an interrupted batch resumes where it stopped (the
 attribution settings are not compared: use a new ``out`` for new settings). A prompt that
@@ -21,11 +26,13 @@ death counts as an attempt, so a prompt that kills every worker ends up recorded
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 from collections import deque
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,12 +46,14 @@ from .attribution import attribute
 from .errors import CircuitlabError
 from .files import atomic_file
 from .ray_engine import run_ray
-from .tracing import SAVES, Outcome, Tracer
+from .tracing import SAVES, Outcome, Tracer, worker_name
 
 __all__ = ["BatchResult", "COLUMNS", "read_prompts", "trace_many"]
 
 ENGINES = ("ray", "local")
 SUMMARY = "summary.parquet"
+#: The lock file a running batch holds in its ``out`` (see ``locked``).
+LOCK = ".trace-batch.lock"
 #: The summary's columns. Counts and scores come in two versions: of the full graph and,
 #: with the suffix ``_pruned``, of the pruned graph. ``top_features`` names the most
 #: influential features of the full graph (user label, else automatic label, else
@@ -258,6 +267,37 @@ def write_summary(out: Path, rows: dict[str, dict]) -> None:
         summary_frame(list(rows.values())).to_parquet(tmp, index=False)
 
 
+@contextmanager
+def locked(out: Path):
+    """Hold an exclusive lock on the folder ``out`` (created if need be) while the block
+    runs; the lock file records this process's ``host:pid``. The lock is released when the
+    block ends or the process dies.
+
+    Raises:
+        CircuitlabError: when another process holds the lock (named by its ``host:pid``),
+            or ``out`` cannot be written.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise CircuitlabError(f"Cannot write into out={str(out)!r} ({err}); pass a folder you "
+                              "can write to.") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise CircuitlabError(
+                f"Another trace-batch is writing into {out} (process {holder}, which holds "
+                f"{out / LOCK}); wait for it to finish, or pass another out (--out).") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, worker_name().encode("utf-8"), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_local(book: Book, tracer_args: dict) -> None:
     """Trace ``book``'s queue in this process with one loaded model."""
     tracer = Tracer(**tracer_args)
@@ -281,8 +321,9 @@ def trace_many(prompts, model="gemma-3-270m", transcoders=None, *, out=None, eng
         model: a model name (each worker calls ``circuitlab.load(model, transcoders)``
             once) or a loaded ``ReplacementModel`` (used as it is; Ray workers get a copy).
         transcoders: as for ``circuitlab.load``.
-        out: the output folder (see the module docstring); a re-run resumes there. With
-            ``None`` (local engine only) nothing is written and the graphs stay in memory.
+        out: the output folder (see the module docstring); a re-run resumes there, and
+            only one batch at a time writes into it. With ``None`` (local engine only)
+            nothing is written and the graphs stay in memory.
         engine: ``"ray"`` (workers in Ray actors) or ``"local"`` (in this process).
         address: a Ray cluster to join (``HOST:PORT``, as printed by ``ray start --head``);
             ``None`` starts Ray on this machine and stops it at the end. A Ray runtime
@@ -310,8 +351,9 @@ def trace_many(prompts, model="gemma-3-270m", transcoders=None, *, out=None, eng
         holding the summary and the graphs.
 
     Raises:
-        CircuitlabError: for bad arguments, an ``out`` that is a file, a missing Ray, an
-            unreachable cluster, or workers that cannot load the model.
+        CircuitlabError: for bad arguments, an ``out`` that is a file or that another batch
+            is writing into, a missing Ray, an address that does not answer as a Ray
+            cluster, or workers that cannot load the model.
     """
     items = prompt_items(prompts)
     checks.one_of("save", save, SAVES)
@@ -336,14 +378,15 @@ def trace_many(prompts, model="gemma-3-270m", transcoders=None, *, out=None, eng
                        device=device or ("cuda" if gpus_per_worker > 0 else None),
                        options=attribute_options, save=save, thresholds=thresholds,
                        attribute_fn=attribute_fn or attribute)
-    book = Book(items, out, save, retries, progress)
-    try:
-        if book.todo and engine == "local":
-            run_local(book, tracer_args)
-        elif book.todo:
-            run_ray(book, tracer_args, address, workers, gpus_per_worker)
-    finally:
-        book.bar.close()
+    with locked(out) if out is not None else nullcontext():
+        book = Book(items, out, save, retries, progress)
+        try:
+            if book.todo and engine == "local":
+                run_local(book, tracer_args)
+            elif book.todo:
+                run_ray(book, tracer_args, address, workers, gpus_per_worker)
+        finally:
+            book.bar.close()
     if out is not None:
         return book.summary(items)
     book.result.summary = book.summary(items)

@@ -19,8 +19,13 @@ if TYPE_CHECKING:
 
 #: CPUs of a Ray cluster per default worker (without GPUs).
 CPUS_PER_WORKER = 4
-#: Seconds to wait for a cluster's address to answer.
+#: Seconds to wait for a cluster's address to accept a connection.
 CONNECT_TIMEOUT = 5.0
+#: Seconds to wait for it to answer the HTTP/2 handshake.
+ANSWER_TIMEOUT = 10.0
+#: HTTP/2's client preface and an empty SETTINGS frame: a Ray cluster (a gRPC server)
+#: answers with a SETTINGS frame of its own.
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 CLUSTER_HELP = ("start one with `ray start --head` on one machine (and `ray start "
                 "--address=HEAD:6379` on the others), or leave out the address to run Ray on "
                 "this machine")
@@ -59,15 +64,43 @@ def import_ray():
 
 def check_reachable(address: str) -> None:
     """Raise a ``CircuitlabError`` unless ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts a
-    connection (Ray itself would wait minutes for an unreachable cluster)."""
+    connection and answers gRPC's HTTP/2 handshake as a Ray cluster does, within seconds
+    (Ray itself would wait minutes for an unreachable cluster, and forever for a server
+    that is not Ray)."""
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise CircuitlabError(f"Ray address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379).")
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+        conn = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT)
     except OSError as err:
         raise CircuitlabError(f"No Ray cluster answers at {address} ({err}); {CLUSTER_HELP}.") from None
+    with conn:
+        why = not_grpc(conn)
+    if why:
+        raise CircuitlabError(f"{address} accepts connections but does not answer as a Ray "
+                              f"cluster ({why}); check the address (the head's port, 6379 by "
+                              f"default), or {CLUSTER_HELP}.")
+
+
+def not_grpc(conn: socket.socket) -> str | None:
+    """Why the server at the other end of ``conn`` is not a gRPC server (which answers
+    HTTP/2's client preface with a SETTINGS frame), or ``None`` when it is one."""
+    conn.settimeout(ANSWER_TIMEOUT)
+    head = b""
+    try:
+        conn.sendall(HTTP2_HELLO)
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return "it closed the connection without an HTTP/2 answer"
+            head += chunk
+    except TimeoutError:
+        return f"no answer to an HTTP/2 handshake in {ANSWER_TIMEOUT:g} s"
+    except OSError as err:
+        return str(err)
+    settings = head[3] == 4 and head[5:] == bytes(4)  # frame type SETTINGS, stream 0
+    return None if settings else f"it answered {head!r}, not an HTTP/2 SETTINGS frame"
 
 
 def connect(ray, address: str | None) -> bool:
