@@ -310,7 +310,8 @@ def attribute(
     weights = torch.tensor([t.prob for t in targets], device=dev)
     weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(targets))
     direct = weights @ _shares(logit_rows, N).float()
-    spare = spare_memory(parts, dev, memory_limit) // 2 // (n_keep * dtype.itemsize)
+    # No feature may fire at all (n_keep = 0): the graph then holds errors, embeddings, logits.
+    spare = spare_memory(parts, dev, memory_limit) // 2 // (max(n_keep, 1) * dtype.itemsize)
     rows = Rows(src.layer, src.pos, L, P, n_keep, candidate_slots(N, n_keep, spare), dtype, dev)
     rows.add_candidates(torch.argsort(direct, descending=True)[:rows.wanted(n_keep)])
     full = torch.empty(min(batch_size, n_keep), src.n_cols, dtype=dtype, device=dev)

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 import yaml
 from huggingface_hub import hf_hub_download, snapshot_download
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -145,8 +144,7 @@ def resolve(source, model_name: str | None = None) -> CltSource | None:
 
 
 def _local(path: Path) -> CltSource | None:
-    config = path / "config.yaml"
-    settings = yaml.safe_load(config.read_text()) or {} if config.exists() else {}
+    settings = clt_format.read_config(path / "config.yaml")
     if clt_format.is_clt_folder(path):
         return CltSource(str(path), "folder", settings.get("model_name"), settings, folder=path)
     if any(GEMMA_SCOPE_2_FILE.search(p.name) for p in path.glob("params_layer_*.safetensors")):
@@ -182,7 +180,7 @@ def _hub(ref: str) -> CltSource:
             f"{f' (folder {sub})' if sub else ''} ({err.__class__.__name__}). Known CLTs: "
             f"{', '.join(CLT_PRESETS)}; releases of per-layer transcoders: "
             "circuitlab.loading.TRANSCODER_PRESETS.") from err
-    settings = yaml.safe_load(Path(file).read_text()) or {}
+    settings = clt_format.read_config(file)
     kind = settings.get("model_kind")
     if kind != clt_format.MODEL_KIND:
         raise CircuitlabError(
@@ -290,8 +288,8 @@ def _download_uri(uri: str) -> str:
 def _gemma_scope_2_layers(files: list[Path], dtype: torch.dtype | None = None):
     """Per layer ``s``, its tensors in circuit-tracer's layout and names (``W_enc [d_sae, d]``,
     ``W_dec [d_sae, L - s, d]``, ``W_skip`` applied as ``x @ W_skip``), read one layer at a
-    time; only the decoders into layers ``>= s`` are read."""
-    with safe_open(files[0], "pt") as f:
+    time; only the decoders into layers ``>= s`` are read, each tensor checked finite."""
+    with clt_format.open_weights(files[0]) as f:
         keys = set(f.keys())
         if not {"w_enc", "w_dec", "b_enc", "b_dec"} <= keys:
             raise CircuitlabError(f"{files[0]} is not a Gemma Scope 2 CLT file: it holds "
@@ -301,20 +299,25 @@ def _gemma_scope_2_layers(files: list[Path], dtype: torch.dtype | None = None):
         raise CircuitlabError(f"The Gemma Scope 2 CLT has {len(files)} layer files but its "
                               f"decoders write into {n_layers} layers ({files[0]}).")
     for s, file in enumerate(files):
-        with safe_open(file, "pt") as f:
+        with clt_format.open_weights(file) as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             want = {"w_enc": (d_model, d_sae), "w_dec": (d_sae, n_layers, d_model)}
-            if any(shapes.get(k) != v for k, v in want.items()):
+            if any(shapes.get(k) != v for k, v in want.items()) or not {"b_enc", "b_dec"} <= set(shapes):
                 raise CircuitlabError(f"{file} holds {shapes}; layer 0 has w_enc "
-                                      f"{want['w_enc']} and w_dec {want['w_dec']}.")
-            cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
-            out = {f"W_enc_{s}": cast(f.get_tensor("w_enc").T), f"b_enc_{s}": cast(f.get_tensor("b_enc")),
-                   f"b_dec_{s}": cast(f.get_tensor("b_dec")),
-                   f"W_dec_{s}": cast(f.get_slice("w_dec")[:, s:, :])}
+                                      f"{want['w_enc']}, w_dec {want['w_dec']}, b_enc and b_dec.")
+
+            def get(name, tensor=None):
+                tensor = f.get_tensor(name) if tensor is None else tensor
+                tensor = clt_format.check_finite(tensor, name, file)
+                return tensor if dtype is None else tensor.to(dtype)
+
+            out = {f"W_enc_{s}": get("w_enc").T, f"b_enc_{s}": get("b_enc"),
+                   f"b_dec_{s}": get("b_dec"),
+                   f"W_dec_{s}": get("w_dec", f.get_slice("w_dec")[:, s:, :])}
             if "threshold" in shapes:
-                out[f"threshold_{s}"] = cast(f.get_tensor("threshold"))
+                out[f"threshold_{s}"] = get("threshold")
             if "affine_skip_connection" in shapes:
-                out[f"W_skip_{s}"] = cast(f.get_tensor("affine_skip_connection"))
+                out[f"W_skip_{s}"] = get("affine_skip_connection")
         yield s, out
 
 

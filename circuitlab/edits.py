@@ -61,8 +61,8 @@ def feature_sites(features) -> list[tuple[int, int, int | None, float | None]]:
             raise CircuitlabError(
                 f"The DataFrame of features lacks columns {sorted(missing)}; pass one with "
                 "'layer' and 'feature' (and optionally 'pos', 'activation').")
-        return [(int(r["layer"]), int(r["feature"]),
-                 int(r["pos"]) if "pos" in r and not pd.isna(r["pos"]) else None,
+        return [(_cell(r, "layer"), _cell(r, "feature"),
+                 None if pd.isna(r.get("pos")) else _cell(r, "pos"),
                  float(r["activation"]) if "activation" in r and not pd.isna(r["activation"]) else None)
                 for r in features.to_dict("records")]
     if isinstance(features, Mapping):
@@ -87,14 +87,48 @@ def feature_sites(features) -> list[tuple[int, int, int | None, float | None]]:
         "a node id 'layer_feature_pos', a DataFrame with layer/feature columns, or a list.")
 
 
+def _cell(row: dict, column: str) -> int:
+    """The integer in ``column`` of a row of a DataFrame of features.
+
+    Raises:
+        CircuitlabError: for a missing, non-integer or non-finite value (NaN, inf, 1.5, text).
+    """
+    value = row[column]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    raise CircuitlabError(
+        f"The DataFrame of features has {column}={value!r} in a row; every {column} must be a "
+        "whole number. Drop or fix that row (e.g. df.dropna(subset=['layer', 'feature'])).")
+
+
 def build(features, value, op, pos, relative) -> list[Intervention]:
     """One ``Intervention`` (``op`` with ``value``, at ``pos``, ``relative`` to nothing, the
-    prompt or the maximum) per feature named by ``features``."""
+    prompt or the maximum) per feature named by ``features``.
+
+    Raises:
+        CircuitlabError: when no feature is named, or ``value`` is not a finite number.
+    """
     sites = feature_sites(features)
     if not sites:
         raise CircuitlabError("No features given; name at least one feature to intervene on.")
+    value = _number(value, op)
     return [Intervention(l, f, pos if pos is not None else ("all" if p is None else p),
-                         float(value), op, relative) for l, f, p, _ in sites]
+                         value, op, relative) for l, f, p, _ in sites]
+
+
+def _number(value, op: str) -> float:
+    """``value`` (a real number, or a one-element tensor or array) as a finite float."""
+    name = "factor" if op == "scale" else "value"
+    try:
+        number = None if isinstance(value, (str, bytes)) else float(value)
+    except (TypeError, ValueError, RuntimeError):  # not a number, or a tensor of several
+        number = None
+    if number is None:
+        raise CircuitlabError(f"{name}={value!r} is not a number; pass a finite number (e.g. "
+                              "2.0, or 0 to ablate).")
+    return checks.number(name, number)
 
 
 def set_to(features, value: float, pos=None, relative: str | None = None) -> list[Intervention]:
@@ -144,7 +178,14 @@ def positions(pos, P: int) -> list[int]:
             raise CircuitlabError(f'Position {pos!r} is not understood; use an int, a slice or "all".')
         found = list(range(P))
     elif isinstance(pos, slice):
-        found = list(range(P))[pos]
+        if pos.step == 0:
+            raise CircuitlabError(f"Positions {pos!r} have step 0; use a slice with a nonzero "
+                                  "step (e.g. slice(0, None, 2)), a list or \"all\".")
+        try:
+            found = list(range(P))[pos]
+        except TypeError as err:
+            raise CircuitlabError(f"Positions {pos!r} are not understood; a slice takes whole "
+                                  "numbers (or None).") from err
     elif isinstance(pos, numbers.Integral) and not isinstance(pos, bool):
         if not -P <= pos < P:
             raise CircuitlabError(f"Position {pos} is out of range for a prompt of {P} tokens "

@@ -12,6 +12,10 @@ An intervention edits feature activations ``(layer, pos, feature)`` (named as in
   intervention are frozen at their clean values, and error terms are carried: the linear
   regime an attribution graph describes, where an edge weight is exactly the change of
   its target's input when its source is ablated.
+
+An edit so large that the run overflows (non-finite logits, or a norm whose sum of squares
+overflows, which zeroes its output and leaves logits that no longer depend on the prompt)
+is refused with an error that names the largest value, rather than reported as a result.
 """
 
 from __future__ import annotations
@@ -53,9 +57,21 @@ def dense_activations(rm, trace) -> list[torch.Tensor]:
 def run_edited(rm: ReplacementModel, tokens: torch.Tensor, edits: dict[int, list[Edit]],
                mode: str, trace=None, clean_acts=None) -> Outcome:
     """Run ``tokens`` with ``edits`` in ``mode`` (``trace`` and ``clean_acts`` from the clean
-    run are needed by the frozen modes)."""
+    run are needed by the frozen modes).
+
+    Raises:
+        CircuitlabError: for an unknown mode, or edits so large that the run overflows.
+    """
     if mode not in MODES:
         raise CircuitlabError(f"Unknown mode {mode!r}; use one of {MODES}.")
+    out = _run(rm, tokens, edits, mode, trace, clean_acts)
+    if edits:
+        _check_overflow(rm, out, edits)
+    return out
+
+
+def _run(rm, tokens, edits, mode, trace, clean_acts) -> Outcome:
+    """``run_edited`` without its checks."""
     if mode == "constrained":
         new = [apply_edits(clean_acts[l], edits.get(l, [])) for l in range(rm.n_layers)]
         mlp_in, resid = rm.frozen_run(
@@ -74,6 +90,23 @@ def run_edited(rm: ReplacementModel, tokens: torch.Tensor, edits: dict[int, list
 
     patterns = trace.patterns if mode == "frozen-attention" else None
     return rm.edited_run(tokens, edit_out, patterns=patterns)
+
+
+def _check_overflow(rm, out: Outcome, edits: dict[int, list[Edit]]) -> None:
+    """Refuse an edited run that overflowed: non-finite logits, or a position whose final
+    norm output is non-finite or lost every input (all its normalized values zero, as when
+    the sum of squares overflows to infinity)."""
+    ln = rm.model.ln_final
+    normed = out.final - (ln.b if hasattr(ln, "b") else 0)
+    lost = (normed == 0).all(-1) | ~torch.isfinite(normed).all(-1)
+    if torch.isfinite(out.logits).all() and not lost.any():
+        return
+    largest = max(float(e.value.abs().max()) for es in edits.values() for e in es)
+    raise CircuitlabError(
+        f"The intervention overflowed the model's {str(out.logits.dtype).removeprefix('torch.')} "
+        f"arithmetic (its largest value is {largest:.3g}): the logits are non-finite or no "
+        "longer depend on the prompt. The value is too large; use values on the scale of the "
+        "features' activations (e.g. relative='max' with a factor of a few).")
 
 
 # ---------------------------------------------------------------------- results
@@ -174,6 +207,10 @@ def intervene(rm, prompt: str, interventions, mode: str = "free", *, tokens=None
 
     Returns:
         An ``InterventionResult``.
+
+    Raises:
+        CircuitlabError: for interventions, values or positions that cannot be used, or
+            values so large that the run overflows.
     """
     checks.integer("top", top)
     ids = rm.tokenize(prompt)

@@ -36,7 +36,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import yaml
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from huggingface_hub import hf_hub_download
@@ -55,7 +54,7 @@ except ImportError:  # the embedded model's weights; reported when first needed
     gguf_pkg = None
 
 from . import clt_sources
-from .clt import CrossLayerTranscoder
+from .clt import CrossLayerTranscoder, check_all_finite, read_config, read_tensors
 from .clt_sources import CLT_PRESETS  # noqa: F401 (part of loading's face)
 from .errors import CircuitlabError
 from .files import BUNDLE_DIR, atomic_dir, cache_dir, sha256, verify_manifest
@@ -429,9 +428,16 @@ def _load_sae_lens_dir(path: Path, device: str) -> list[SAE]:
 def _load_circuit_tracer(path: Path, device: str) -> list[SAE]:
     """circuit-tracer's format: ``config.yaml`` listing per-layer safetensors files with
     ``W_enc [d_sae, d_model]``, ``W_dec [d_sae, d_model]``, ``b_enc``, ``b_dec``, optional
-    ``W_skip [d_model, d_model]`` and optional ``activation_function.threshold`` (JumpReLU)."""
+    ``W_skip [d_model, d_model]`` and optional ``activation_function.threshold`` (JumpReLU).
 
-    config = yaml.safe_load((path / "config.yaml").read_text())
+    Raises:
+        CircuitlabError: for a ``config.yaml`` that lists no files, or a file that is
+            unreadable or holds non-finite weights (naming it).
+    """
+    config = read_config(path / "config.yaml")
+    if not isinstance(config.get("transcoders"), list):
+        raise CircuitlabError(f"{path}/config.yaml lists no transcoders: a circuit-tracer folder's "
+                              "config.yaml has transcoders: [one safetensors file per layer].")
     in_hook = config.get("feature_input_hook", "mlp.hook_in")
     out_hook = config.get("feature_output_hook", "mlp.hook_out")
     if config.get("activation", "relu") == "topk":
@@ -442,7 +448,7 @@ def _load_circuit_tracer(path: Path, device: str) -> list[SAE]:
     saes = []
     for layer, uri in enumerate(config["transcoders"]):
         file = _resolve_uri(uri, path)
-        params = load_file(file, device=device)
+        params = check_all_finite(read_tensors(file, device), file)
         d_sae, d_model = params["W_enc"].shape
         threshold = params.get("activation_function.threshold", params.get("threshold"))
         skip = params.get("W_skip")

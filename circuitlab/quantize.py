@@ -20,7 +20,9 @@ loss, where float8 costs about 0.01 (``data/README.md``).
 
 Any safetensors reader with 8-bit floats (torch's, for one) opens these files.
 ``circuitlab.load`` reads both kinds of folder, and ``circuitlab quantize SRC --out DST``
-(``quantize_folder``) writes the 8-bit twin of a folder, with a sha256 manifest.
+(``quantize_folder``) writes the 8-bit twin of a folder, with a sha256 manifest. A layer
+folder holding both weights files is refused (which one is meant cannot be known), and so
+are weights with NaN or infinite values.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import torch
 from sae_lens import SAE
 from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk
 from sae_lens.util import str_to_dtype
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .clt import check_all_finite, read_tensors, unreadable
 from .errors import CircuitlabError
 from .files import atomic_dir, sha256, verify_manifest
 
@@ -81,33 +84,58 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor],
 
 def is_float8(folder: Path) -> bool:
     """Whether a layer folder holds 8-bit weights (``FLOAT8_WEIGHTS``)."""
-    return (Path(folder) / FLOAT8_WEIGHTS).exists()
+    return weights_file(folder).name == FLOAT8_WEIGHTS
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights file of a layer folder: ``FLOAT8_WEIGHTS`` or ``SAE_LENS_WEIGHTS``.
+
+    Raises:
+        CircuitlabError: when the folder holds both (an 8-bit twin beside full-precision
+            weights, perhaps of another version) or neither.
+    """
+    folder = Path(folder)
+    found = [folder / name for name in (FLOAT8_WEIGHTS, SAE_LENS_WEIGHTS) if (folder / name).exists()]
+    if len(found) == 2:
+        raise CircuitlabError(
+            f"{folder} holds both {FLOAT8_WEIGHTS} and {SAE_LENS_WEIGHTS}: 8-bit and "
+            "full-precision weights, perhaps of different versions, and which one is meant "
+            "cannot be known. Delete the one you do not mean to use.")
+    if not found:
+        raise CircuitlabError(f"{folder} holds neither {SAE_LENS_WEIGHTS} nor {FLOAT8_WEIGHTS}; "
+                              "restore the weights file of this layer.")
+    return found[0]
 
 
 def float8_disk_loader(path, device: str = "cpu", cfg_overrides: dict | None = None):
     """An SAE-Lens disk loader (the ``converter`` of ``SAE.load_from_disk``) for an 8-bit
     layer folder: its ``cfg.json`` and dequantized weights, in the cfg's dtype."""
     cfg = get_sae_lens_config_from_disk(path, device, cfg_overrides)
-    tensors = _read(Path(path) / FLOAT8_WEIGHTS, device)
+    tensors = read_tensors(Path(path) / FLOAT8_WEIGHTS, device)
     return cfg, dequantize_tensors(tensors, str_to_dtype(cfg.get("dtype", "float32")))
 
 
 def load_sae(folder: Path, device: str = "cpu") -> SAE:
-    """The SAE-Lens transcoder of one layer folder, 8-bit or SAE-Lens' own."""
-    if is_float8(folder):
-        return SAE.load_from_disk(folder, device=device, converter=float8_disk_loader)
-    return SAE.load_from_disk(folder, device=device)
+    """The SAE-Lens transcoder of one layer folder, 8-bit or SAE-Lens' own.
+
+    Raises:
+        CircuitlabError: for a folder with both weights files or neither, a weights file
+            that is not safetensors or is cut short, or non-finite weights (naming the folder).
+    """
+    file = weights_file(folder)
+    converter = {"converter": float8_disk_loader} if file.name == FLOAT8_WEIGHTS else {}
+    try:
+        sae = SAE.load_from_disk(folder, device=device, **converter)
+    except SafetensorError as err:
+        raise unreadable(file, err) from err
+    check_all_finite(sae.state_dict(), folder)
+    return sae
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The float32 state dict of one layer folder, 8-bit or SAE-Lens' own (CPU)."""
-    name = FLOAT8_WEIGHTS if is_float8(folder) else SAE_LENS_WEIGHTS
-    return dequantize_tensors(_read(Path(folder) / name))
-
-
-def _read(file: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    with safe_open(file, framework="pt", device=device) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    """The float32 state dict of one layer folder, 8-bit or SAE-Lens' own (CPU), checked
+    finite."""
+    return check_all_finite(dequantize_tensors(read_tensors(weights_file(folder))), folder)
 
 
 def _layer_folders(src: Path) -> list[Path]:
@@ -119,7 +147,36 @@ def _layer_folders(src: Path) -> list[Path]:
             + (f" ({', '.join(missing)} lack {SAE_LENS_WEIGHTS})" if missing else "")
             + ": expected layer folders with cfg.json and sae_weights.safetensors, as "
             "`circuitlab train` writes them.")
+    for folder in folders:
+        weights_file(folder)
+        _check_transcoder(folder)
     return folders
+
+
+def _check_transcoder(folder: Path) -> None:
+    """Refuse a layer folder whose ``cfg.json`` describes no SAE-Lens transcoder (one with
+    ``d_out``: a plain SAE, or no SAE at all)."""
+    file = folder / "cfg.json"
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CircuitlabError(f"{file} is not a readable JSON file ({err}); restore it.") from err
+    if not isinstance(cfg, dict) or "d_out" not in cfg:
+        arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+        raise CircuitlabError(
+            f"{file} describes no transcoder (architecture {arch!r}, no d_out): `circuitlab "
+            "quantize` stores SAE-Lens transcoders (transcoder, skip_transcoder, "
+            "jumprelu_transcoder, jumprelu_skip_transcoder) as `circuitlab train` writes them. "
+            "Nothing was written.")
+
+
+def _check_matrices(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights without a transcoder's encoder and decoder matrices."""
+    found = {name for name, value in state.items() if value.ndim == 2}
+    if not {"W_enc", "W_dec"} <= found:
+        raise CircuitlabError(
+            f"{folder / SAE_LENS_WEIGHTS} holds no transcoder: it lacks the matrices "
+            f"{sorted({'W_enc', 'W_dec'} - found)} (it holds {sorted(state)}). Nothing was written.")
 
 
 def _check_out(src: Path, out: Path) -> None:
@@ -154,12 +211,15 @@ def quantize_folder(src, out, command: str | None = None) -> dict:
         ``||M' - M|| / ||M||`` (Frobenius norms) of its matrices.
 
     Raises:
-        CircuitlabError: for a source without transcoder folders, a corrupt source, or an
-            ``out`` that holds something else.
+        CircuitlabError: for a source without transcoder folders (or with folders of
+            something else than transcoders), a corrupt source, or an ``out`` that holds
+            something else.
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise CircuitlabError(f"{src} is not a folder of transcoders.")
+        raise CircuitlabError(f"{src} is not a folder of transcoders: `circuitlab quantize` takes "
+                              "the folder of layer folders (layer_XX/cfg.json and "
+                              f"{SAE_LENS_WEIGHTS}).")
     manifest = {}
     if (src / "manifest.json").exists():
         verify_manifest(src, f"the transcoders in {src}", "Restore it from git or retrain it.")
@@ -170,6 +230,7 @@ def quantize_folder(src, out, command: str | None = None) -> dict:
     with atomic_dir(out, "nothing was written.") as tmp:
         for folder in folders:
             state = read_weights(folder)
+            _check_matrices(folder, state)
             tensors = quantize_tensors(state)
             back = dequantize_tensors(tensors)
             (tmp / folder.name).mkdir()
