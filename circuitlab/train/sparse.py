@@ -67,13 +67,14 @@ def scatter_rows(feats: torch.Tensor, toks: torch.Tensor, weights: torch.Tensor,
         crow = torch.zeros(n_out + 1, dtype=torch.long, device=feats.device)
         crow[1:] = torch.bincount(feats, minlength=n_out).cumsum(0)
         return _csr(crow, toks[order], weights[order], (n_out, len(rows))) @ rows
-    # On a CPU a COO product is 1.1-2x faster than the CSR one (MKL), most for wide rows
-    # (a cross-layer transcoder's decoders).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse invariant checks")
-        m = torch.sparse_coo_tensor(torch.stack([feats, toks]), weights, (n_out, len(rows)),
-                                    check_invariants=False)
-    return torch.sparse.mm(m.coalesce(), rows)
+    # On a CPU, a weighted sum of rows per feature (pairs sorted by feature) is 1.6x faster
+    # than a COO product for a cross-layer transcoder's wide decoders, and the COO product
+    # 1.1-2x faster than the CSR one (MKL).
+    order = feats.argsort(stable=True)
+    offsets = torch.zeros(n_out, dtype=torch.long)
+    offsets[1:] = torch.bincount(feats, minlength=n_out).cumsum(0)[:-1]
+    return F.embedding_bag(toks[order], rows, offsets, per_sample_weights=weights[order].to(rows.dtype),
+                           mode="sum")
 
 
 def _csr(crow, col, values, size) -> torch.Tensor:
