@@ -79,11 +79,11 @@ def widget_shot(page, graph: Path) -> None:
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
             page.locator(".jp-Notebook .jp-Cell").first.locator(".jp-InputArea-editor").click()
             page.keyboard.press("Control+Enter")
-            page.wait_for_selector(".circuitlab-explorer .js-plotly-plot .scatterlayer .trace .points path",
+            page.wait_for_selector(".cl-root #cl-plot[data-ready=\"1\"]",
                                    timeout=300_000)
             page.wait_for_timeout(2000)
             page.evaluate("document.querySelectorAll('.jp-toast-container, .Toastify').forEach(e => e.remove())")
-            page.locator(".circuitlab-explorer").screenshot(path=str(HERE / "widget.png"))
+            page.locator(".cl-root").screenshot(path=str(HERE / "widget.png"))
         finally:
             lab.terminate()
             lab.wait(timeout=30)

@@ -25,9 +25,6 @@ import nbformat
 import pytest
 
 import circuitlab
-from circuitlab.viz.figure import trace_rows
-from circuitlab.viz.links import N_BINS
-from circuitlab.viz.state import ViewState
 
 REPO = Path(__file__).resolve().parent.parent
 #: Chromium or Chrome, as ``make test`` passes it, else what scripts/find_browser.sh finds.
@@ -144,6 +141,11 @@ def test_viewer_hover_top_features_and_cards(browser, demo):
     assert int(page.get_attribute("#cl-counts", "data-features")) == features
     names = page.evaluate("[...Array(window.circuitlab.data.nodes.id.length).keys()].map("
                           "r => window.circuitlab.data.nodes.auto[r])")
+    # On open, the strongest links of the shown graph are drawn (not a scatter plot).
+    backbone = page.evaluate("window.circuitlab.data.backbone_links")
+    opened = page.evaluate("window.circuitlab.drawn()")
+    assert opened == min(backbone, pruned.n_edges) and page.locator("#cl-links line").count() == opened
+    assert f"the {opened} strongest" in page.inner_text("#cl-drawn")
     for r in rows[:10]:
         node = base.nodes.loc[r]
         fid = f"L{node['layer']}/F{node['feature']}"
@@ -151,8 +153,9 @@ def test_viewer_hover_top_features_and_cards(browser, demo):
         name = base.labels.get(node["node_id"]) or names[r]
         assert fid in text and name in text, (fid, name, text)
         drawn = page.evaluate("window.circuitlab.drawn()")
-        assert 0 < drawn <= page.evaluate("window.circuitlab.data.max_links")
+        assert 0 < drawn <= backbone + page.evaluate("window.circuitlab.data.max_links")
         assert page.locator("#cl-links line").count() == drawn, "hovering draws the node's links"
+        assert "of the focused nodes" in page.inner_text("#cl-drawn")
     # Click the strongest feature: its name, id, card (label, contexts) and connections.
     top = base.nodes.loc[rows[0]]
     hover(page, rows[0], top["node_id"])
@@ -264,16 +267,19 @@ def free_port() -> int:
 
 
 NOTEBOOK = [
-    f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+    f"import sys, json; sys.path.insert(0, {str(TESTS)!r})\n"
+    "from pathlib import Path\n"
     "import circuitlab\n"
     "from conftest import tiny_model, tiny_transcoders\n"
     "from circuitlab.viz import explore\n"
     "m = tiny_model()\n"
     "rm = circuitlab.ReplacementModel(m, tiny_transcoders(m, 'jumprelu_skip_transcoder'), name='tiny')\n"
-    f"graph = circuitlab.attribute(rm, {PROMPT!r}, max_feature_nodes=None, progress=False)\n"
-    "view = explore(graph, prune=False)\n"
+    f"folder = circuitlab.attribute(rm, {PROMPT!r}, max_feature_nodes=None, progress=False).save('graph')\n"
+    "view = explore(circuitlab.Graph.load(folder), rm, prune=False)\n"
     "view",
     "print('SELECTED=' + str(view.selected))",
+    "print('STATE=' + json.dumps({'grid': view.grid, 'labels': view.labels, 'supernodes': view.supernodes, "
+    "'file': json.loads((Path(folder) / 'labels.json').read_text())}))",
 ]
 
 
@@ -337,11 +343,25 @@ def run_cell(page, i: int) -> None:
     page.keyboard.press("Control+Enter")
 
 
-def test_jupyterlab_widget(browser, graph, lab, tmp_path):
-    state = ViewState(graph, prune=False)
-    expected = state.ids[trace_rows(state, "logit")[0]]  # the logit trace's first point
+def cell_output(page, i: int, prefix: str) -> str:
+    """Run cell ``i`` and return its printed line after ``prefix``."""
+    run_cell(page, i)
+    out = page.locator(".jp-Notebook .jp-Cell").nth(i).locator(".jp-OutputArea-output")
+    page.wait_for_function("([i, p]) => (document.querySelectorAll('.jp-Notebook .jp-Cell')[i]"
+                           ".querySelector('.jp-OutputArea-output') || {}).innerText?.includes(p)",
+                           arg=[i, prefix], timeout=60_000)
+    return out.inner_text().strip().split(prefix, 1)[1]
+
+
+def test_jupyterlab_widget(browser, lab, tmp_path):
+    """The explorer in JupyterLab: it opens with links drawn; hover draws a node's links, a
+    click selects it (in the kernel too) and shows its card; the sliders, search, grouping
+    and a label set in the page reach Python and the graph's labels file."""
     page = browser.new_page(viewport={"width": 1500, "height": 950})
     page.set_default_timeout(60_000)
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
     try:
         page.goto(lab)
         page.wait_for_selector(".jp-Notebook .jp-Cell .jp-InputArea-editor")
@@ -350,23 +370,44 @@ def test_jupyterlab_widget(browser, graph, lab, tmp_path):
         if dialog.count():
             dialog.click()
         run_cell(page, 0)
-        plot = page.wait_for_selector(".circuitlab-explorer .js-plotly-plot", timeout=180_000)
-        page.wait_for_selector(".circuitlab-explorer .js-plotly-plot .scatterlayer .trace .points path")
-        assert page.locator(".circuitlab-explorer .js-plotly-plot").count() >= 2, "graph and subgraph"
-        k = N_BINS + 3  # the logit trace
-        x, y = page.evaluate(POINT_JS, [plot, k, 0])
+        page.wait_for_selector('.cl-root #cl-plot[data-ready="1"]', timeout=180_000)
+        api = "document.querySelector('.cl-root').circuitlab"
+        opened = page.evaluate(f"{api}.drawn()")
+        assert opened > 0 and page.locator(".cl-root #cl-links line").count() == opened
+        ids = page.evaluate(f"{api}.data.nodes.id")
+        kinds = page.evaluate(f"{api}.data.nodes.kind")
+        feature = max((r for r, k in enumerate(kinds) if k == "feature"),
+                      key=lambda r: page.evaluate(f"{api}.data.nodes.influence[{r}]"))
+        hover(page, feature, ids[feature])
+        assert "focused" in page.inner_text(".cl-root #cl-drawn")
+        x, y = page.evaluate(NODE_JS, feature)
         page.mouse.click(x, y)
-        page.wait_for_function(
-            "id => document.querySelector('.circuitlab-explorer').innerText.includes(id)",
-            arg=expected, timeout=60_000)
+        page.wait_for_function(f"id => {api}.state.selected !== null && document.querySelector("
+                               "'.cl-root #cl-selection').innerText.includes(id)", arg=ids[feature])
+        page.wait_for_function("document.querySelector('.cl-root #cl-card').innerText.trim().length > 0"
+                               " && !document.querySelector('.cl-root #cl-card').innerText.includes('loading')")
+        assert cell_output(page, 1, "SELECTED=") == ids[feature]
+
+        page.fill(".cl-root #cl-label", "from the <b>widget</b>")
+        page.click(".cl-root #cl-set-label")
+        page.click(".cl-root #cl-pin")
+        page.fill(".cl-root #cl-group-name", "Group <i>")
+        page.click(".cl-root #cl-group")
+        page.fill(".cl-root #cl-search", "from the <b>")
+        page.wait_for_selector(f'.cl-root #cl-search-results .cl-row[data-node="{ids[feature]}"]')
+        before = page.inner_text(".cl-root #cl-counts")
+        page.locator(".cl-root #cl-node").fill("0")
+        page.wait_for_function("b => document.querySelector('.cl-root #cl-counts').innerText !== b",
+                               arg=before)
         page.screenshot(path=str(tmp_path / "lab.png"))
-        run_cell(page, 1)
-        out = page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-OutputArea-output")
-        out.wait_for(timeout=60_000)
-        assert out.inner_text().strip() == f"SELECTED={expected}"
+        assert page.locator(".cl-root #cl-selection b, .cl-root #cl-supernodes i").count() == 0
+        state = json.loads(cell_output(page, 2, "STATE="))
+        assert state["grid"][0] == 0
+        assert state["labels"] == {ids[feature]: "from the <b>widget</b>"} == state["file"]["labels"]
+        assert state["supernodes"] == {"Group <i>": [ids[feature]]} == state["file"]["supernodes"]
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"))
-        print(json.dumps({"screenshot": str(tmp_path / "failure.png")}))
+        print(json.dumps({"screenshot": str(tmp_path / "failure.png"), "errors": errors[-10:]}))
         raise
     finally:
         page.close()

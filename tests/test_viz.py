@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-import time
 import types
 
 import numpy as np
@@ -23,9 +22,7 @@ from circuitlab.prune import scores
 from circuitlab.viz import explore, to_html
 
 from_neuronpedia = Graph.from_neuronpedia
-from circuitlab.viz.card import fetch, render
-from circuitlab.viz.figure import NODE_TRACES
-from circuitlab.viz.legend import MAX_LINKS
+from circuitlab.viz.card import card_data, fetch
 from circuitlab.viz.layout import MIN_WIDTH, layout, visible
 from circuitlab.viz.links import N_BINS, NEGATIVE, POSITIVE, bin_style, link_bin, segments, shares
 
@@ -101,46 +98,21 @@ def test_link_binning(graph):
     assert all(len(xs) == 3 * xs.count(None) for xs, _ in segs)
 
 
-def test_explorer_draws_binned_traces(graph):
+def test_widget_and_html_export_show_one_payload(graph, tmp_path):
+    """The notebook explorer is the offline viewer: the same nodes, links, grid and scores
+    as the HTML export of the same graph, with annotations synced both ways."""
     from circuitlab.viz.explorer import Explorer
 
     view = graph.show(prune=False)  # the short form of explore(graph)
-    assert isinstance(view, Explorer)
-    fig = view.figure
-    assert isinstance(fig, go.FigureWidget)
-    assert len(fig.data) == N_BINS + 5, "link bins, one trace per node kind, the text labels"
-    assert sum(len(t.x) for t in fig.data[NODE_TRACES]) == len(graph.nodes)
-    assert sum(len(t.x or ()) for t in fig.data[:N_BINS]) == 0, "no links before a click"
-    target = graph.nodes.node_id[graph.mask("logit").nonzero()[0, 0].item()]
-    view.select(target)
-    i = view.state.row[target]
-    expected = min(MAX_LINKS, int(((graph.adjacency[i] != 0) | (graph.adjacency[:, i] != 0)).sum()))
-    assert sum(list(t.x).count(None) for t in fig.data[:N_BINS]) == expected
-    view.link_type.value = "output"  # logits have no outputs
-    assert sum(list(t.x).count(None) for t in fig.data[:N_BINS]) == 0
-    view.link_type.value = "input"
-    assert sum(list(t.x).count(None) for t in fig.data[:N_BINS]) == expected
-    # Neighbours are recoloured by their link to the selected node.
-    colours = [c for t in fig.data[NODE_TRACES] for c in t.marker.color]
-    assert any(c in POSITIVE + NEGATIVE for c in colours)
-
-
-def test_connections_panel(graph):
-    view = explore(graph, prune=False)
-    node = feature_ids(view, 1)[0]
-    view.select(node)
-    conns = view.state.connections(node)
-    for side in ("input", "output"):
-        pos, neg = conns[side]["positive"], conns[side]["negative"]
-        assert all(r["weight"] > 0 for r in pos) and all(r["weight"] < 0 for r in neg)
-        assert [abs(r["weight"]) for r in pos] == sorted((abs(r["weight"]) for r in pos), reverse=True)
-    first = conns["input"]["positive"][0]
-    assert view.connections[0].options[0][1] == first["node_id"]
-    assert first["place"] in view.connections[0].options[0][0]
-    view.connections[0].value = first["node_id"]  # clicking a row selects that node
-    assert view.selected == first["node_id"]
-    with pytest.raises(CircuitlabError, match="Unknown node"):
-        view.select("99_99_99")
+    assert isinstance(view, Explorer) and "circuitlabViewer" in view._esm
+    path = to_html(graph, tmp_path / "g.html", prune=False)
+    page = path.read_text()
+    embedded = page.split('<script id="cl-data" type="application/json">', 1)[1].split("</script>")[0]
+    assert json.loads(view._data) == json.loads(embedded)
+    data = json.loads(view._data)
+    assert data["nodes"]["id"] == graph.nodes["node_id"].tolist()
+    assert data["grid"]["scores"][-1][-1][0] == pytest.approx(scores(graph)["replacement"], abs=1e-4)
+    assert data["backbone_links"] > 0 and view.grid == list(data["grid"]["default"])
 
 
 # ---------------------------------------------------------------------- escaping
@@ -172,15 +144,16 @@ def test_html_escapes_prompt_and_labels(tiny_rm, tmp_path):
     assert len(data["nodes"]["id"]) == len(g.nodes)
 
 
-def test_card_render_escapes_and_falls_back():
+def test_card_data_and_fallback():
     card = FeatureCard(1, 2, label="<b>x</b>", contexts=[
         {"quantile": "top", "tokens": ["<i>", "ok"], "acts": [1.0, 0.0], "max": 1.0}],
         top_tokens=[("<s>", 1.0)], histogram=([0.0, 1.0, 2.0], [3, 1]), prompt_activation=0.5)
-    text = render(card)
-    assert "<i>" not in text and "&lt;i&gt;" in text and "<svg" in text and "0.5" in text
+    vocab = {}
+    data = card_data(card, vocab)
+    assert data["label"] == "<b>x</b>" and list(vocab) == ["<i>", "ok"], "raw text: shown as text"
+    assert data["contexts"] == [["top", [0, 1], [255, 0]]] and data["histogram"] == [2.0, [3, 1]]
     empty = fetch(None, 1, 2, activation=3.0)
     assert "no examples cached" in empty.message and empty.prompt_activation == 3.0
-    assert "no examples cached" in render(empty)
 
 
 # ---------------------------------------------------------------------- sidecar
@@ -275,59 +248,37 @@ def test_group_rename_ungroup(graph):
     graph.supernodes.clear(), graph.pinned.clear()
 
 
-def test_supernode_edges_aggregated(graph):
-    view = explore(graph, prune=False)
-    feats = feature_ids(view, 6)
-    logit = graph.nodes.node_id[graph.mask("logit").nonzero()[0, 0].item()]
-    view.group(feats[:4], "Group")
-    view.pin(logit)
-    units, edges = view.state.subgraph()
-    names = [u["name"] for u in units]
-    assert names[0] == "Group" and len(units) == 2 and units[0]["members"] == feats[:4]
-    rows = [view.state.row[i] for i in feats[:4]]
-    t = view.state.row[logit]
-    want = float(graph.adjacency[t, rows].sum())
-    edge = next(e for e in edges if e["source"] == 0 and e["target"] == 1)
-    assert edge["weight"] == pytest.approx(want, rel=1e-5)
-    assert edge["share"] == pytest.approx(want / float(graph.adjacency[t].abs().sum()), rel=1e-5)
-    sub = view.subfigure
-    assert list(sub.data[-1].text) == ["Group", "Logit " + visible(graph.nodes.token[t])]
-    graph.supernodes.clear(), graph.pinned.clear()
-
-
 def test_scores_update_with_sliders_and_pins(graph):
     view = explore(graph, prune=False)
-    whole = view.state.scores()
+    view.set_thresholds(1, 1)
+    whole = view.scores()
     assert whole["graph"] == pytest.approx(scores(graph)) and whole["pinned"] is None
-    assert f"{whole['graph']['replacement']:.3f}" in view.status.value
-    n0 = view.state.counts()
     view.set_thresholds(0.6, 0.9)
-    n1 = view.state.counts()
-    assert n1["nodes"] < n0["nodes"] and n1["edges"] < n0["edges"]
-    assert f"nodes {n1['nodes']:,} / {n0['nodes']:,}" in view.status.value
-    assert view.state.scores()["graph"] == pytest.approx(scores(graph.prune(0.6, 0.9)))
+    node, edge = view.thresholds
+    assert view.scores()["graph"] == pytest.approx(scores(graph.prune(node, edge)))
     a, b = feature_ids(view, 2)
     view.pin(a)
-    one = view.state.scores()["pinned"]
+    one = view.scores()["pinned"]
     view.pin(b)
-    two = view.state.scores()["pinned"]
+    two = view.scores()["pinned"]
     assert one is not None and two != one
-    assert "pinned subgraph" in view.scores_html.value and f"{two['replacement']:.3f}" in view.scores_html.value
     view.unpin([a, b])
-    assert view.state.scores()["pinned"] is None
-    view.set_thresholds(1, 1)
-    assert view.state.counts() == n0
+    assert view.scores()["pinned"] is None
 
 
-def test_labels_show_in_hover_and_connections(graph):
+def test_labels_name_nodes_and_sync_from_the_page(graph):
     view = explore(graph, prune=False)
-    a = feature_ids(view, 1)[0]
+    a, b = feature_ids(view, 2)
     view.label(a, "<cat> feature")
-    hover = [h for t in view.figure.data[NODE_TRACES] for h in t.hovertext]
-    assert any("&lt;cat&gt; feature" in h for h in hover) or view.labels[a] == "<cat> feature"
+    assert view.labels[a] == "<cat> feature" == graph.labels[a]
     assert view.state.names()[view.state.row[a]] == "<cat> feature"
+    view.labels = {**view.labels, b: "set in the page"}  # as the front end does
+    assert graph.labels[b] == "set in the page"
+    view.labels = {"99_99_99": "unknown node"}  # refused: the page is set back
+    assert view.labels == graph.labels and "99_99_99" not in graph.labels
     view.label(a, "")
-    assert a not in view.labels
+    view.label(b, "")
+    assert a not in view.labels and not graph.labels
 
 
 # ---------------------------------------------------------------------- exports and fallbacks
@@ -364,6 +315,7 @@ def test_static_fallback(graph, monkeypatch):
     assert isinstance(fig, go.Figure) and not isinstance(fig, go.FigureWidget)
     assert "static figure" in fig.layout.title.text
     assert len(fig.data) == N_BINS + 5
+    assert sum(list(t.x).count(None) for t in fig.data[:N_BINS]) > 0, "its strongest links drawn"
 
 
 def test_colab_widget_manager(monkeypatch, graph):
@@ -377,8 +329,8 @@ def test_colab_widget_manager(monkeypatch, graph):
     assert calls == [1]
 
 
-def test_large_graph_stays_responsive():
-    """5k feature nodes: pruned once for display, clicks redraw a few traces quickly."""
+def test_large_graph_is_pruned_for_display():
+    """5k feature nodes: pruned once for display; the explorer selects in the display graph."""
     g = torch.Generator().manual_seed(0)
     P, L, F = 12, 10, 5000
     rows = [dict(node_id=f"E_{p}_{p}", kind="embedding", layer=-1, pos=p, feature=p,
@@ -401,20 +353,26 @@ def test_large_graph_stays_responsive():
     view = explore(graph)
     shown = view.state.counts()
     assert shown["nodes"] < n, "pruned for display by default"
-    assert len(view.figure.data) == N_BINS + 5
-    start = time.perf_counter()
+    assert len(json.loads(view._data)["nodes"]["id"]) == shown["base_nodes"]
     view.select(graph.nodes.node_id[n - 1])
-    assert time.perf_counter() - start < 5
-    assert sum(list(t.x).count(None) for t in view.figure.data[:N_BINS]) > 0
+    assert view.selected == graph.nodes.node_id[n - 1]
+    hidden = next(i for i in graph.nodes.node_id if i not in view.state.row)
+    with pytest.raises(CircuitlabError, match="not in the displayed graph"):
+        view.select(hidden)
 
 
-def test_feature_card_in_explorer(graph, tiny_rm):
-    view = explore(graph, tiny_rm, prune=False)
-    node = feature_ids(view, 1)[0]
-    view.select(node)
-    assert "raises:" in view.card.value and "activation on this prompt" in view.card.value
-    hover = [h for t in view.figure.data[NODE_TRACES] for h in t.hovertext]
-    assert any("top tokens:" in h for h in hover)
-    bare = explore(graph, prune=False)  # no model: the card still shows what it can
-    bare.select(node)
-    assert "no examples cached" in bare.card.value and "activation on this prompt" in bare.card.value
+def test_feature_card_in_explorer(graph, tiny_rm, monkeypatch):
+    """The page asks Python for the card of a feature without cached examples: it comes
+    back with the model's output tokens and, without a model, says what is missing."""
+    sent = []
+    for rm in (tiny_rm, None):
+        view = explore(graph, rm, prune=False)
+        monkeypatch.setattr(view, "send", sent.append)
+        node = feature_ids(view, 1)[0]
+        r = view.state.row[node]
+        layer, feature, pos = (int(view.state.shown.nodes[c][r]) for c in ("layer", "feature", "pos"))
+        view._on_message(view, {"type": "card", "layer": layer, "feature": feature, "pos": pos,
+                                "node": node}, [])
+        assert sent[-1]["type"] == "card" and sent[-1]["key"] == f"{layer}/{feature}"
+    with_model, bare = sent[-2]["card"], sent[-1]["card"]
+    assert with_model["raises"] and "no examples cached" in bare["message"]

@@ -1,9 +1,7 @@
-"""The feature card: a ``circuitlab.cards.FeatureCard`` fetched lazily and rendered
-to escaped HTML."""
+"""The feature card of the explorer: a ``circuitlab.cards.FeatureCard`` fetched lazily
+and packed as compact JSON for the viewer (which shows every text as text)."""
 
 from __future__ import annotations
-
-import html
 
 from ..cards import FeatureCard, feature_card
 from ..loading import DEFAULT_BUNDLE
@@ -51,54 +49,3 @@ def card_data(card: FeatureCard, vocab: dict, n_top: int = 5) -> dict:
         "lowers": [[t, round(v, 3)] for t, v in card.bottom_tokens],
         "contexts": [[c["quantile"], [index(t) for t in c["tokens"]],
                       [max(0, round(a / scale)) for a in c["acts"]]] for c in contexts]}
-
-
-def _tokens(pairs) -> str:
-    return " ".join(f"<code>{html.escape(repr(str(t)))}</code>&nbsp;{v:+.2f}" for t, v in pairs)
-
-
-def _histogram(edges, counts, width: int = 260, height: int = 50) -> str:
-    top = max(max(counts), 1)
-    w = width / max(len(counts), 1)
-    bars = "".join(f'<rect x="{i * w:.1f}" y="{height - height * c / top:.1f}" '
-                   f'width="{max(w - 1, 1):.1f}" height="{height * c / top:.1f}" fill="#e0904a"/>'
-                   for i, c in enumerate(counts))
-    return (f'<svg width="{width}" height="{height}">{bars}</svg>'
-            f"<div style='font-size:11px'>{edges[0]:.2g} … {edges[-1]:.2g}</div>")
-
-
-def _context(ctx: dict) -> str:
-    top = max(ctx.get("max") or max(ctx["acts"], default=0), 1e-9)
-    spans = "".join(
-        f'<span title="{a:.3g}" style="background:rgba(224,144,74,{min(max(a, 0) / top, 1):.2f})">'
-        f"{html.escape(str(t)).replace(chr(10), '↵')}</span>"
-        for t, a in zip(ctx["tokens"], ctx["acts"]))
-    return f"<div style='font-family:monospace;font-size:12px;margin:2px 0'>{spans}</div>"
-
-
-def render(card: FeatureCard) -> str:
-    """``card`` as HTML (every text escaped)."""
-    parts = [f"<b>L{card.layer}/F{card.feature}</b>"
-             + (f" · {html.escape(card.label)}" if card.label else "")]
-    if card.prompt_activation is not None:
-        parts.append(f"activation on this prompt: {card.prompt_activation:.3g}")
-    if card.message:
-        parts.append(f"<i>{html.escape(card.message)}</i>")
-    stats = [f"{name} {value:.3g}" for name, value in (
-        ("fires on", getattr(card, "frequency", None)), ("max", getattr(card, "max_activation", None)))
-        if value is not None]
-    if stats:
-        parts.append(" · ".join(stats))
-    if card.top_tokens:
-        parts.append("raises: " + _tokens(card.top_tokens))
-    if card.bottom_tokens:
-        parts.append("lowers: " + _tokens(card.bottom_tokens))
-    if card.histogram is not None:
-        parts.append(_histogram(*card.histogram))
-    quantile = None
-    for ctx in card.contexts:
-        if ctx["quantile"] != quantile:
-            quantile = ctx["quantile"]
-            parts.append(f"<div style='margin-top:4px'><b>{html.escape(str(quantile))}</b></div>")
-        parts.append(_context(ctx))
-    return "<div class='cl-card'>" + "<br>".join(parts) + "</div>"

@@ -11,7 +11,7 @@ from ..graph import Graph
 from .figure import graph_figure
 from .state import ViewState
 
-try:  # Plotly's FigureWidget needs anywidget; the explorer needs ipywidgets
+try:  # the explorer is an anywidget (which needs ipywidgets)
     import anywidget  # noqa: F401 - imported to check it is there
 
     from .explorer import Explorer
@@ -26,7 +26,7 @@ def widgets_unavailable() -> str | None:
 
 
 def enable_colab() -> bool:
-    """On Colab, enable the custom widget manager that Plotly's widgets need."""
+    """On Colab, enable the custom widget manager that third-party widgets need."""
     try:
         from google.colab import output
     except ImportError:
@@ -55,12 +55,15 @@ def explore(graph, rm=None, *, prune: bool = True, height: int = 560):
         rm: optional ``ReplacementModel``: top output tokens in hovers and feature cards.
         prune: prune an unpruned graph once for display (``graph.prune()`` defaults);
             the explorer's sliders prune that display graph further.
-        height: plot height in pixels.
+        height: the explorer's height in pixels.
 
     Returns:
-        An ``Explorer`` widget (``view.selected``, ``view.pin(ids)``, ``view.group(ids,
-        name)``, ``view.label(id, text)``, ...), or, where widgets are unavailable, a
-        static Plotly figure whose title says so.
+        An ``Explorer`` widget: the offline HTML viewer in the notebook, synced with
+        Python (``view.selected``, ``view.pinned``, ``view.supernodes``, ``view.labels``,
+        ``view.pin(ids)``, ``view.group(ids, name)``, ``view.label(id, text)``,
+        ``view.set_thresholds(node, edge)``); labels, pins and supernodes set in the page
+        land in the graph and its labels file. Where widgets are unavailable, a static
+        Plotly figure whose title says so.
     """
     graph = as_graph(graph)
     why = widgets_unavailable()

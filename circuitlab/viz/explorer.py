@@ -1,303 +1,206 @@
-"""The notebook explorer: a Plotly ``FigureWidget`` with ipywidgets panels, sharing its
-state (selection, pins, supernodes, labels) with Python."""
+"""The notebook explorer: the offline viewer (``viewer.js``) as an anywidget, fed by the
+HTML export's payload, with selection, pins, supernodes, labels and thresholds synced
+with Python (and the graph's labels file).
+
+The front end runs in JupyterLab, Notebook 7, VS Code and Colab (anywidget). What a
+user does there reaches Python as trait changes (``selected``, ``pinned``, ``supernodes``,
+``labels``, ``grid``); what Python sets reaches the page the same way. Annotations are
+checked against the graph (``ViewState``) and written to its labels file when it has a
+folder; a change the graph refuses is undone in the page.
+"""
 
 from __future__ import annotations
 
-import html
-
-import ipywidgets as widgets
-import plotly.graph_objects as go
+import anywidget
+import plotly.offline
+import traitlets
 
 from ..errors import CircuitlabError
-from .card import fetch, render
-from .figure import (METRICS, NODE_TRACES, graph_figure, link_updates, node_updates, pixels,
-                     subgraph_figure)
-from .legend import LEGEND
-from .links import N_BINS
-from .state import LINK_TYPES, ViewState
+from ..prune import scores
+from .card import card_data, fetch
+from .html import front_end, payload, script_json
+from .state import ViewState
 
-SIDES = [("input", "positive"), ("input", "negative"), ("output", "positive"), ("output", "negative")]
+#: The widget's module: Plotly (loaded once per page), the viewer, and its anywidget glue.
+ESM = """
+function loadPlotly(source) {  // Plotly's bundle sets globalThis.Plotly (module loaders hidden)
+  if (!globalThis.Plotly) new Function("define", "module", "exports", source).call(globalThis);
+  return globalThis.Plotly;
+}
+%%VIEWER%%
+function render({ model, el }) {
+  loadPlotly(model.get("_plotly"));
+  el.style.height = model.get("height") + "px";
+  const root = document.createElement("div");
+  root.style.height = "100%";
+  el.appendChild(root);
+  const bridge = {
+    changed(s) {
+      for (const [k, v] of Object.entries(s)) model.set(k, v);
+      model.save_changes();
+    },
+    card(request) { model.send({ type: "card", ...request }); },
+  };
+  const api = circuitlabViewer(root, JSON.parse(model.get("_data")), bridge);
+  const names = ["selected", "pinned", "labels", "supernodes", "grid"];
+  const sync = () => api.update(Object.fromEntries(names.map((k) => [k, model.get(k)])));
+  names.forEach((k) => model.on("change:" + k, sync));
+  model.on("msg:custom", (msg) => { if (msg.type === "card") api.setCard(msg.key, msg.card); });
+}
+export default { render };
+"""
 
 
-class Explorer(widgets.VBox):
+class Explorer(anywidget.AnyWidget):
     """An attribution graph explorer (see ``circuitlab.viz.explore``).
 
-    Hover a node to draw its links, click it to select it (ctrl/shift-click pins it),
-    pick rows in the connections panel to move along edges, search by name or id, group
-    pinned nodes into supernodes in the subgraph tab, and prune with the sliders.
-    Everything is also available from Python.
+    Hover a node to draw its links, click it to select it (shift-click pins it), follow
+    its connections, read its feature card, search by label, token or id, group pinned
+    nodes into supernodes, label nodes and prune with the sliders: the offline HTML
+    viewer, in the notebook. Everything is also available from Python.
+
+    Attributes:
+        selected: the selected node id, or ``None``.
+        pinned: pinned node ids.
+        supernodes: supernode name -> node ids (the format interventions take).
+        labels: node id -> label.
+        grid: ``[node, edge]`` indices of the prune sliders (``set_thresholds`` sets them).
     """
 
-    def __init__(self, graph, rm=None, *, prune: bool = True, height: int = 560, width: int = 820):
+    _esm = traitlets.Unicode(ESM.replace("%%VIEWER%%", front_end("viewer.js"))).tag(sync=True)
+    _css = traitlets.Unicode(front_end("viewer.css")).tag(sync=True)
+    _plotly = traitlets.Unicode().tag(sync=True)
+    _data = traitlets.Unicode().tag(sync=True)
+    height = traitlets.Int(640).tag(sync=True)
+    selected = traitlets.Unicode(None, allow_none=True).tag(sync=True)
+    pinned = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    supernodes = traitlets.Dict().tag(sync=True)
+    labels = traitlets.Dict().tag(sync=True)
+    grid = traitlets.List(traitlets.Int(), minlen=2, maxlen=2).tag(sync=True)
+    _syncing = False
+
+    def __init__(self, graph, rm=None, *, prune: bool = True, height: int = 640):
         self.state = ViewState(graph, prune, rm)
-        self._filling = False
-        self.px = pixels(self.state, width, height)
-        self.figure = go.FigureWidget(graph_figure(self.state, height=height, width=width))
-        for trace in self.figure.data[NODE_TRACES]:
-            trace.on_click(self._on_click)
-            trace.on_hover(self._on_hover)
-        self.subfigure = go.FigureWidget(subgraph_figure(self.state))
-        self.controls = self._controls()
-        self.status = widgets.HTML()
-        self.drawn = widgets.HTML()
-        self.connections = [widgets.Select(options=[], rows=7, layout={"width": "99%"})
-                            for _ in SIDES]
-        for sel in self.connections:
-            sel.observe(self._on_row, "value")
-        self.card = widgets.HTML("<i>select a feature</i>")
-        legend = widgets.HTML(LEGEND, layout={"width": "98%"})
-        self.tabs = widgets.Tab([self._connections_panel(), self.card, self._subgraph_panel(), legend])
-        for i, title in enumerate(["Connections", "Feature", "Subgraph", "Legend"]):
-            self.tabs.set_title(i, title)
-        self.tabs.layout = {"width": "440px", "min_width": "440px"}
-        plot = widgets.Box([self.figure], layout={"width": f"{width + 10}px", "overflow": "hidden"})
-        main = widgets.HBox([plot, self.tabs], layout={"flex_flow": "row wrap"})  # panel wraps below
-        super().__init__([self.controls, widgets.HBox([self.status, self.drawn]), main])
-        self.add_class("circuitlab-explorer")
-        self._refresh()
+        self.state.set_thresholds(1.0, 1.0)
+        data = payload(self.state)
+        self._thresholds = (data["grid"]["node"], data["grid"]["edge"])
+        super().__init__(_plotly=plotly.offline.get_plotlyjs(), _data=script_json(data),
+                         height=height, grid=list(data["grid"]["default"]))
+        self._pull()
+        self.observe(self._on_annotations, names=["pinned", "supernodes", "labels"])
+        self.observe(self._on_selected, names=["selected"])
+        self.on_msg(self._on_message)
 
     # ------------------------------------------------------------------ Python API
 
-    @property
-    def selected(self) -> str | None:
-        """The selected node id, or ``None``."""
-        return self.state.selected
-
     def select(self, node_id: str | None) -> None:
-        """Select a node (``None`` clears the selection)."""
-        self.state.select(node_id)
-        self._refresh()
-
-    @property
-    def pinned(self) -> list[str]:
-        """Pinned node ids (a copy)."""
-        return list(self.state.pinned)
+        """Select a node shown at the current thresholds (``None`` clears the selection)."""
+        if node_id is not None:
+            self.state.check_ids(node_id)
+            if node_id not in self.state.row:
+                raise CircuitlabError(f"Node {node_id!r} is not in the displayed graph; explore "
+                                      "the graph with prune=False to show it.")
+        self.selected = node_id
 
     def pin(self, ids) -> None:
         """Pin one node id or several."""
-        self.state.pin(ids)
-        self._refresh()
+        self._apply(self.state.pin, ids)
 
     def unpin(self, ids) -> None:
         """Unpin one node id or several."""
-        self.state.unpin(ids)
-        self._refresh()
-
-    @property
-    def supernodes(self) -> dict:
-        """Supernode name -> node ids (a copy; the format interventions take)."""
-        return {k: list(v) for k, v in self.state.supernodes.items()}
+        self._apply(self.state.unpin, ids)
 
     def group(self, ids, name: str) -> None:
         """Group nodes into supernode ``name`` (they are pinned too)."""
-        self.state.group(ids, name)
-        self._refresh()
+        self._apply(self.state.group, ids, name)
 
     def rename(self, old: str, new: str) -> None:
         """Rename a supernode."""
-        self.state.rename(old, new)
-        self._refresh()
+        self._apply(self.state.rename, old, new)
 
     def ungroup(self, name: str) -> None:
         """Dissolve a supernode; its nodes stay pinned."""
-        self.state.ungroup(name)
-        self._refresh()
-
-    @property
-    def labels(self) -> dict:
-        """Node id -> label (a copy)."""
-        return dict(self.state.labels)
+        self._apply(self.state.ungroup, name)
 
     def label(self, node_id: str, text: str) -> None:
         """Label a node; an empty text removes its label."""
-        self.state.label(node_id, text)
-        self._refresh()
+        self._apply(self.state.label, node_id, text)
 
     def set_thresholds(self, node_threshold: float, edge_threshold: float) -> None:
-        """Prune the display (as the sliders do); 1 and 1 show the whole display graph."""
-        self.node_slider.value, self.edge_slider.value = node_threshold, edge_threshold
+        """Move the prune sliders to the grid's thresholds nearest these (1 and 1: all)."""
+        nodes, edges = self._thresholds
+        self.grid = [min(range(len(nodes)), key=lambda i: abs(nodes[i] - node_threshold)),
+                     min(range(len(edges)), key=lambda j: abs(edges[j] - edge_threshold))]
 
-    # ------------------------------------------------------------------ panels
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        """The node and edge thresholds the sliders are at."""
+        return self._thresholds[0][self.grid[0]], self._thresholds[1][self.grid[1]]
 
-    def _controls(self) -> widgets.Widget:
-        self.size_by = widgets.Dropdown(options=METRICS, description="size", layout={"width": "170px"})
-        self.colour_by = widgets.Dropdown(options=METRICS, description="colour", layout={"width": "170px"})
-        self.link_type = widgets.ToggleButtons(options=LINK_TYPES, value="both",
-                                               style={"button_width": "70px"})
-        slider = dict(min=0.05, max=1.0, step=0.01, continuous_update=False,
-                      readout_format=".2f", style={"description_width": "90px"})
-        self.node_slider = widgets.FloatSlider(description="node thresh.", value=self.state.node_threshold, **slider)
-        self.edge_slider = widgets.FloatSlider(description="edge thresh.", value=self.state.edge_threshold, **slider)
-        self.search = widgets.Combobox(placeholder="search label, token or id", ensure_option=True,
-                                       layout={"width": "260px"})
-        self.search.observe(self._on_search, "value")
-        for w in (self.size_by, self.colour_by, self.link_type):
-            w.observe(lambda _: self._refresh(), "value")
-        for w in (self.node_slider, self.edge_slider):
-            w.observe(self._on_threshold, "value")
-        return widgets.VBox([widgets.HBox([self.size_by, self.colour_by, self.link_type]),
-                             widgets.HBox([self.node_slider, self.edge_slider, self.search])])
+    def scores(self) -> dict:
+        """Replacement and completeness of the graph at the sliders' thresholds and of its
+        pinned subgraph (the pinned nodes shown there, plus the logits; ``None`` without).
+        """
+        shown = self.state.base.prune(*self.thresholds)
+        out = {"graph": scores(shown), "pinned": None}
+        rows = [shown.index(i) for i in self.pinned if i in set(shown.nodes["node_id"])]
+        if rows:
+            mask = shown.mask("logit").clone()
+            mask[rows] = True
+            out["pinned"] = scores(shown, nodes=mask)
+        return out
 
-    def _connections_panel(self) -> widgets.Widget:
-        self.pin_button = widgets.Button(description="pin / unpin", layout={"width": "100px"})
-        self.pin_button.on_click(lambda _: self._toggle_pin(self.selected))
-        self.label_text = widgets.Text(placeholder="label of the selected node", layout={"width": "60%"})
-        label_button = widgets.Button(description="set label", layout={"width": "90px"})
-        label_button.on_click(lambda _: self.selected and self.label(self.selected, self.label_text.value))
-        self.heading = widgets.HTML("<i>click a node</i>")
-        rows = [self.heading, widgets.HBox([self.pin_button, self.label_text, label_button])]
-        for (side, sign), sel in zip(SIDES, self.connections):
-            rows += [widgets.HTML(f"<b>{side}s</b>, {sign}"), sel]
-        return widgets.VBox(rows)
+    # ------------------------------------------------------------------ syncing
 
-    def _subgraph_panel(self) -> widgets.Widget:
-        self.group_name = widgets.Text(placeholder="supernode name", layout={"width": "45%"})
-        group = widgets.Button(description="group pinned", layout={"width": "110px"})
-        group.on_click(lambda _: self._guard(self.group, self._ungrouped_pins(), self.group_name.value))
-        self.supernode_pick = widgets.Dropdown(options=[], layout={"width": "35%"})
-        self.new_name = widgets.Text(placeholder="new name", layout={"width": "30%"})
-        rename = widgets.Button(description="rename", layout={"width": "70px"})
-        rename.on_click(lambda _: self._guard(self.rename, self.supernode_pick.value, self.new_name.value))
-        ungroup = widgets.Button(description="ungroup", layout={"width": "70px"})
-        ungroup.on_click(lambda _: self._guard(self.ungroup, self.supernode_pick.value))
-        self.scores_html = widgets.HTML()
-        return widgets.VBox([self.scores_html, self.subfigure, widgets.HBox([self.group_name, group]),
-                             widgets.HBox([self.supernode_pick, self.new_name, rename, ungroup])])
+    def _apply(self, fn, *args) -> None:
+        """Run an annotation change on the graph, then show the result in the page."""
+        fn(*args)
+        self._pull()
 
-    # ------------------------------------------------------------------ events
-
-    def _guard(self, fn, *args) -> None:
-        """Run a UI action; show a ``CircuitlabError`` in the status line instead of raising."""
+    def _pull(self) -> None:
+        """Copy the graph's annotations into the traits (without echoing them back)."""
+        self._syncing = True
         try:
-            fn(*args)
-        except CircuitlabError as e:
-            self.status.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"
+            doc = self.state.source.annotations()
+            self.pinned, self.supernodes, self.labels = doc["pinned"], doc["supernodes"], doc["labels"]
+        finally:
+            self._syncing = False
 
-    def _ungrouped_pins(self) -> list[str]:
-        grouped = {i for ids in self.state.supernodes.values() for i in ids}
-        return [i for i in self.state.pinned if i not in grouped]
-
-    def _toggle_pin(self, node_id: str | None) -> None:
-        if node_id is not None:
-            (self.unpin if node_id in self.state.pinned else self.pin)(node_id)
-
-    def _on_click(self, trace, points, state) -> None:
-        if not points.point_inds:
+    def _on_annotations(self, change) -> None:
+        """Annotations edited in the page: checked on the graph and saved to its labels
+        file; a change the graph refuses is undone in the page."""
+        if self._syncing:
             return
-        node_id = self.state.ids[int(trace.customdata[points.point_inds[0]])]
-        if getattr(state, "ctrl", False) or getattr(state, "shift", False) or getattr(state, "meta", False):
-            self._toggle_pin(node_id)
-        else:
-            self.select(None if node_id == self.selected else node_id)
+        graph = self.state.source
+        before = graph.annotations()
+        try:
+            self.state.check_ids(list(self.pinned) + list(self.labels)
+                                 + [i for ids in self.supernodes.values() for i in ids])
+            graph.annotate({"labels": {k: v for k, v in self.labels.items() if str(v).strip()},
+                            "pinned": list(dict.fromkeys(self.pinned)),
+                            "supernodes": dict(self.supernodes)})
+            self.state.save()
+        except CircuitlabError:
+            graph.annotate(before)
+        self._pull()
 
-    def _on_hover(self, trace, points, state) -> None:
-        if points.point_inds:
-            self.state.hovered = self.state.ids[int(trace.customdata[points.point_inds[0]])]
-            self._draw_links()
+    def _on_selected(self, change) -> None:
+        if change["new"] is not None and change["new"] not in self.state.row:
+            self.selected = None
 
-    def _on_search(self, change) -> None:
-        node_id = self._search_ids.get(change["new"])
-        if node_id is not None and node_id != self.selected:
-            self.select(node_id)
-
-    def _on_unit_click(self, trace, points, state) -> None:
-        units, _ = self.state.subgraph()
-        if points.point_inds:
-            self.select(units[points.point_inds[0]]["members"][0])
-
-    def _on_row(self, change) -> None:
-        if not self._filling and change["new"] and change["new"] != self.selected:
-            self._guard(self.select, change["new"])
-
-    def _on_threshold(self, _) -> None:
-        self.status.value = "<i>pruning…</i>"
-        self.state.set_thresholds(self.node_slider.value, self.edge_slider.value)
-        self._rebuild()
-
-    # ------------------------------------------------------------------ drawing
-
-    def _rebuild(self) -> None:
-        """Redraw everything after the shown nodes changed."""
-        fresh = graph_figure(self.state, self.size_by.value, self.colour_by.value,
-                             height=self.figure.layout.height, width=self.figure.layout.width)
-        self.px = pixels(self.state, self.figure.layout.width, self.figure.layout.height)
-        with self.figure.batch_update():
-            for old, new in zip(self.figure.data, fresh.data):
-                old.update(x=new.x, y=new.y, customdata=new.customdata, hovertext=new.hovertext,
-                           text=new.text)
-            self.figure.layout.xaxis.update(fresh.layout.xaxis)
-            self.figure.layout.shapes = fresh.layout.shapes
-        self._refresh()
-
-    def _refresh(self) -> None:
-        """Redraw styles, links and panels from the state."""
-        self.state.link_type = self.link_type.value
-        with self.figure.batch_update():
-            for trace, marker in zip(self.figure.data[NODE_TRACES], node_updates(
-                    self.state, self.size_by.value, self.colour_by.value, self.px)):
-                trace.marker.update(marker)
-        self._draw_links()
-        names = self.state.names()
-        self._search_ids = {f"{name} · {i}": i for name, i in zip(names, self.state.ids)}
-        self.search.options = list(self._search_ids)
-        fresh = subgraph_figure(self.state)
-        with self.subfigure.batch_update():
-            self.subfigure.data = []
-            self.subfigure.add_traces(fresh.data)
-        if len(self.subfigure.data) > N_BINS:
-            self.subfigure.data[-1].on_click(self._on_unit_click)
-        self.supernode_pick.options = list(self.state.supernodes)
-        self._show_counts()
-        self._show_selection()
-
-    def _draw_links(self) -> None:
-        """Redraw the links of the hovered, selected and pinned nodes."""
-        with self.figure.batch_update():
-            for trace, (x, y) in zip(self.figure.data[:N_BINS], link_updates(self.state)):
-                trace.x, trace.y = x, y
-        drawn, total = len(self.state.links()[0]), len(self.state.all_links()[0])
-        self.drawn.value = f"{drawn:,} links drawn" + (
-            f" (the strongest of {total:,})" if total > drawn else "")
-
-    def _show_counts(self) -> None:
-        c, s = self.state.counts(), self.state.scores()
-        self.status.value = (
-            f"nodes {c['nodes']:,} / {c['base_nodes']:,} · edges {c['edges']:,} / "
-            f"{c['base_edges']:,} · replacement {s['graph']['replacement']:.3f} · "
-            f"completeness {s['graph']['completeness']:.3f}")
-        pinned = s["pinned"]
-        self.scores_html.value = (
-            f"<b>pinned subgraph</b>: {len(self.state.pinned)} pinned · " + (
-                f"replacement {pinned['replacement']:.3f} · completeness "
-                f"{pinned['completeness']:.3f}" if pinned else "pin nodes to score them"))
-
-    def _show_selection(self) -> None:
-        node_id = self.selected
-        if node_id is None:
-            self.heading.value = "<i>click a node (ctrl/shift-click pins it)</i>"
-            self._filling = True
-            for sel in self.connections:
-                sel.options = []
-            self._filling = False
+    def _on_message(self, widget, content, buffers) -> None:
+        """A card the page asks for: computed on the model (live examples) when there is one."""
+        if not isinstance(content, dict) or content.get("type") != "card":
             return
-        row = self.state.shown.nodes.iloc[self.state.row[node_id]]
-        name = self.state.names()[self.state.row[node_id]]
-        self.heading.value = f"<b>{html.escape(name)}</b> <code>{html.escape(node_id)}</code>"
-        self.label_text.value = self.state.labels.get(node_id, "")
-        conns = self.state.connections(node_id)
-        self._filling = True
-        for (side, sign), sel in zip(SIDES, self.connections):
-            sel.options = [(f"{r['weight']:+.3f}  {r['place']:<4} {r['name']}"
-                            + ("  ↔pos" if r["other_pos"] else ""), r["node_id"])
-                           for r in conns[side][sign]]
-            sel.value = None
-        self._filling = False
-        if row["kind"] == "feature":
-            card = fetch(self.state.rm, int(row["layer"]), int(row["feature"]),
-                         tokens=self.state.shown.tokens, pos=int(row["pos"]),
-                         label=self.state.labels.get(node_id, ""), activation=float(row["activation"]),
-                         transcoders=self.state.shown.metadata.get("transcoders"))
-            self.card.value = render(card)
-        else:
-            self.card.value = f"<i>{html.escape(name)}: not a feature</i>"
-
+        layer, feature, node = int(content["layer"]), int(content["feature"]), content["node"]
+        s = self.state
+        card = fetch(s.rm, layer, feature, tokens=s.shown.tokens, pos=int(content["pos"]),
+                     transcoders=s.shown.metadata.get("transcoders"))
+        outputs = s.outputs.get(node, {})
+        card.top_tokens = outputs.get("raises", card.top_tokens)
+        card.bottom_tokens = outputs.get("lowers", card.bottom_tokens)
+        vocab: dict = {}
+        data = card_data(card, vocab)
+        data["contexts"] = [[q, [list(vocab)[t] for t in toks], acts]
+                            for q, toks, acts in data["contexts"]]
+        self.send({"type": "card", "key": f"{layer}/{feature}", "card": data})

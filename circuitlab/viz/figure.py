@@ -1,5 +1,7 @@
-"""The Plotly figures: the graph (nodes per kind above binned link traces) and the
-pinned subgraph. Every user-visible text is HTML-escaped, since Plotly renders some tags.
+"""The static Plotly figure of a graph (nodes per kind above binned link traces, its
+strongest links drawn), for where widgets cannot run, and the node styles the explorer's
+payload shares with it. Every user-visible text is HTML-escaped, since Plotly renders some
+tags.
 """
 
 from __future__ import annotations
@@ -12,19 +14,13 @@ import plotly.graph_objects as go
 
 from ..graph import KINDS
 from .layout import diameters, marker_sizes, scaled, visible
-from .legend import N_TEXT, error_text
-from .links import N_BINS, bin_style, link_bin, segments, share_colour
+from .legend import BACKBONE_LINKS, N_TEXT, error_text
+from .links import N_BINS, bin_style, link_bin, segments
 from .state import ViewState
 
 SYMBOLS = {"feature": "circle", "error": "diamond", "embedding": "square", "logit": "square"}
 FILL = {"error": "#b0b0b0", "embedding": "#7f9cc0", "logit": "#e0904a"}
 OPACITY = {"feature": 0.95, "error": 0.45, "embedding": 0.95, "logit": 0.95}
-SELECTED, PINNED = "#111111", "#d4a017"
-
-
-METRICS = ("influence", "activation")
-#: The node traces of a graph figure (one per kind, ``KINDS`` order).
-NODE_TRACES = slice(N_BINS, N_BINS + len(KINDS))
 MARGIN = {"l": 50, "r": 10, "t": 10, "b": 90}
 
 
@@ -101,40 +97,23 @@ def pixels(state: ViewState, width: int, height: int) -> tuple[float, float]:
             (height - MARGIN["t"] - MARGIN["b"]) / (lay.n_rows + 0.2))
 
 
-def node_style(state: ViewState, size_by: str = "influence", colour_by: str = "influence",
-               px: tuple[float, float] = (8.0, 25.0)) -> dict:
-    """Per shown node: ``size``, ``colour``, ``line_width`` and ``line_colour`` arrays
-    (``px``: pixels per x unit and per row, see ``pixels``)."""
-    nodes = state.shown.nodes
-    kind = nodes["kind"].to_numpy()
-    size = diameters(nodes, size_by) * marker_sizes(state.layout, *px) / state.layout.size
-    colour = fill_colours(state, colour_by)
-    for j, share in state.neighbour_shares().items():
-        colour[j] = share_colour(share)
-    line_width = np.full(len(kind), 0.5)
-    line_colour = np.full(len(kind), "#555555", dtype=object)
-    for i in state.focus():
-        selected = state.ids[i] == state.selected
-        line_width[i], line_colour[i] = 3.0, SELECTED if selected else PINNED
-    return {"size": size, "colour": colour, "line_width": line_width, "line_colour": line_colour}
+def node_markers(state: ViewState, px: tuple[float, float] = (8.0, 25.0)) -> list[dict]:
+    """Per kind (``KINDS`` order), the marker of its node trace (``px``: pixels per x unit
+    and per row, see ``pixels``): size by influence, fill by kind and influence."""
+    size = diameters(state.shown.nodes, "influence") * marker_sizes(state.layout, *px) / state.layout.size
+    colour = fill_colours(state)
+    return [{"size": size[rows].tolist(), "color": colour[rows].tolist(),
+             "line": {"width": 0.5, "color": "#555555"}}
+            for rows in (trace_rows(state, k) for k in KINDS)]
 
 
-def node_updates(state: ViewState, size_by: str, colour_by: str,
-                 px: tuple[float, float] = (8.0, 25.0)) -> list[dict]:
-    """Per kind (``KINDS`` order), the marker of its node trace."""
-    style = node_style(state, size_by, colour_by, px)
-    out = []
-    for k in KINDS:
-        rows = trace_rows(state, k)
-        out.append({"size": style["size"][rows].tolist(), "color": style["colour"][rows].tolist(),
-                    "line": {"width": style["line_width"][rows].tolist(),
-                             "color": style["line_colour"][rows].tolist()}})
-    return out
-
-
-def link_updates(state: ViewState) -> list[tuple[list, list]]:
-    """Per link bin, the ``(x, y)`` of the focused nodes' links."""
-    s, t, share = state.links()
+def backbone_links(state: ViewState) -> list[tuple[list, list]]:
+    """Per link bin, the ``(x, y)`` of the shown graph's ``BACKBONE_LINKS`` strongest links
+    by their share of their target's input (what the explorer draws on open)."""
+    t, s = state.shown.adjacency.nonzero(as_tuple=True)
+    share = state.share[t, s]
+    strongest = share.abs().argsort(descending=True)[:BACKBONE_LINKS]
+    t, s, share = t[strongest].numpy(), s[strongest].numpy(), share[strongest].numpy()
     return segments(state.layout.x, state.layout.y, s, t, link_bin(share))
 
 
@@ -163,14 +142,13 @@ def text_trace(state: ViewState) -> go.Scatter:
                       hoverinfo="skip", showlegend=False, name="labels")
 
 
-def graph_figure(state: ViewState, size_by: str = "influence", colour_by: str = "influence",
-                 height: int = 560, width: int = 820) -> go.Figure:
-    """The attribution graph: link traces first, one node trace per kind (``KINDS``
-    order), then the text labels."""
+def graph_figure(state: ViewState, height: int = 560, width: int = 820) -> go.Figure:
+    """The attribution graph: link traces first (the strongest links), one node trace per
+    kind (``KINDS`` order), then the text labels."""
     lay = state.layout
     hover = np.array(hover_texts(state), dtype=object)
     traces = link_traces()
-    markers = node_updates(state, size_by, colour_by, pixels(state, width, height))
+    markers = node_markers(state, pixels(state, width, height))
     for k, marker in zip(KINDS, markers):
         rows = trace_rows(state, k)
         traces.append(go.Scatter(
@@ -179,7 +157,7 @@ def graph_figure(state: ViewState, size_by: str = "influence", colour_by: str = 
             hovertext=hover[rows].tolist(), hoverinfo="text", opacity=OPACITY[k],
             marker={**marker, "symbol": SYMBOLS[k]}, showlegend=False))
     traces.append(text_trace(state))
-    for b, (x, y) in enumerate(link_updates(state)):
+    for b, (x, y) in enumerate(backbone_links(state)):
         traces[b].x, traces[b].y = x, y
     L = lay.n_rows - 2
     layer_text = ["Emb"] + [f"L{i}" for i in range(L)] + ["Logit"]
@@ -194,33 +172,4 @@ def graph_figure(state: ViewState, size_by: str = "influence", colour_by: str = 
                "tickangle": -50, "showgrid": False, "zeroline": False, "range": [-0.5, right + 0.5]},
         yaxis={"tickvals": list(range(L + 2)), "ticktext": layer_text, "showgrid": True,
                "gridcolor": "#f4f4f4", "zeroline": False, "range": [-0.6, L + 1.6]})
-    return fig
-
-
-def subgraph_figure(state: ViewState, height: int = 320) -> go.Figure:
-    """The pinned nodes (supernodes merged) in a layered layout with aggregated edges."""
-    units, edges = state.subgraph()
-    fig = go.Figure(link_traces())
-    if units:
-        # Layered: rows as in the graph; within a row, units ordered by x and spread evenly.
-        ys = np.array([u["y"] for u in units])
-        xs = np.zeros(len(units))
-        for y in np.unique(ys):
-            same = np.flatnonzero(ys == y)
-            order = same[np.argsort([units[i]["x"] for i in same])]
-            xs[order] = (np.arange(len(order)) + 1) / (len(order) + 1)
-        bins = link_bin([e["share"] for e in edges])
-        for b, (x, y) in enumerate(segments(xs, ys, [e["source"] for e in edges],
-                                            [e["target"] for e in edges], bins)):
-            fig.data[b].x, fig.data[b].y = x, y
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="markers+text", text=[plain(u["name"]) for u in units],
-            textposition="top center", hoverinfo="text", showlegend=False,
-            hovertext=[plain(f"{u['name']}: {len(u['members'])} node(s)") for u in units],
-            marker={"size": [18 if u["supernode"] else 11 for u in units],
-                    "symbol": ["hexagon" if u["supernode"] else "circle" for u in units],
-                    "color": ["#8e6bbf" if u["supernode"] else "#e0904a" for u in units]}))
-    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 10, "b": 10},
-                      plot_bgcolor="white", xaxis={"visible": False, "range": [0, 1]},
-                      yaxis={"visible": False}, showlegend=False)
     return fig

@@ -31,52 +31,27 @@ from .card import card_data
 from .figure import OPACITY, SYMBOLS, fill_colours, graph_figure, hover_details
 from .grid import prune_grid
 from .layout import layout, rows
-from .legend import LEGEND, MAX_LINKS, N_TEXT
+from .legend import BACKBONE_LINKS, LEGEND, MAX_LINKS, N_TEXT
 from .links import MAGNITUDES, N_BINS, bin_style
 from .state import ViewState, node_name, place
 
 PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>%%TITLE%% · circuitlab</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; font-size: 13px; }
-header { padding: 4px 10px; border-bottom: 1px solid #ddd; display: flex; flex-wrap: wrap; gap: 4px 14px; align-items: center; }
-header label { white-space: nowrap; } header input[type=range] { width: 110px; vertical-align: middle; }
-details.cl-legend-box { padding: 0 10px; border-bottom: 1px solid #ddd; } details.cl-legend-box summary { cursor: pointer; padding: 2px 0; }
-main { display: flex; flex: 1; min-height: 0; }
-#cl-wrap { flex: 1 1 66%; min-width: 0; position: relative; }
-#cl-links { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
-#cl-plot { position: absolute; left: 0; top: 0; width: 100%; height: 100%; }
-aside { flex: 0 0 34%; overflow-y: auto; border-left: 1px solid #ddd; padding: 4px 10px; font-size: 12px; }
-.cl-title { font-weight: bold; margin-top: 8px; } .cl-heading { font-weight: bold; font-size: 13px; }
-.cl-row { font-family: monospace; white-space: pre; cursor: pointer; padding: 1px 2px; overflow: hidden; text-overflow: ellipsis; }
-.cl-row:hover { background: #f0e6d8; } .cl-muted { color: #777; } .cl-error { color: #b00; }
-.cl-ctx { font-family: monospace; font-size: 12px; margin: 2px 0; white-space: pre-wrap; }
-#cl-search-results { max-height: 160px; overflow-y: auto; }
-</style></head><body>
-<header><b id="cl-title">%%TITLE%%</b>
-<span id="cl-counts"></span><span id="cl-scores"></span>
-<label>node threshold <input id="cl-node" type="range" min="0" step="1"> <span id="cl-node-value"></span></label>
-<label>edge threshold <input id="cl-edge" type="range" min="0" step="1"> <span id="cl-edge-value"></span></label>
-<label>links <select id="cl-linktype"><option>both</option><option>input</option><option>output</option></select></label>
-<span id="cl-drawn"></span></header>
-<details class="cl-legend-box"><summary>Legend: what the glyphs, sizes, colours and links mean</summary>%%LEGEND%%</details>
-<main><div id="cl-wrap"><svg id="cl-links"></svg><div id="cl-plot"></div></div>
-<aside><input id="cl-search" placeholder="search a label, token or node id" style="width:95%">
-<div id="cl-search-results"></div><div id="cl-status"></div>
-<div id="cl-selection"><i>hover a node for its links; click to select it (shift-click pins it)</i></div>
-<div id="cl-node-tools" hidden><button id="cl-pin">pin / unpin</button>
-<input id="cl-label" placeholder="label of the selected node"><button id="cl-set-label">set label</button></div>
-<div id="cl-card"></div><div id="cl-connections"></div>
-<div class="cl-title">Subgraph: pinned nodes and supernodes</div><div id="cl-pinned"></div>
-<div><input id="cl-group-name" placeholder="supernode name"><button id="cl-group">group pinned</button></div>
-<div id="cl-supernodes"></div><div id="cl-subscores"></div><div id="cl-subplot" style="height:260px"></div>
-<button id="cl-download">download labels.json</button></aside></main>
+<style>body { margin: 0; }
+%%CSS%%</style></head><body>
+<div id="cl-root"></div>
 <script>%%PLOTLY%%</script>
 <script id="cl-data" type="application/json">%%DATA%%</script>
-<script>%%VIEWER%%</script>
+<script>%%VIEWER%%
+circuitlabViewer(document.getElementById("cl-root"), JSON.parse(document.getElementById("cl-data").textContent), null);</script>
 </body></html>
 """
 UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def front_end(name: str) -> str:
+    """The text of one of the explorer's front-end files (``viewer.js``, ``viewer.css``)."""
+    return (files(__package__) / name).read_text(encoding="utf-8")
 
 
 def script_json(obj) -> str:
@@ -160,7 +135,8 @@ def payload(state: ViewState) -> dict:
         "bins": {"magnitudes": MAGNITUDES, "colours": [bin_style(b)[0] for b in range(N_BINS)],
                  "widths": [bin_style(b)[1] for b in range(N_BINS)]},
         "layout": {k: layout_json[k] for k in ("xaxis", "yaxis", "margin", "hovermode", "dragmode")},
-        "cards": card_map, "vocab": vocab,
+        "cards": card_map, "vocab": vocab, "legend": LEGEND, "backbone_links": BACKBONE_LINKS,
+        "no_examples": NO_EXAMPLES,
         "labels": dict(state.labels), "pinned": list(state.pinned),
         "supernodes": {k: list(v) for k, v in state.supernodes.items()},
     }
@@ -183,9 +159,8 @@ def to_html(graph, path: str | os.PathLike, rm=None, *, prune: bool = True) -> P
     state = ViewState(graph, prune, rm)
     state.set_thresholds(1.0, 1.0)
     title = html.escape(graph.prompt).replace("\u2028", "&#8232;").replace("\u2029", "&#8233;")
-    parts = {"TITLE": title, "LEGEND": LEGEND, "PLOTLY": plotly.offline.get_plotlyjs(),
-             "DATA": script_json(payload(state)),
-             "VIEWER": (files(__package__) / "viewer.js").read_text(encoding="utf-8")}
+    parts = {"TITLE": title, "CSS": front_end("viewer.css"), "PLOTLY": plotly.offline.get_plotlyjs(),
+             "DATA": script_json(payload(state)), "VIEWER": front_end("viewer.js")}
     path = Path(path)
     atomic_write_text(path, re.sub(r"%%(\w+)%%", lambda m: parts[m.group(1)], PAGE))
     return path

@@ -7,6 +7,10 @@ from .links import MAGNITUDES, NEGATIVE, POSITIVE, WIDTHS
 
 #: Links drawn at most for the hovered, selected and pinned nodes (the strongest by |weight|).
 MAX_LINKS = 300
+#: Links always drawn, faintly: the strongest of the shown graph by their share of their
+#: target's input. 150 shows a pruned graph's backbone (a few hundred features at the default
+#: thresholds) without hiding its nodes; hovering, selecting and pinning draw the rest.
+BACKBONE_LINKS = 150
 #: Features with a text label beside their marker (the most influential shown), logits aside.
 N_TEXT = 12
 
@@ -43,8 +47,8 @@ In a crowded cell the strongest node sits left and drawn on top, and markers shr
 they never overlap (zoom in to enlarge them). The most influential features carry their
 label beside the marker.<br>
 <b>Error node</b> ◆: {ERROR.format(layer="ℓ", pos="p")}.<br>
-<b>Links</b> (of the hovered, selected and pinned nodes; at most the {MAX_LINKS} strongest
-by |weight|): green excites the target, purple inhibits it; colour depth and width give
+<b>Links</b>: the {BACKBONE_LINKS} strongest of the shown graph, faintly, and those of the
+hovered, selected and pinned nodes (at most the {MAX_LINKS} strongest by |weight|): green excites the target, purple inhibits it; colour depth and width give
 the link's share of the target's total absolute input: {_bins()}.<br>
 <b>Outlines</b>: black = selected, gold = pinned; the selected node's neighbours take the
 colour of their link to it.<br>

@@ -1,5 +1,7 @@
-"""What the explorer shows, without any widget: the display graph, selection, pins,
-supernodes, labels, links, connections and scores.
+"""What the explorer shows, without any widget: the display graph (pruned once for
+display, then at the thresholds), node names and output tokens, and the annotations.
+The interactive part (selection, links, connections, subgraph, scores at other
+thresholds) is the front end's (``viewer.js``).
 
 Annotations (labels, supernodes, pins) live on the source graph (``graph.labels``,
 ``graph.supernodes``, ``graph.pinned``) and are written to its ``labels.json`` sidecar
@@ -8,7 +10,6 @@ after every change when the graph has a folder (``graph.path``).
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -16,15 +17,10 @@ from ..cards import Examples, find_examples, unembedding
 from ..loading import DEFAULT_BUNDLE
 from ..graph import Graph
 from ..errors import CircuitlabError
-from ..prune import scores
 from .. import sidecar
 from .grid import default_thresholds
 from .layout import layout, visible
-from .legend import MAX_LINKS
 from .links import shares
-
-LINK_TYPES = ("input", "output", "both")
-
 
 def node_name(row: dict, labels: dict, examples: Examples | None = None) -> str:
     """A node's short name: the user's label, else a feature's automatic label (from
@@ -68,7 +64,8 @@ def output_tokens(rm, nodes: pd.DataFrame, k: int = 5, chunk: int = 128) -> dict
 
 
 class ViewState:
-    """The explorer's state and logic.
+    """The display graph and its annotations, for the HTML export, the notebook explorer
+    and the static figure.
 
     Args:
         graph: the graph to show (its annotations are edited in place).
@@ -84,9 +81,6 @@ class ViewState:
         self.source = graph
         self.rm = rm
         self.base = graph.prune() if prune and not graph.metadata.get("pruned") else graph
-        self.link_type = "both"
-        self.selected: str | None = None
-        self.hovered: str | None = None
         self.outputs = output_tokens(rm, self.base.nodes) if rm is not None else {}
         bundled = graph.metadata.get("transcoders") in DEFAULT_BUNDLE.values()
         self.examples = find_examples(rm)[0] if rm is not None or bundled else None
@@ -104,28 +98,13 @@ class ViewState:
         n_layers = int(self.shown.metadata.get("n_layers", self.shown.nodes["layer"].max()))
         self.layout = layout(self.shown.nodes, self.shown.token_strs, n_layers)
         self.share = shares(self.shown.adjacency)
-        if self.selected not in self.row:
-            self.selected = None
-        if self.hovered not in self.row:
-            self.hovered = None
 
     def counts(self) -> dict:
         """Nodes and edges shown and in the display base."""
         return {"nodes": len(self.ids), "edges": self.shown.n_edges,
                 "base_nodes": len(self.base.nodes), "base_edges": self.base.n_edges}
 
-    def scores(self) -> dict:
-        """Replacement and completeness of the shown graph and of the pinned subgraph
-        (pinned nodes plus logits; ``None`` without pins)."""
-        out = {"graph": scores(self.shown), "pinned": None}
-        pinned = [self.row[n] for n in self.pinned if n in self.row]
-        if pinned:
-            mask = self.shown.mask("logit").clone()
-            mask[pinned] = True
-            out["pinned"] = scores(self.shown, nodes=mask)
-        return out
-
-    # ------------------------------------------------------------------ selection and pins
+    # ------------------------------------------------------------------ pins
 
     def check_ids(self, ids) -> list[str]:
         """``ids`` (one id or several) as a list, each a node of the source graph."""
@@ -135,15 +114,6 @@ class ViewState:
         if unknown:
             raise CircuitlabError(f"Unknown node id(s) {unknown}; see graph.nodes.node_id.")
         return ids
-
-    def select(self, node_id: str | None) -> None:
-        """Select a shown node (``None`` clears the selection)."""
-        if node_id is not None and node_id not in self.row:
-            self.check_ids(node_id)
-            raise CircuitlabError(
-                f"Node {node_id!r} is pruned away at these thresholds; raise the node and edge "
-                "thresholds to show it.")
-        self.selected = node_id
 
     @property
     def pinned(self) -> list[str]:
@@ -219,109 +189,8 @@ class ViewState:
         if self.source.path is not None:
             sidecar.write(self.source.path, self.source.annotations())
 
-    # ------------------------------------------------------------------ links and connections
+    # ------------------------------------------------------------------ names
 
     def names(self) -> list[str]:
         """Short names of the shown nodes."""
         return [node_name(r, self.labels, self.examples) for r in self.shown.nodes.to_dict("records")]
-
-    def focus(self, hovered: bool = False) -> list[int]:
-        """Rows of the selected and pinned shown nodes (and the hovered one if ``hovered``)."""
-        ids = ([self.selected] if self.selected else []) + self.pinned
-        ids += [self.hovered] if hovered and self.hovered else []
-        return sorted({self.row[i] for i in ids if i in self.row})
-
-    def all_links(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(targets, sources)`` of every link of the hovered, selected and pinned nodes
-        (by link type)."""
-        focus = torch.zeros(len(self.ids), dtype=torch.bool)
-        focus[self.focus(hovered=True)] = True
-        adj = self.shown.adjacency != 0
-        keep = torch.zeros_like(adj)
-        if self.link_type in ("input", "both"):
-            keep |= adj & focus[:, None]
-        if self.link_type in ("output", "both"):
-            keep |= adj & focus[None, :]
-        return keep.nonzero(as_tuple=True)
-
-    def links(self, limit: int = MAX_LINKS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(sources, targets, shares)`` of the ``limit`` strongest links by |weight|
-        among ``all_links``."""
-        t, s = self.all_links()
-        strongest = self.shown.adjacency[t, s].abs().argsort(descending=True)[:limit]
-        t, s = t[strongest], s[strongest]
-        return s.numpy(), t.numpy(), self.share[t, s].numpy()
-
-    def neighbour_shares(self) -> dict[int, float]:
-        """Row -> share of its link with the selected node (inputs, then outputs win)."""
-        if self.selected is None:
-            return {}
-        i = self.row[self.selected]
-        out = {}
-        for j in self.shown.adjacency[i].nonzero()[:, 0].tolist():
-            out[j] = float(self.share[i, j])
-        for j in self.shown.adjacency[:, i].nonzero()[:, 0].tolist():
-            out[j] = float(self.share[j, i])
-        return out
-
-    def connections(self, node_id: str, limit: int = 25) -> dict:
-        """The inputs and outputs of ``node_id``, each split into positive and negative.
-
-        Returns:
-            ``{"input": {"positive": rows, "negative": rows}, "output": {...}}``; rows are
-            dicts ``node_id, name, layer, place, weight, other_pos`` sorted by ``|weight|``.
-        """
-        i = self.row[node_id]
-        nodes = self.shown.nodes
-        names = self.names()
-        out = {}
-        for side, weights in (("input", self.shown.adjacency[i]),
-                              ("output", self.shown.adjacency[:, i])):
-            idx = weights.nonzero()[:, 0]
-            w = weights[idx]
-            order = torch.argsort(w.abs(), descending=True)
-            rows = [{"node_id": self.ids[j], "name": names[j], "layer": int(nodes["layer"][j]),
-                     "place": place(nodes["kind"][j], nodes["layer"][j]),
-                     "weight": float(v), "other_pos": int(nodes["pos"][j]) != int(nodes["pos"][i])}
-                    for j, v in zip(idx[order].tolist(), w[order].tolist())]
-            out[side] = {"positive": [r for r in rows if r["weight"] > 0][:limit],
-                         "negative": [r for r in rows if r["weight"] < 0][:limit]}
-        return out
-
-    # ------------------------------------------------------------------ subgraph
-
-    def units(self) -> list[tuple[str, list[int]]]:
-        """The subgraph's units: supernodes (shown members) and other pinned shown nodes."""
-        grouped = {i for members in self.supernodes.values() for i in members}
-        out = [(name, [self.row[i] for i in members if i in self.row])
-               for name, members in self.supernodes.items()]
-        out += [(i, [self.row[i]]) for i in self.pinned if i in self.row and i not in grouped]
-        return [(name, rows) for name, rows in out if rows]
-
-    def subgraph(self) -> tuple[list[dict], list[dict]]:
-        """Pinned nodes with supernodes merged, and the aggregated edges between them.
-
-        Returns:
-            ``(units, edges)``: units are dicts ``name, members, x, y, supernode``; edges
-            are dicts ``source, target`` (unit indices), ``weight`` (the sum of member
-            edges) and ``share`` (of the target members' total absolute input).
-        """
-        adj = self.shown.adjacency
-        total = adj.abs().sum(1)
-        names = self.names()
-        units, edges = [], []
-        for name, rows in self.units():
-            units.append({"name": name if name in self.supernodes else names[rows[0]],
-                          "node_id": None if name in self.supernodes else name,
-                          "members": [self.ids[r] for r in rows],
-                          "x": float(np.mean(self.layout.x[rows])),
-                          "y": float(np.mean(self.layout.y[rows])),
-                          "supernode": name in self.supernodes})
-        groups = [torch.tensor(rows) for _, rows in self.units()]
-        for t, tg in enumerate(groups):
-            for s, sg in enumerate(groups):
-                w = float(adj[tg][:, sg].sum())
-                if s != t and w != 0:
-                    edges.append({"source": s, "target": t, "weight": w,
-                                  "share": w / max(float(total[tg].sum()), 1e-30)})
-        return units, edges

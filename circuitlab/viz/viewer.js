@@ -1,11 +1,37 @@
-// circuitlab offline graph viewer. Reads its data from <script id="cl-data">: nodes, edges
-// (base64 typed arrays) with the grid pruning codes, layouts, cards, labels, pins and
-// supernodes. Every user text goes into the page through textContent, and into Plotly
-// texts through esc(); annotations changed here can be downloaded as labels.json.
-(function () {
+// circuitlab's graph explorer: the one front end of the offline HTML file and of the notebook
+// widget. circuitlabViewer(root, data, bridge) builds the explorer inside the element root
+// from the payload data (nodes, edges as base64 typed arrays with the grid pruning codes,
+// layouts, cards, labels, pins and supernodes). bridge is null in the HTML file; in the
+// notebook it carries changes back to Python (bridge.changed) and asks Python for the cards
+// of features without cached examples (bridge.card). Every user text goes into the page
+// through textContent, and into Plotly texts through esc(); annotations changed here can be
+// downloaded as labels.json.
+var SKELETON = '<header><b id="cl-title"></b>' +
+  '<span id="cl-counts"></span><span id="cl-scores"></span>' +
+  '<label>node threshold <input id="cl-node" type="range" min="0" step="1"> <span id="cl-node-value"></span></label>' +
+  '<label>edge threshold <input id="cl-edge" type="range" min="0" step="1"> <span id="cl-edge-value"></span></label>' +
+  '<label>links <select id="cl-linktype"><option>both</option><option>input</option><option>output</option></select></label>' +
+  '<span id="cl-drawn"></span></header>' +
+  '<details class="cl-legend-box"><summary>Legend: what the glyphs, sizes, colours and links mean</summary><div id="cl-legend"></div></details>' +
+  '<main><div class="cl-wrap"><svg id="cl-links"></svg><div id="cl-plot"></div></div>' +
+  '<aside><input id="cl-search" placeholder="search a label, token or node id" style="width:95%">' +
+  '<div id="cl-search-results"></div><div id="cl-status"></div>' +
+  '<div id="cl-selection"></div>' +
+  '<div id="cl-node-tools" hidden><button id="cl-pin">pin / unpin</button>' +
+  '<input id="cl-label" placeholder="label of the selected node"><button id="cl-set-label">set label</button></div>' +
+  '<div id="cl-card"></div><div id="cl-connections"></div>' +
+  '<div class="cl-title">Subgraph: pinned nodes and supernodes</div><div id="cl-pinned"></div>' +
+  '<div><input id="cl-group-name" placeholder="supernode name"><button id="cl-group">group pinned</button></div>' +
+  '<div id="cl-supernodes"></div><div id="cl-subscores"></div><div id="cl-subplot" style="height:260px"></div>' +
+  '<button id="cl-download">download labels.json</button></aside></main>';
+
+function circuitlabViewer(root, data, bridge) {
   "use strict";
-  var data = JSON.parse(document.getElementById("cl-data").textContent);
-  var $ = function (id) { return document.getElementById(id); };
+  root.classList.add("cl-root");
+  root.innerHTML = SKELETON;  // static markup: no user text in it
+  var $ = function (id) { return root.querySelector("#" + id); };
+  $("cl-title").textContent = data.prompt;
+  $("cl-legend").innerHTML = data.legend;  // circuitlab's own static legend
   var plot = $("cl-plot"), svg = $("cl-links"), N = data.nodes, G = data.grid;
   var n = N.id.length, nBins = data.bins.colours.length, never = G.edge.length;
 
@@ -138,25 +164,36 @@
     return { all: all.length, drawn: all.slice(0, data.max_links) };
   }
   var drawnCount = 0;
+  function backbone() {  // the strongest kept links by |share of their target's input|
+    var all = [];
+    for (var e = 0; e < E; e++) if (kept[e]) all.push(e);
+    all.sort(function (a, b) { return Math.abs(share[b]) - Math.abs(share[a]); });
+    return all.slice(0, data.backbone_links);
+  }
   function drawLinks() {
     var fl = plot._fullLayout;
     if (!fl) return;
     var xa = fl.xaxis, ya = fl.yaxis, L = lay(), f = focusLinks(), ns = "http://www.w3.org/2000/svg";
+    var focused = new Set(f.drawn), faint = f.drawn.length ? 0.25 : 0.6;
+    var base = backbone().filter(function (e) { return !focused.has(e); });
     svg.replaceChildren();
     var clip = document.createElementNS(ns, "svg");
     clip.setAttribute("x", xa._offset); clip.setAttribute("y", ya._offset);
     clip.setAttribute("width", xa._length); clip.setAttribute("height", ya._length);
-    f.drawn.slice().reverse().forEach(function (e) {  // strongest last: on top
-      var b = binOf(share[e]), line = document.createElementNS(ns, "line");
-      line.setAttribute("x1", xa.l2p(L.x[src[e]])); line.setAttribute("y1", ya.l2p(N.y[src[e]]));
-      line.setAttribute("x2", xa.l2p(L.x[tgt[e]])); line.setAttribute("y2", ya.l2p(N.y[tgt[e]]));
-      line.setAttribute("stroke", data.bins.colours[b]); line.setAttribute("stroke-width", data.bins.widths[b]);
-      line.setAttribute("stroke-opacity", 0.85);
-      clip.appendChild(line);
-    });
+    function line(e, opacity) {
+      var b = binOf(share[e]), l = document.createElementNS(ns, "line");
+      l.setAttribute("x1", xa.l2p(L.x[src[e]])); l.setAttribute("y1", ya.l2p(N.y[src[e]]));
+      l.setAttribute("x2", xa.l2p(L.x[tgt[e]])); l.setAttribute("y2", ya.l2p(N.y[tgt[e]]));
+      l.setAttribute("stroke", data.bins.colours[b]); l.setAttribute("stroke-width", data.bins.widths[b]);
+      l.setAttribute("stroke-opacity", opacity);
+      clip.appendChild(l);
+    }
+    base.slice().reverse().forEach(function (e) { line(e, faint); });  // strongest last: on top
+    f.drawn.slice().reverse().forEach(function (e) { line(e, 0.85); });
     svg.appendChild(clip);
-    drawnCount = f.drawn.length;
-    $("cl-drawn").textContent = drawnCount + " links drawn" + (f.all > drawnCount ? " (the strongest by |weight| of " + fmt(f.all) + ")" : "");
+    drawnCount = base.length + f.drawn.length;
+    $("cl-drawn").textContent = drawnCount + " links drawn (the " + base.length + " strongest" +
+      (f.drawn.length ? ", and " + f.drawn.length + " of the focused nodes" + (f.all > f.drawn.length ? " of " + fmt(f.all) : "") : "") + ")";
   }
 
   // ------------------------------------------------------------------ side panels
@@ -183,9 +220,14 @@
     });
   }
   function card(r) {
-    var box = $("cl-card"), c = data.cards[N.layer[r] + "/" + N.feature[r]];
+    var key = N.layer[r] + "/" + N.feature[r], c = data.cards[key], box = $("cl-card");
     box.replaceChildren();
-    if (N.kind[r] !== "feature" || !c) return;
+    if (N.kind[r] !== "feature") return;
+    if (bridge && bridge.card && (!c || (c.message === data.no_examples && !c.requested))) {
+      data.cards[key] = c = Object.assign({}, c || {}, { requested: true });
+      bridge.card({ layer: N.layer[r], feature: N.feature[r], pos: N.pos[r], node: N.id[r] });
+    }
+    if (!c || c.label === undefined) { box.appendChild(el("i", "loading the card…")); return; }
     box.appendChild(el("div", "activation on this prompt " + N.activation[r].toPrecision(3) + " · influence " + N.influence[r].toPrecision(3)));
     if (c.label) box.appendChild(el("div", "automatic label: " + c.label));
     if (c.message) box.appendChild(el("i", c.message));
@@ -211,7 +253,7 @@
       if (ctx[0] !== q) { q = ctx[0]; box.appendChild(el("div", q, "cl-title")); }
       var line = el("div", undefined, "cl-ctx"), top = Math.max.apply(null, ctx[2].concat([1]));
       ctx[1].forEach(function (t, k) {
-        var span = el("span", data.vocab[t].replace(/\n/g, "↵"));
+        var span = el("span", (typeof t === "number" ? data.vocab[t] : t).replace(/\n/g, "↵"));
         span.title = (ctx[2][k] * c.scale).toPrecision(3);
         span.style.background = "rgba(224,144,74," + (ctx[2][k] / top).toFixed(2) + ")";
         line.appendChild(span);
@@ -330,9 +372,14 @@
     state.supernodes[label] = state.supernodes[old];
     delete state.supernodes[old];
   }
+  function notify() {  // tell Python (in a notebook) what changed here
+    if (bridge) bridge.changed({ selected: state.selected === null ? null : N.id[state.selected],
+      pinned: state.pinned.slice(), labels: Object.assign({}, state.labels),
+      supernodes: JSON.parse(JSON.stringify(state.supernodes)), grid: [state.i, state.j] });
+  }
   function act(fn) {
     try { fn(); status(""); } catch (err) { status(err.message, true); return; }
-    redraw(); panels();
+    redraw(); panels(); notify();
   }
 
   // ------------------------------------------------------------------ search
@@ -355,17 +402,26 @@
   }
 
   // ------------------------------------------------------------------ actions
-  function select(r) { state.selected = r; redraw(); panels(); }
+  function select(r) { state.selected = r; redraw(); panels(); notify(); }
   function togglePin(r) {
     var id = N.id[r], k = state.pinned.indexOf(id);
     if (k >= 0) state.pinned.splice(k, 1); else state.pinned.push(id);
-    redraw(); panels();
+    redraw(); panels(); notify();
   }
   function setGrid(i, j) {
     state.i = i; state.j = j;
     $("cl-node").value = i; $("cl-edge").value = j;
-    prune(); redraw(); panels(); search($("cl-search").value);
+    prune(); redraw(); panels(); search($("cl-search").value); notify();
   }
+  function update(s) {  // annotations, selection or thresholds set from Python
+    if (s.grid) { state.i = s.grid[0]; state.j = s.grid[1]; $("cl-node").value = state.i; $("cl-edge").value = state.j; prune(); }
+    if (s.labels) state.labels = Object.assign({}, s.labels);
+    if (s.pinned) state.pinned = s.pinned.filter(function (id) { return id in index; });
+    if (s.supernodes) state.supernodes = JSON.parse(JSON.stringify(s.supernodes));
+    if ("selected" in s) state.selected = s.selected === null || !(s.selected in index) || !shown[index[s.selected]] ? null : index[s.selected];
+    redraw(); panels(); search($("cl-search").value);
+  }
+  function setCard(key, c) { data.cards[key] = c; if (state.selected !== null) card(state.selected); }
   function sidecar() {
     return JSON.stringify({ format: data.format, labels: state.labels, supernodes: state.supernodes, pinned: state.pinned }, null, 1);
   }
@@ -407,7 +463,10 @@
     drawLinks(); panels();
     plot.setAttribute("data-ready", "1");
   });
-  window.circuitlab = { state: state, data: data, select: select, togglePin: togglePin, setGrid: setGrid,
-                        search: search, sidecar: sidecar, drawn: function () { return drawnCount; },
-                        index: function (id) { return index[id]; } };
-})();
+  var api = { state: state, data: data, select: select, togglePin: togglePin, setGrid: setGrid,
+              search: search, sidecar: sidecar, drawn: function () { return drawnCount; },
+              index: function (id) { return index[id]; }, update: update, setCard: setCard };
+  root.circuitlab = api;
+  window.circuitlab = api;
+  return api;
+}
