@@ -27,8 +27,9 @@ def number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
     ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
           and math.isfinite(value) and (value > low if low_open else value >= low) and value <= high)
     if not ok:
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise CircuitlabError(f"{name}={value!r} is not allowed; pass a finite number in {bounds}"
+        bounds = (f" in {'(' if low_open else '['}{low}, {high}]" if high < math.inf
+                  else f" {'>' if low_open else '>='} {low:g}" if low > -math.inf else "")
+        raise CircuitlabError(f"{name}={value!r} is not allowed; pass a finite number{bounds}"
                               + (" or None." if none else "."))
     return float(value)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import checks
 from .attribution import attribute
 from .batch import read_prompts, slug, trace_many
 from .cards import find_examples
@@ -26,6 +27,7 @@ from .quantize import quantize_folder
 from .train.build_cards import build_examples, relabel
 from .train.clt_trainer import train_clt
 from .train.corpus import build_corpus
+from .train.data import check_corpus
 from .train.evaluate import evaluate_transcoders, format_table
 from .train.finetune import finetune_transcoders
 from .train.pack import pack_inputs
@@ -160,17 +162,36 @@ def train(args) -> None:
     if clt_only and not args.clt:
         raise CircuitlabError(f"{', '.join(clt_only)} set the cross-layer training; add --clt "
                               "or drop them.")
-    model = load_model(args.model, device=check_device(args.device), dtype=model_dtype(args))
+    if args.lr is not None:
+        checks.number("--lr", args.lr, 0, low_open=True)
     names = ("width", "k", "tokens", "time_budget", "context", "batch_tokens", "buffer_tokens",
              "passes", "lr", "seed", "device", "checkpoint_every", "init_from", "bf16")
     if args.clt:
         names += ("window", "k_start", "k_anneal_tokens")
     kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.layers:
-        kwargs["layers"] = [int(x) for x in args.layers.split(",")]
+        kwargs["layers"] = layer_list(args.layers)
+    corpus = corpus_dir(args)
+    check_corpus(corpus)  # before the model loads: a missing or empty corpus fails at once
+    model = load_model(args.model, device=check_device(args.device), dtype=model_dtype(args))
     run = train_clt if args.clt else train_transcoders
-    print(run(model, corpus_dir(args), args.out, resume=not args.fresh, command=command(args),
-              **kwargs))
+    print(run(model, corpus, args.out, resume=not args.fresh, command=command(args), **kwargs))
+
+
+def layer_list(text: str) -> list[int]:
+    """``--layers``: comma-separated layer numbers.
+
+    Raises:
+        CircuitlabError: naming the part that is not an integer.
+    """
+    layers = []
+    for part in text.split(","):
+        try:
+            layers.append(int(part))
+        except ValueError:
+            raise CircuitlabError(f"--layers {text}: {part.strip()!r} is not a layer number; "
+                                  "pass comma-separated integers such as 0,3,5.") from None
+    return layers
 
 
 def finetune(args) -> None:

@@ -35,8 +35,32 @@ BUNDLE_DIR = DATA_DIR / "transcoders"
 
 
 def cache_dir() -> Path:
-    """Root of circuitlab's cache: ``$CIRCUITLAB_CACHE`` or ``~/.cache/circuitlab``."""
-    return Path(os.environ.get("CIRCUITLAB_CACHE", Path.home() / ".cache" / "circuitlab"))
+    """Root of circuitlab's cache: ``$CIRCUITLAB_CACHE`` or ``~/.cache/circuitlab``.
+
+    Raises:
+        CircuitlabError: if the cache is a file (or inside one), or is a folder that cannot
+            be written and holds nothing to read (a read-only cache that others filled,
+            e.g. with models, is fine).
+    """
+    path = Path(os.environ.get("CIRCUITLAB_CACHE", Path.home() / ".cache" / "circuitlab"))
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK) and not _has_entries(path):
+        problem = f"{existing} cannot be written"
+    else:
+        return path
+    raise CircuitlabError(f"The circuitlab cache {path} cannot be used: {problem}. Point "
+                          "CIRCUITLAB_CACHE at a writable folder (or unset it for "
+                          "~/.cache/circuitlab).")
+
+
+def _has_entries(folder: Path) -> bool:
+    """Whether ``folder`` is a folder with something in it that can be listed."""
+    try:
+        return folder.is_dir() and any(folder.iterdir())
+    except OSError:
+        return False
 
 
 def machine() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -48,7 +49,21 @@ def _load(doc) -> dict:
     if not (isinstance(doc["metadata"], dict) and isinstance(doc["links"], list)):
         raise CircuitlabError("In Neuronpedia graph JSON 'metadata' must be an object and "
                               "'links' a list.")
+    _check_unique_ids(doc["nodes"])
     return doc
+
+
+def _check_unique_ids(nodes: list) -> None:
+    """Refuse two nodes with one ``node_id``: links could not tell them apart."""
+    counts = Counter(n["node_id"] for n in nodes
+                     if isinstance(n, dict) and isinstance(n.get("node_id"), (str, int)))
+    twice = [node_id for node_id, count in counts.items() if count > 1]
+    if twice:
+        more = f" (and {len(twice) - 1} more repeated ids)" if len(twice) > 1 else ""
+        raise CircuitlabError(
+            f"The Neuronpedia graph JSON has {counts[twice[0]]} nodes with node_id "
+            f"{twice[0]!r}{more}; each node needs its own node_id. Remove or rename the "
+            "duplicates, or export the graph again with graph.to_neuronpedia(path).")
 
 
 def parse(doc: dict | str | os.PathLike) -> tuple[dict, dict]:

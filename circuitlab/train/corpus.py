@@ -44,6 +44,7 @@ MIN_CHARS = 64  # shorter documents are dropped
 CHARS_PER_TOKEN = {"en": 4.5, "zh": 1.5, "code": 3.5}  # Gemma-3 ballpark; others 4.0
 SPLITS = ("train", "heldout", "prose")  # the files of a built corpus, ``{split}.jsonl``
 PROBE_CHARS = 30  # prose sentences at least this long are looked for in the training text
+FINGERPRINT_BYTES = 1 << 20  # a corpus fingerprint hashes this much of each file's start and end
 
 
 def chars_per_token(lang: str) -> float:
@@ -319,18 +320,11 @@ def iter_documents(path: str | os.PathLike, split: str = "train") -> Iterator[st
         Non-empty document texts.
 
     Raises:
-        CircuitlabError: (a ValueError) if the path does not exist or holds no usable text.
+        CircuitlabError: (a ValueError) if the path does not exist or holds no usable text,
+            or a ``.jsonl`` line is not JSON or has no "text" string (naming file and line).
     """
     path = Path(path)
-    if path.is_dir() and (path / f"{split}.jsonl").is_file():
-        files = [path / f"{split}.jsonl"]
-    elif split != "train":
-        raise CircuitlabError(f"{path} has no {split}.jsonl; only a corpus made by build_corpus has the held-out "
-                              "and prose splits (rebuild it with `circuitlab corpus` if it lacks one)")
-    elif path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-    else:
-        files = [path] if path.is_file() else []
+    files = corpus_files(path, split)
     count = 0
     for f in files:
         for text in _texts(f):
@@ -338,10 +332,32 @@ def iter_documents(path: str | os.PathLike, split: str = "train") -> Iterator[st
                 count += 1
                 yield text
     if not count:
+        why = "it holds no .txt files" if not files else "its text is empty or only whitespace"
         raise CircuitlabError(
-            f"no usable text in {path}: expected a corpus directory (see build_corpus), a .jsonl file "
-            "of {\"text\": ...} lines, a .txt file, or a directory of .txt files, with non-empty text"
+            f"no usable text in {path}: {why}. Expected a corpus directory (see build_corpus), "
+            "a .jsonl file of {\"text\": ...} lines, a .txt file, or a directory of .txt files, "
+            "with non-empty text; add text, or pass another corpus (--corpus)."
         )
+
+
+def corpus_files(path: str | os.PathLike, split: str = "train") -> list[Path]:
+    """The files ``iter_documents(path, split)`` reads, in order.
+
+    Raises:
+        CircuitlabError: if ``path`` does not exist, or ``split`` is not "train" and
+            ``path`` has no ``{split}.jsonl``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CircuitlabError(
+            f"no usable text in {path}: it does not exist. Build the corpus with `circuitlab "
+            "corpus`, or pass a .txt or .jsonl file or a folder of .txt files (--corpus).")
+    if path.is_dir() and (path / f"{split}.jsonl").is_file():
+        return [path / f"{split}.jsonl"]
+    if split != "train":
+        raise CircuitlabError(f"{path} has no {split}.jsonl; only a corpus made by build_corpus has the held-out "
+                              "and prose splits (rebuild it with `circuitlab corpus` if it lacks one)")
+    return sorted(path.rglob("*.txt")) if path.is_dir() else [path]
 
 
 def _texts(path: Path) -> Iterator[str]:
@@ -349,5 +365,60 @@ def _texts(path: Path) -> Iterator[str]:
     if path.suffix != ".jsonl":
         yield from chunks(tidy(read_text(path)))
         return
-    with path.open(encoding="utf-8") as f:
-        yield from (json.loads(line)["text"] for line in f if line.strip())
+    with path.open(encoding="utf-8", errors="replace") as f:
+        yield from (_jsonl_text(line, path, number) for number, line in enumerate(f, 1)
+                    if line.strip())
+
+
+def _jsonl_text(line: str, path: Path, number: int) -> str:
+    """The "text" string of line ``number`` of the .jsonl file ``path``.
+
+    Raises:
+        CircuitlabError: naming the file and line if it is not a JSON object with a "text"
+            string.
+    """
+    fix = ('each line must be one JSON object such as {"text": "..."}; fix or delete that '
+           "line.")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise CircuitlabError(f"{path}, line {number}: not valid JSON ({err.msg} at column "
+                              f"{err.colno}); {fix}") from None
+    text = row.get("text") if isinstance(row, dict) else row
+    if isinstance(row, dict) and isinstance(text, str):
+        return text
+    got = (f"keys {sorted(row)[:5]}" if isinstance(row, dict) and "text" not in row
+           else type(text).__name__)
+    raise CircuitlabError(f'{path}, line {number}: no "text" field holding a string (got {got}); '
+                          f"{fix}")
+
+
+def fingerprint(files: Iterable[Path]) -> dict[str, list]:
+    """A cheap fingerprint of each file, to tell whether a corpus changed: its size,
+    ``mtime_ns`` and the sha256 of its first and last `FINGERPRINT_BYTES`."""
+    return {str(f): _file_fingerprint(Path(f)) for f in files}
+
+
+def _file_fingerprint(path: Path) -> list:
+    """``[size, mtime_ns, sha256 of the first MiB, sha256 of the last MiB]`` of ``path``."""
+    stat = path.stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
+        f.seek(max(0, stat.st_size - FINGERPRINT_BYTES))
+        tail = hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
+    return [stat.st_size, stat.st_mtime_ns, head, tail]
+
+
+def fingerprint_change(before: Mapping[str, list], now: Mapping[str, list]) -> str | None:
+    """How ``now`` differs from the ``before`` fingerprint (the first file that was
+    removed, added or changed), or None if it does not."""
+    for name in sorted(before.keys() | now.keys()):
+        if name not in now:
+            return f"{name} was removed"
+        if name not in before:
+            return f"{name} was added"
+        if list(before[name]) != list(now[name]):
+            size = f"size {before[name][0]} -> {now[name][0]} bytes"
+            same = before[name][0] == now[name][0]
+            return f"{name} changed ({'same size, modified' if same else size})"
+    return None

@@ -10,15 +10,36 @@ to disk.
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer
 
 from circuitlab.errors import CircuitlabError
-from circuitlab.loading import is_pack
+from circuitlab.loading import PACK_FILE, is_pack
 from circuitlab.hooks import mlp_io
-from circuitlab.train.corpus import iter_documents
+from circuitlab.train.corpus import corpus_files, fingerprint, iter_documents
 from circuitlab.train.pack import pack_documents, special_ids
+
+
+def check_corpus(corpus) -> dict[str, list]:
+    """Check that ``corpus`` (anything ``TokenRows`` reads) holds text before a run starts,
+    and return the ``fingerprint`` of the files it reads (a pack: its ``pack.json`` and
+    token shards).
+
+    Raises:
+        CircuitlabError: if ``corpus`` is missing, or holds no usable text or a damaged
+            first ``.jsonl`` line (naming the file).
+    """
+    if is_pack(corpus):
+        folder = Path(corpus)
+        shards = json.loads((folder / PACK_FILE).read_text(encoding="utf-8"))["token_shards"]
+        return fingerprint([folder / PACK_FILE, *(folder / name for name in shards)])
+    documents = iter_documents(corpus)
+    next(documents)  # raises if there is no text at all
+    documents.close()
+    return fingerprint(corpus_files(corpus))
 
 
 class TokenRows:

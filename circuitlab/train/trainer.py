@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import time
 import warnings
 from datetime import datetime, timezone
@@ -54,10 +56,12 @@ from transformer_lens import HookedTransformer
 
 from circuitlab.errors import CircuitlabError
 from circuitlab.files import machine
+from circuitlab.plan import free_memory
 from circuitlab.precision import fast_bf16
 from circuitlab.train import K, WIDTH
 from circuitlab.train.checkpoints import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from circuitlab.train.data import TokenRows, activation_buffer
+from circuitlab.train.corpus import fingerprint_change
+from circuitlab.train.data import TokenRows, activation_buffer, check_corpus
 from circuitlab.train.export import HISTORY, export_layers, to_jumprelu
 from circuitlab.train.schedule import Budgets, lr_at
 from circuitlab.train.topk import TopKTranscoders
@@ -91,7 +95,7 @@ class Settings:
 
 def _check_args(model: HookedTransformer, layers: list[int], width: int, k: int, aux_k: int,
                 jumprelu_share: float, tokens: int, context: int, batch_tokens: int,
-                buffer_tokens: int, passes: int) -> None:
+                buffer_tokens: int, passes: int, lr: float | None = None) -> None:
     n = model.cfg.n_layers
     problems = []
     if not layers or any(not 0 <= l < n for l in layers) or len(set(layers)) != len(layers):
@@ -111,6 +115,8 @@ def _check_args(model: HookedTransformer, layers: list[int], width: int, k: int,
                         f"({buffer_tokens})")
     if passes < 1:
         problems.append(f"passes={passes} must be >= 1")
+    if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        problems.append(f"lr={lr!r} must be a finite number > 0, such as 3e-3")
     if problems:
         raise CircuitlabError("Bad training arguments: " + "; ".join(problems) + ".")
 
@@ -177,7 +183,9 @@ def train_transcoders(
         checkpoint_every: seconds between checkpoints (each also exports the bundle);
             checkpoints are taken when a buffer is used up.
         checkpoint_dir: checkpoint folder (default ``out_dir/checkpoint``).
-        resume: continue from the checkpoint if there is one.
+        resume: continue from the checkpoint if there is one. The first start records a
+            fingerprint of the corpus files (size, mtime, hashes of their ends); a resume
+            after any of them changed is refused.
         init_from: warm start from exported transcoders of the same width (a folder of
             ``layer_XX/`` SAE-Lens folders, e.g. an earlier ``out_dir`` or the bundle)
             instead of the exemplar initialization. If its ``manifest.json`` says how many
@@ -192,13 +200,14 @@ def train_transcoders(
         ``out_dir``.
 
     Raises:
-        CircuitlabError: for bad arguments, a corpus without usable text, a checkpoint
-            with other settings, or a full disk.
+        CircuitlabError: for bad arguments, a width that does not fit in memory, a corpus
+            without usable text or changed since the checkpoint, a checkpoint with other
+            settings, or a full disk.
     """
     layers = list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers]
     bf16 = fast_bf16(device) if bf16 is None else bf16
     _check_args(model, layers, width, k, aux_k, jumprelu_share, tokens, context, batch_tokens,
-                buffer_tokens, passes)
+                buffer_tokens, passes, lr)
     out_dir = Path(out_dir).expanduser()
     if init_from is not None:
         init_from = Path(init_from).expanduser().resolve()
@@ -211,6 +220,7 @@ def train_transcoders(
         lr=lr, jumprelu_share=jumprelu_share, bf16=bf16, seed=seed,
         corpus=str(Path(corpus).expanduser().resolve()),
         init_from=None if init_from is None else str(init_from))
+    check_memory(settings, device)
     command = command or describe("train_transcoders", settings, out_dir, tokens, time_budget,
                                   device)
     history = None
@@ -237,14 +247,71 @@ def start_run(run_class, model, settings: Settings, out_dir: Path, ckpt_dir: Pat
               tokens: int, time_budget, checkpoint_every: float, command: str,
               history: dict | None, resume: bool) -> "_Run":
     """A ``run_class`` run, resumed from the checkpoint in ``ckpt_dir`` if there is one and
-    ``resume`` is set (its state class is ``run_class.State``)."""
+    ``resume`` is set (its state class is ``run_class.State``).
+
+    A new run records the corpus's ``fingerprint`` in its counters; a resumed one checks it.
+    """
+    corpus = check_corpus(settings.corpus)
     state, counters = None, {"tokens_seen": 0, "steps": 0, "seconds": 0.0, "buffers": 0,
-                             "docs_done": 0, "pending": []}
+                             "docs_done": 0, "pending": [], "corpus_fingerprint": corpus}
     if resume and (ckpt_dir / CHECKPOINT_FILE).exists():
         tensors, counters = load_checkpoint(ckpt_dir, settings)
+        _check_corpus_unchanged(counters, corpus, ckpt_dir)
+        counters.setdefault("corpus_fingerprint", corpus)
         state = run_class.State.from_state_tensors(tensors, settings.lr, device)
     return run_class(model, settings, state, counters, out_dir, ckpt_dir, device, tokens,
                      time_budget, checkpoint_every, command, history)
+
+
+def _check_corpus_unchanged(counters: dict, corpus: dict, ckpt_dir: Path) -> None:
+    """Refuse to resume if the corpus differs from its fingerprint in the checkpoint's
+    ``counters`` (checkpoints from before fingerprints have none: they are not checked, and
+    record the corpus as it is now)."""
+    change = fingerprint_change(counters.get("corpus_fingerprint", corpus), corpus)
+    if change is not None:
+        raise CircuitlabError(
+            f"The corpus file {change} since the checkpoint in {ckpt_dir} was made, so "
+            "resuming would not read on where training stopped. Restore the file, or pass "
+            "--fresh (resume=False) to start over."
+        )
+
+
+def training_memory(settings: Settings) -> tuple[int, int]:
+    """``(per_feature, fixed)``: estimated peak bytes of training ``settings`` are
+    ``per_feature * width + fixed``.
+
+    Per feature and layer: the float32 encoder row and decoder row with their gradients and
+    Adam's two moments, ``b_enc`` and ``since_fired``; per feature, one layer's
+    pre-activations (and a masked copy) over a batch or the calibration sample. Fixed: the
+    skip matrices and ``b_dec`` likewise, and the activation buffer's inputs and outputs.
+    """
+    s, act_bytes = settings, 2 if settings.bf16 else 4
+    L, d = len(s.layers), s.d_model
+    rows = max(s.batch_tokens, min(CALIBRATION_TOKENS, s.buffer_tokens))
+    per_feature = L * (2 * d * 16 + 16 + 8) + 2 * rows * 4
+    fixed = L * (d * d + d) * 16 + 2 * L * s.buffer_tokens * d * act_bytes
+    return per_feature, fixed
+
+
+def check_memory(settings: Settings, device: str) -> None:
+    """Refuse a width whose training would not fit in ``device``'s available memory.
+
+    Raises:
+        CircuitlabError: with the estimate and the largest width that fits.
+    """
+    per_feature, fixed = training_memory(settings)
+    need, free = per_feature * settings.width + fixed, free_memory(device)
+    if need <= free:
+        return
+    largest, gib = (free - fixed) // per_feature, 2 ** 30
+    fix = (f"the largest width that fits is {largest}: pass it or less (--width)"
+           if largest > settings.k else "no width fits: lower buffer_tokens (--buffer-tokens)")
+    raise CircuitlabError(
+        f"width={settings.width} does not fit in memory: training {len(settings.layers)} "
+        f"layers of d_model={settings.d_model} with a buffer of {settings.buffer_tokens} tokens "
+        f"needs about {need / gib:.2f} GiB, and {device} has {free / gib:.2f} GiB available; "
+        f"{fix}, or train fewer layers (--layers)."
+    )
 
 
 def _check_init_from(folder: Path, layers: list[int], width: int, d_model: int) -> dict:
@@ -298,14 +365,14 @@ class _Run(Budgets):
     def train(self, show: bool) -> Path:
         if self.budget_reached() and (self.out_dir / "manifest.json").exists():
             return self.out_dir
-        bar = tqdm(total=self.tokens, initial=min(self.counters["tokens_seen"], self.tokens),
-                   unit="tok", unit_scale=True, disable=not show, desc="Training transcoders")
-        last_checkpoint = time.monotonic()
-        while (self.state is None or not self.budget_reached()) and self._train_buffer(bar):
-            if time.monotonic() - last_checkpoint >= self.checkpoint_every:
-                self.save()
-                last_checkpoint = time.monotonic()
-        bar.close()
+        with tqdm(total=self.tokens, initial=min(self.counters["tokens_seen"], self.tokens),
+                  unit="tok", unit_scale=True, disable=not show,
+                  desc="Training transcoders") as bar:  # closed before an error is printed
+            last_checkpoint = time.monotonic()
+            while (self.state is None or not self.budget_reached()) and self._train_buffer(bar):
+                if time.monotonic() - last_checkpoint >= self.checkpoint_every:
+                    self.save()
+                    last_checkpoint = time.monotonic()
         self.save()
         return self.out_dir
 
