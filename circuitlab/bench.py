@@ -4,17 +4,23 @@ Runs each attribution configuration in a fresh subprocess (so peak RSS is per
 configuration) and prints a markdown table: seconds, feature nodes, edges, rows recomputed,
 peak RSS and the memory `estimate_memory` expects (prompts up to 2,000 tokens).
 Then times the tools around a graph on a 10-token prompt: an intervention in each mode,
-generation, ``validate``, opening the explorer and the HTML export. Uses the bundled
+generation, ``validate``, opening the explorer and the HTML export. With ``--memory`` it
+instead measures, each in a fresh subprocess, the peak memory above the loaded model of
+forward passes (``ReplacementModel.run``) of long prompts and of graphs that keep every
+active feature, against what ``attribute`` estimates for them before refusing (the RSS
+high-water mark, reset after loading on Linux). Uses the bundled
 transcoders, or random JumpReLU skip transcoders of the same shape (calibrated to fire
 ``k`` features per token) when no bundle exists, or any transcoder source ``load`` reads
 (``--transcoders``, e.g. a cross-layer transcoder's folder).
 
     python -m circuitlab.bench [--dtype auto|float32|bfloat16] [--random | --transcoders SOURCE]
+    python -m circuitlab.bench --memory
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -26,10 +32,12 @@ import time
 import torch
 from sae_lens import SAE
 
+from . import attribution as _attribution
 from .attribution import _copied_params, attribute, estimate_memory
 from .hooks import mlp_io
 from .interventions import ablate
 from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, load, load_model
+from .plan import forward_parts, replacement_shape, trace_bytes
 from .precision import default_dtype
 from .replacement import ReplacementModel
 from .validation import validate
@@ -42,6 +50,9 @@ BASE = ("The quick brown fox jumps over the lazy dog while the farmer counts she
         "travellers stop at the inn to rest before the next day of their journey north")
 CONFIGS = [(10, 8192), (30, 8192), (60, 8192), (250, 8192), (1000, 8192), (2000, 8192),
            (10, None)]
+#: ``--memory``: (what, tokens, max_feature_nodes): forward passes alone, and graphs.
+MEMORY_CONFIGS = [("forward", 200, None), ("forward", 800, None), ("forward", 1600, None),
+                  ("graph", 10, None), ("graph", 16, None)]
 
 
 def random_transcoders(model, width: int = 2048, k: int = 48, seed: int = 0):
@@ -93,12 +104,105 @@ def run_one(n_tokens: int, max_nodes: int | None, dtype: str, source) -> dict:
 
 
 def _estimate(rm, graph, max_nodes, dtype: str) -> int:
-    """``estimate_memory`` for this attribution, as ``attribute`` checks it."""
+    """What ``attribute`` checks for this attribution: the larger of the forward pass and the
+    attribution with the trace it leaves (``estimate_memory``)."""
     n_logits = int((graph.nodes["kind"] == "logit").sum())
     dt = default_dtype("cpu") if dtype == "auto" else getattr(torch, dtype)
-    return estimate_memory(graph.metadata["n_active_features"], len(graph.tokens), rm.n_layers,
-                           max_nodes, n_logits, rm.d_model, 128, dt, _copied_params(rm),
-                           rm.cfg.n_heads)
+    N, P = graph.metadata["n_active_features"], len(graph.tokens)
+    shape, kw = replacement_shape(rm)
+    return max(sum(forward_parts(P, shape, **kw).values()),
+               estimate_memory(N, P, rm.n_layers, max_nodes, n_logits, rm.d_model, 128, dt,
+                               _copied_params(rm), rm.cfg.n_heads,
+                               trace=trace_bytes(P, N, shape, kw["itemsize"])))
+
+
+def _rss(key: str = "VmRSS") -> int | None:
+    """This process's ``VmRSS`` (or ``VmHWM``, its high-water mark) in bytes; ``None`` where
+    ``/proc`` has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the RSS high-water mark (Linux: ``/proc/self/clear_refs``); whether it was."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(what: str, n_tokens: int, max_nodes: int | None, source=False,
+                   dtype: str = "auto") -> dict:
+    """Peak memory above the loaded model (after a warm-up) of ``rm.run`` (``what="forward"``)
+    or of ``attribute`` (``"graph"``) on a prompt of ``n_tokens``, with what ``attribute``
+    estimates for it: ``forward_parts`` for a forward pass; for a graph, the larger of that
+    and the attribution's ``memory_parts`` with its trace, as ``attribute`` checked them.
+    Run it in a fresh process: the high-water mark is the process's."""
+    rm = _model(source)
+    prompt = prompt_of(n_tokens, rm.tokenizer)
+    tokens = rm.tokenize(prompt)
+    shape, kw = replacement_shape(rm)
+    if what == "forward":
+        rm.run(rm.tokenize(prompt_of(8, rm.tokenizer)))  # warm-up
+    else:
+        attribute(rm, prompt_of(8, rm.tokenizer), max_feature_nodes=16, progress=False)
+    gc.collect()
+    base = _rss()
+    exact = _reset_peak() and base is not None
+    if not exact:  # the process's peak so far (loading) is a floor on what is measured
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    checked = []
+    out = {"what": what, "tokens": len(tokens), "max_feature_nodes": max_nodes,
+           "forward_estimate_gb": sum(forward_parts(len(tokens), shape, **kw).values()) / 2**30}
+    start = time.perf_counter()
+    if what == "forward":
+        rm.run(tokens)
+        out["estimate_gb"] = out["forward_estimate_gb"]
+    else:
+        check = _attribution.check_attribution
+
+        def record(parts, *args, **kwargs):
+            checked.append(dict(parts))
+            return check(parts, *args, **kwargs)
+
+        _attribution.check_attribution = record
+        try:
+            graph = attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False,
+                              dtype=None if dtype == "auto" else getattr(torch, dtype))
+        finally:
+            _attribution.check_attribution = check
+        out["active_features"] = graph.metadata["n_active_features"]
+        out["parts_gb"] = {k: round(v / 2**30, 3) for k, v in checked[0].items()}
+        out["estimate_gb"] = max(out["forward_estimate_gb"], sum(checked[0].values()) / 2**30)
+    peak = _rss("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.update(seconds=round(time.perf_counter() - start, 1), peak_gb=(peak - base) / 2**30,
+               exact=exact)
+    return out
+
+
+def run_memory(source, flags: list[str], configs=MEMORY_CONFIGS) -> None:
+    """Print ``measure_memory`` for ``configs``, each in a fresh subprocess."""
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}; peak above the loaded model")
+    print("| run | tokens | active features | peak (GiB) | estimate (GiB) | estimate / peak |")
+    print("|---|---|---|---|---|---|")
+    for what, n, m in configs:
+        cmd = [sys.executable, "-m", "circuitlab.bench", "--memory-one", what, str(n),
+               str(m or "all")] + flags
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                      text=True).stdout.strip().splitlines()[-1])
+        run = "rm.run" if what == "forward" else f"graph, max_feature_nodes={m or 'all'}"
+        print(f"| {run} | {r['tokens']} | {r.get('active_features', '')} | "
+              f"{r['peak_gb']:.2f} | {r['estimate_gb']:.2f} | "
+              f"{r['estimate_gb'] / r['peak_gb']:.2f} |", flush=True)
 
 
 def _timed(fn) -> float:
@@ -143,6 +247,9 @@ def main(argv=None) -> None:
                         help="a transcoder source for load() instead of the bundle")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--tools", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true",
+                        help="measured peak memory against the estimates, instead")
+    parser.add_argument("--memory-one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     source = args.random or args.transcoders or not (
         BUNDLE_DIR / DEFAULT_BUNDLE["gemma-3-270m"]).exists()
@@ -153,6 +260,14 @@ def main(argv=None) -> None:
         return
     if args.tools:
         print(json.dumps(run_tools(args.dtype, source)))
+        return
+    if args.memory_one:
+        what, n, m = args.memory_one
+        print(json.dumps(measure_memory(what, int(n), None if m == "all" else int(m), source,
+                                        args.dtype)))
+        return
+    if args.memory:
+        run_memory(source, flags + ["--dtype", args.dtype])
         return
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, dtype {args.dtype}")

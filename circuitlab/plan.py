@@ -3,9 +3,12 @@
 Nothing is read from the hub: model shapes come from ``MODEL_SHAPES``, transcoder shapes from
 ``TRANSCODER_SHAPES`` or a local folder's ``cfg.json`` files and safetensors headers (the
 bundle). The attribution's share is ``estimate_memory``, which ``attribute`` checks too, with
-``tokens x layers x L0`` active features. A device is a named machine (``DEVICE_SIZES``) or a
-torch device (what is free on this machine now). On a GPU the graph's adjacency is built in
-host memory (the ``Graph`` lives on the CPU); the rest of an attribution on the device.
+``tokens x layers x L0`` active features; the forward pass's is ``forward_parts``, which
+``attribute`` checks before running it (``check_forward``), and the trace it leaves for the
+attribution ``trace_bytes``. A refusal names the largest prompt (or node budget) that fits.
+A device is a named machine (``DEVICE_SIZES``) or a torch device (what is free on this machine
+now). On a GPU the graph's adjacency is built in host memory (the ``Graph`` lives on the
+CPU); the rest of an attribution on the device.
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def pools(parts: dict[str, int], device_type: str) -> dict[str, int]:
     if device_type == "cpu":
         return {"cpu": sum(parts.values())}
     return {device_type: sum(v for k, v in parts.items() if k != "adjacency"),
-            "cpu": parts["adjacency"]}
+            "cpu": parts.get("adjacency", 0)}
 
 
 def free_memory(device) -> int:
@@ -191,27 +194,203 @@ def spare_memory(parts: dict[str, int], device, memory_limit: int | None) -> int
     return max(0, int(FREE_SHARE * free_memory(dev)) - pools(parts, dev.type)[dev.type])
 
 
-def check_attribution(parts: dict[str, int], device, memory_limit: int | None, what: str) -> None:
+def _gib(n: int) -> str:
+    """``n`` bytes in GiB, to one decimal (two significant digits below 0.05 GiB)."""
+    return f"{n / GiB:.1f}" if n >= GiB / 20 else f"{n / GiB:.2g}"
+
+
+def memory_limits(device, memory_limit: int | None) -> dict[str, tuple[int, str]]:
+    """What ``parts`` may take: ``{"all": (memory_limit, "")}``, else per pool (``pools``)
+    ``FREE_SHARE`` of what is free on it now, with where that is (for messages)."""
+    dev = torch.device(device)
+    if memory_limit is not None:
+        return {"all": (memory_limit, "")}
+    out = {dev.type: (int(FREE_SHARE * free_memory(dev)),
+                      "" if dev.type == "cpu" else f" on {dev}")}
+    if dev.type != "cpu":
+        out["cpu"] = (int(FREE_SHARE * free_memory("cpu")), " on the host")
+    return out
+
+
+def shortfalls(parts: dict[str, int], device, limits: dict) -> list[tuple[int, int, str]]:
+    """``(need, limit, where)`` of each pool where ``parts`` exceed ``limits``
+    (``memory_limits``); empty when they fit."""
+    dev = torch.device(device)
+    needs = {"all": sum(parts.values())} if "all" in limits else pools(parts, dev.type)
+    return [(n, limits[pool][0], limits[pool][1]) for pool, n in needs.items()
+            if n > limits[pool][0]]
+
+
+def largest(fits, low: int, high: int) -> int:
+    """The largest ``x`` in ``[low, high]`` with ``fits(x)`` (``fits`` true up to some
+    point, false after), or ``low - 1`` if none."""
+    if high < low or not fits(low):
+        return low - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def check_attribution(parts: dict[str, int], device, memory_limit: int | None, what: str,
+                      hint=None) -> None:
     """Refuse an attribution whose ``parts`` do not fit: in all within ``memory_limit``, else
-    each pool within ``FREE_SHARE`` of what is free on it.
+    each pool within ``FREE_SHARE`` of what is free on it. ``hint(limits)``, given, says
+    what would fit (``fit_hint``).
 
     Raises:
-        CircuitlabError: naming the need, what is available and the fixes.
+        CircuitlabError: naming the need, what is available, what fits and the fixes.
     """
-    dev = torch.device(device)
+    limits = memory_limits(device, memory_limit)
+    for n, limit, where in shortfalls(parts, device, limits)[:1]:
+        fit = f" {hint(limits)}" if hint is not None else ""
+        raise CircuitlabError(
+            f"This graph needs about {_gib(n)} GiB{where} ({what}) but only "
+            f"{_gib(limit)} GiB is available.{fit} Lower max_feature_nodes, shorten the "
+            "prompt, pass dtype=torch.bfloat16 (half the rows), or free memory.")
+
+
+def fit_hint(parts_at, device, limits: dict, n_features: int, n_positions: int,
+             max_feature_nodes: int | None, forward_at=None) -> str:
+    """What fits where an attribution does not: the largest ``max_feature_nodes`` for this
+    prompt, and the longest prompt (active features in proportion) with this
+    ``max_feature_nodes``. ``parts_at(n_features, n_positions, max_feature_nodes)`` and
+    ``forward_at(n_positions)`` (the forward pass, if given) give the parts."""
+    ok = lambda parts: not shortfalls(parts, device, limits)  # noqa: E731
+    kept = n_features if max_feature_nodes is None else min(n_features, max_feature_nodes)
+    nodes = largest(lambda k: ok(parts_at(n_features, n_positions, k)), 1, kept - 1)
+    per_token = n_features / max(n_positions, 1)
+    tokens = largest(lambda p: ok(parts_at(int(per_token * p), p, max_feature_nodes))
+                     and (forward_at is None or ok(forward_at(p))), 1, n_positions - 1)
+    first = (f"At most max_feature_nodes={nodes:,} fits this prompt" if nodes else
+             "No max_feature_nodes fits this prompt (what it needs besides the nodes does "
+             "not fit)")
+    then = (f"prompts of up to {tokens:,} token{'s' if tokens > 1 else ''} fit with "
+            f"max_feature_nodes={max_feature_nodes}"
+            if tokens else f"no shorter prompt fits with max_feature_nodes={max_feature_nodes}")
+    return f"{first}; {then}."
+
+
+# --------------------------------------------------------------------------- the forward pass
+
+#: Bytes an active feature's ``(pos, feature, activation)`` take in a ``Trace``.
+FEATURE_BYTES = 20
+
+
+def _workspace(n_positions: int, shape: ModelShape, itemsize: int) -> int:
+    """Bytes of one block's temporaries in the forward pass (freed, but resident in the
+    host's heap or the GPU's cache after): a query's eight copies (projection, norm,
+    rotary), the gated MLP's four ``[P, d_mlp]``, twelve residual-sized tensors and three
+    ``[P, P]`` causal and local masks."""
+    P = n_positions
+    return (itemsize * P * (8 * shape.n_heads * shape.d_head + 4 * shape.d_mlp
+                            + 12 * shape.d_model) + 3 * P * P)
+
+
+def forward_parts(n_positions: int, shape: ModelShape, d_sae: int, itemsize: int = 4,
+                  l0: float = ASSUMED_L0, clt_writes: int = 0, lazy_decoders: bool = False
+                  ) -> dict[str, int]:
+    """Bytes ``ReplacementModel.run`` holds beyond the weights at its peak, from shapes
+    alone, for a prompt of ``n_positions`` tokens: the largest of its phases, each a sum of
+    the tensors alive in it (``itemsize``: the model's dtype; ``d_sae``: features per layer;
+    ``l0`` active features per token and layer; ``clt_writes``: the layers a cross-layer
+    transcoder's layer-0 features write to, 0 for per-layer transcoders; ``lazy_decoders``:
+    a lazy CLT reads its decoders from disk then).
+
+    Throughout, once the blocks have run: the attention patterns of every layer
+    ``[L, H, P, P]`` (kept for the trace), the MLP inputs and outputs the hooks keep
+    (``2 [L, P, d]``) and the blocks' temporaries (``workspace``: queries with their norm
+    and rotary copies, the gated MLP's four ``[P, d_mlp]``, a dozen residual-sized
+    tensors, the causal and local masks). The phases add:
+
+    * attention of the last layer: its scores, masked scores and softmax besides the
+      pattern, and a NaN mask;
+    * the logits ``[P, d_vocab]`` and ``isfinite`` of them (an ``abs`` copy and three
+      ``[P, d_vocab]`` bool masks, alive together);
+    * encoding: the stacked MLP inputs, outputs and errors ``3 [L, P, d]``, the active
+      features, and per layer four dense ``[P, d_sae]`` activations (pre-activations, ReLU,
+      JumpReLU mask, product) and a CLT's writes ``[n, P, d]``;
+    * the trace: the patterns stacked into one tensor while the hooks' copies are alive.
+    """
+    P, L, d, H, m = n_positions, shape.n_layers, shape.d_model, shape.n_heads, itemsize
+    pattern = m * H * P * P
+    logits = m * P * shape.d_vocab
+    workspace = _workspace(P, shape, m)
+    kept = 2 * m * L * P * d
+    stacks = 3 * m * L * P * d + int(FEATURE_BYTES * min(l0, d_sae) * L * P)
+    writes = max(clt_writes, 1)
+    encode = 4 * m * P * d_sae + m * writes * P * d + (
+        m * d_sae * writes * d if lazy_decoders else 0)
+    phases = [
+        {"patterns": L * pattern, "activations": kept,
+         "workspace": workspace + 3 * pattern + H * P * P},
+        {"patterns": L * pattern, "activations": kept, "workspace": workspace,
+         "logits": logits + (m + 3) * P * shape.d_vocab},
+        {"patterns": L * pattern, "activations": kept + stacks, "workspace": workspace + encode,
+         "logits": logits},
+        {"patterns": 2 * L * pattern, "activations": kept + stacks, "workspace": workspace,
+         "logits": logits},
+    ]
+    return max(phases, key=lambda p: sum(p.values()))
+
+
+def trace_bytes(n_positions: int, n_features: int, shape: ModelShape, itemsize: int = 4) -> int:
+    """Bytes a ``Trace`` holds through the attribution besides its attention patterns
+    (``memory_parts`` counts those): the logits ``[P, d_vocab]``, the MLP inputs, outputs
+    and errors ``3 [L, P, d]``, the embeddings and final residual, the active features, and
+    the forward pass's workspace (its heap stays resident on a CPU, cached on a GPU)."""
+    P, d, m = n_positions, shape.d_model, itemsize
+    return (m * P * shape.d_vocab + m * (3 * shape.n_layers + 2) * P * d
+            + FEATURE_BYTES * n_features + _workspace(P, shape, m))
+
+
+def replacement_shape(rm) -> tuple[ModelShape, dict]:
+    """A ``ReplacementModel``'s model shape and its ``forward_parts`` keywords (features per
+    layer, the model's dtype size, a CLT's writes and lazy decoders)."""
+    shape = model_shape(rm.model)
+    clt = rm.clt
+    return shape, dict(d_sae=max(rm.d_sae(l) for l in range(shape.n_layers)),
+                       itemsize=rm.model.W_E.dtype.itemsize,
+                       clt_writes=0 if clt is None else clt.n_out(0),
+                       lazy_decoders=clt is not None and clt.lazy_folder is not None)
+
+
+def check_forward(rm, n_positions: int, memory_limit: int | None) -> None:
+    """Refuse, before ``ReplacementModel.run``, a prompt of ``n_positions`` tokens whose
+    forward pass (``forward_parts``) would not fit on the model's device: within
+    ``memory_limit`` if given, else ``FREE_SHARE`` of what is free there now.
+
+    Raises:
+        CircuitlabError: naming the need, its largest parts, what is available and the
+            longest prompt that fits.
+    """
+    shape, kw = replacement_shape(rm)
+    parts = forward_parts(n_positions, shape, **kw)
+    dev = torch.device(rm.device)
     need = sum(parts.values())
     if memory_limit is not None:
-        checks = [(need, memory_limit, "")]
+        limit, where = memory_limit, ""
     else:
-        checks = [(n, int(FREE_SHARE * free_memory("cpu" if pool == "cpu" else dev)),
-                   "" if dev.type == "cpu" else f" on {'the host' if pool == 'cpu' else dev}")
-                  for pool, n in pools(parts, dev.type).items()]
-    for n, limit, where in checks:
-        if n > limit:
-            raise CircuitlabError(
-                f"This graph needs about {n / GiB:.1f} GiB{where} ({what}) but only "
-                f"{limit / GiB:.1f} GiB is available. Lower max_feature_nodes, shorten the "
-                "prompt, pass dtype=torch.bfloat16 (half the rows), or free memory.")
+        limit = int(FREE_SHARE * free_memory(dev))
+        where = "" if dev.type == "cpu" else f" on {dev}"
+    if need <= limit:
+        return
+    longest = largest(lambda p: sum(forward_parts(p, shape, **kw).values()) <= limit,
+                      1, n_positions - 1)
+    names = {"logits": f"logits over the {shape.d_vocab:,}-token vocabulary at every "
+                       "position, with their finiteness check",
+             "patterns": "the attention patterns of every layer",
+             "activations": "MLP inputs, outputs and errors",
+             "workspace": "the layers' temporaries"}
+    largest_parts = ", ".join(f"{names[k]} {_gib(v)} GiB"
+                              for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:2])
+    fit = (f"Prompts of up to {longest:,} token{'s' if longest > 1 else ''} fit" if longest
+           else "No prompt fits")
+    raise CircuitlabError(
+        f"The forward pass of this {n_positions:,}-token prompt needs about {_gib(need)} GiB"
+        f"{where} ({largest_parts}) but only {_gib(limit)} GiB is available; nothing was "
+        f"run. {fit}: shorten the prompt (max_feature_nodes does not lower this part), or "
+        "free memory.")
 
 
 # --------------------------------------------------------------------------- sources
@@ -316,7 +495,9 @@ def capacity(device) -> tuple[int, str, str]:
 class Plan:
     """What a model, its transcoders and one attribution need on a device, and whether it
     fits. ``attribution`` holds bytes per pool (``pools``: on a GPU the adjacency is on
-    ``"cpu"``); ``n_features`` is ``tokens x layers x L0``; ``usable`` the device's bytes."""
+    ``"cpu"``); ``n_features`` is ``tokens x layers x L0``; ``usable`` the device's bytes;
+    ``forward`` the forward pass's peak (``forward_parts``) and ``trace`` what it leaves for
+    the attribution (``trace_bytes``), both on the device."""
 
     model: str
     transcoders: TranscoderShape
@@ -331,13 +512,17 @@ class Plan:
     transcoder_bytes: int
     attribution: dict
     usable: int
+    forward: int = 0
+    trace: int = 0
 
     weights = property(lambda self: self.model_bytes + self.transcoder_bytes)
 
     @property
     def on_device(self) -> int:
-        """Bytes on the device: the weights and the attribution's device share."""
-        return self.weights + self.attribution.get(self.device_type, 0)
+        """Bytes on the device at the peak: the weights and the larger of the forward pass
+        and the trace with the attribution's device share."""
+        return self.weights + max(self.forward,
+                                  self.trace + self.attribution.get(self.device_type, 0))
 
     fits_load = property(lambda self: self.weights <= self.usable)
     fits = property(lambda self: self.on_device <= self.usable)
@@ -354,7 +539,9 @@ class Plan:
                 f"{str(self.dtype).removeprefix('torch.')} weights: model {g(self.model_bytes)}, "
                 f"transcoders {g(self.transcoder_bytes)}, attribution of {self.tokens} tokens "
                 f"(~{self.n_features:,} active features, max_feature_nodes="
-                f"{self.max_feature_nodes}) {g(self.attribution.get(self.device_type, 0))}{host}; "
+                f"{self.max_feature_nodes}) {g(self.attribution.get(self.device_type, 0))}{host} "
+                f"after a forward pass that peaks at {g(self.forward)} and leaves "
+                f"{g(self.trace)}; "
                 f"{g(self.on_device)} of {g(self.usable)} usable: "
                 f"{'fits' if self.fits else 'does not fit'}.")
 
@@ -398,10 +585,13 @@ def plan(model="gemma-3-270m", transcoders=None, *, tokens: int = 30,
     parts = memory_parts(n_features, tokens, shape.n_layers, max_feature_nodes, max_logits,
                          shape.d_model, batch_size, attribution_dtype, shape.copied_params(tc.skip),
                          shape.n_heads)
+    forward = forward_parts(tokens, shape, tc.width, dtype.itemsize, tc.l0,
+                            shape.n_layers if tc.cross_layer else 0)
     return Plan(name, tc, where, kind, dtype, attribution_dtype, tokens, max_feature_nodes,
                 n_features, model_bytes(model, shape, dtype),
                 tc.n_params(shape.d_model, shape.n_layers) * dtype.itemsize,
-                pools(parts, kind), usable)
+                pools(parts, kind), usable, sum(forward.values()),
+                trace_bytes(tokens, n_features, shape, dtype.itemsize))
 
 
 def fixes(dtype: torch.dtype, weights_fit: bool, device_type: str) -> str:
@@ -476,11 +666,12 @@ def table(models=TABLE_MODELS, devices=TABLE_DEVICES, tokens: int = 30,
             p = plans[m, d]
             cells.append(f"{'yes' if p.fits else '**no**'}: {p.model_bytes / GiB:.1f} + "
                          f"{p.transcoder_bytes / GiB:.1f} + "
-                         f"{p.attribution.get(p.device_type, 0) / GiB:.1f} = "
+                         f"{(p.on_device - p.weights) / GiB:.1f} = "
                          f"{p.on_device / GiB:.1f} GiB")
         lines.append("| " + " | ".join(cells) + " |")
     l0 = ", ".join(f"{m} {plans[m, devices[0]].transcoders.l0:g}" for m in models)
-    lines += ["", f"Cells: model + transcoders + attribution = total GiB on the device, which "
+    lines += ["", f"Cells: model + transcoders + attribution (with the trace its forward pass "
+              f"leaves, or that pass's peak where larger) = total GiB on the device, which "
               f"may use {NAMED_SHARE:.0%} of its size. The attribution: {tokens} tokens, "
               f"max_feature_nodes={max_feature_nodes}, float32 rows, active features = tokens x "
               f"layers x L0 per layer ({l0}; {ASSUMED_L0:g} where none is published). On a GPU "

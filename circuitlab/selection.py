@@ -194,15 +194,18 @@ class Rows:
 def memory_parts(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
                  n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
                  copied_params: int = 0, n_heads: int = 0,
-                 writes_per_feature: float = 1.0) -> dict[str, int]:
+                 writes_per_feature: float = 1.0, trace: int = 0) -> dict[str, int]:
     """Bytes an attribution holds at its peak: stored ``rows`` (visited features' over the
     candidate columns, logits' whole), a ``batch`` of whole rows, node ``selection``
     (shares among visited features, sparse shares outside the candidates), act-scaled
     ``decoders`` (``writes_per_feature`` layers each: 1 for per-layer transcoders, on average
     ``(L + 1) / 2`` for a cross-layer one), backward-dtype ``weights``, a ``backward`` batch,
-    attention ``patterns`` (given ``n_heads``) and the float32 ``adjacency`` with its
-    normalized rows (host memory). Only decoders and patterns grow with the active features
-    or the prompt's square."""
+    attention ``patterns`` (given ``n_heads``: the trace's float32 ones and the backward's
+    copy), the float32 ``adjacency`` (host memory) with, while influence is annotated, the
+    rows of the nodes with inputs copied and their absolute values (``prune.normalized``:
+    two ``[kept + logits, nodes]`` copies alive together), and the ``trace`` the forward
+    pass left (bytes, ``plan.trace_bytes``; 0 leaves it out). Only decoders and patterns grow
+    with the active features or the prompt's square."""
     kept = n_features if max_feature_nodes is None else min(n_features, max_feature_nodes)
     slots = candidate_slots(n_features, kept)
     cols = n_features + (n_layers + 1) * n_positions
@@ -216,15 +219,16 @@ def memory_parts(n_features: int, n_positions: int, n_layers: int, max_feature_n
         "weights": dtype.itemsize * copied_params,
         "backward": 4 * 8 * batch_size * n_positions * d_model,
         "patterns": (4 + dtype.itemsize) * n_layers * n_heads * n_positions ** 2,
-        "adjacency": 4 * n_nodes * n_nodes + 4 * (kept + n_logits) * n_nodes,
+        "adjacency": 4 * n_nodes * n_nodes + 2 * 4 * (kept + n_logits) * n_nodes,
+        "trace": trace,
     }
 
 
 def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
                     n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
                     copied_params: int = 0, n_heads: int = 0,
-                    writes_per_feature: float = 1.0) -> int:
+                    writes_per_feature: float = 1.0, trace: int = 0) -> int:
     """Bytes an attribution needs at peak, in all (the sum of ``memory_parts``)."""
     return sum(memory_parts(n_features, n_positions, n_layers, max_feature_nodes, n_logits,
                             d_model, batch_size, dtype, copied_params, n_heads,
-                            writes_per_feature).values())
+                            writes_per_feature, trace).values())
