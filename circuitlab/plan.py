@@ -21,10 +21,9 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors import safe_open
 
 from . import checks
-from .clt import CrossLayerTranscoder
+from .clt import CrossLayerTranscoder, open_weights
 from .errors import CircuitlabError
 from .files import BUNDLE_DIR
 from .precision import check_device, check_dtype
@@ -415,7 +414,7 @@ def _folder_shape(path: Path) -> TranscoderShape:
             (path / "params_layer_0.safetensors", "w_enc", "affine_skip_connection", 1, True),
             *[(f, "W_enc", "W_skip", 0, False) for f in files[:1]]):
         if file.exists():
-            with safe_open(file, "pt") as f:
+            with open_weights(file) as f:
                 names = set(f.keys())
                 width = f.get_slice(enc).get_shape()[axis]
             jumprelu = bool(names & {"threshold", "threshold_0", "activation_function.threshold"})

@@ -191,7 +191,10 @@ def test_resume_continues_where_it_stopped(model, corpus, tmp_path):
     assert int(tensors["adam.W_enc.step"]) == 6  # Adam went on, it did not start again
     assert counters["docs_done"] > 0 and not torch.equal(load_clt(out).W_enc, weights)
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == sorted(
-        [CHECKPOINT_FILE, "settings.json"])
+        [CHECKPOINT_FILE, "log.jsonl", "settings.json"])
+    log = [json.loads(line) for line in (out / "checkpoint" / "log.jsonl").read_text().splitlines()]
+    assert [e["tokens_seen"] for e in log][-2:] == [1_024, 3_072], "one line per save"
+    assert log[-1]["machine"] and log[-1]["k"] == 4 and len(log[-1]["fvu"]) == 3
     with pytest.raises(CircuitlabError, match=r"width: checkpoint 64, now 32.*resume=False"):
         train_clt(model, corpus, out, tokens=4_096, **{**SMALL, "width": 32})
 
@@ -200,7 +203,10 @@ def test_clt_flag_errors(model, corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(commands, "load_model", lambda *args, **kwargs: model)
     base = ["train", "--clt", "--corpus", str(corpus), "--tokens", "512", *ARGS]
     assert cli.main([*base, "--out", str(tmp_path / "a"), "--layers", "0,1"]) == 2
-    assert "drop --layers and --init-from" in capsys.readouterr().err
+    assert "drop --layers" in capsys.readouterr().err
+    assert cli.main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "b"), "--window",
+                     "2", *ARGS]) == 2
+    assert "--window set the cross-layer training; add --clt" in capsys.readouterr().err
     (tmp_path / "tc" / "layer_00").mkdir(parents=True)
     assert cli.main([*base, "--out", str(tmp_path / "tc")]) == 2
     assert "holds per-layer transcoders" in capsys.readouterr().err

@@ -319,3 +319,17 @@ def test_intervention_value_too_large(tiny_rm, mode):
         tiny_rm.sweep(PROMPT, [(0, 1)], [1.0, 1e30], op="set")
     res = tiny_rm.intervene(PROMPT, set_to([(0, 1)], 1e3, pos=2), mode=mode)
     assert torch.isfinite(res.logits).all()
+
+
+def test_load_of_a_clt_folder_with_a_truncated_first_encoder(tmp_path):
+    """circuitlab.load sizes the folder first (plan): a cut-short W_enc_0 is named there."""
+    import circuitlab
+    from conftest import tiny_clt, tiny_model
+
+    clt = tiny_clt(tiny_model(), seed=7)
+    clt.model_name = "google/gemma-3-270m"
+    folder = clt.save(tmp_path / "clt")
+    enc = folder / "W_enc_0.safetensors"
+    enc.write_bytes(enc.read_bytes()[: enc.stat().st_size // 2])
+    with pytest.raises(CircuitlabError, match="W_enc_0.safetensors"):
+        circuitlab.load("gemma-3-270m", str(folder))

@@ -268,7 +268,8 @@ def test_full_disk_keeps_the_old_checkpoint(model, corpus, tmp_path, monkeypatch
     with pytest.raises(CircuitlabError, match=message):
         train_transcoders(model, corpus, tmp_path, tokens=1_024, **SMALL)
     assert sha256(checkpoint) == before
-    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["settings.json", checkpoint.name]
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == sorted(
+        ["log.jsonl", "settings.json", checkpoint.name])
 
 
 def test_jumprelu_export_matches_topk_counts():
