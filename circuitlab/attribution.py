@@ -41,102 +41,17 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .frozen import FrozenBackward
 from .graph import Graph
-from .hooks import scale_name
 from . import checks
-from .plan import check_attribution, estimate_memory, memory_parts, spare_memory  # noqa: F401 (re-exported)
+from .memory import (check_attribution, check_forward, fit_hint, forward_parts,
+                     replacement_shape, spare_memory, trace_bytes)
+from .selection import estimate_memory, memory_parts  # noqa: F401 (re-exported)
 from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
 from .selection import Rows, candidate_slots
 from .targets import check_logit_targets, logit_targets_of
-
-
-def _center(g: torch.Tensor, center: bool) -> torch.Tensor:
-    return g - g.mean(-1, keepdim=True) if center else g
-
-
-class _Backward:
-    """The frozen replacement model's VJP for one prompt, with per-layer tensors cached.
-
-    A norm with a frozen denominator, ``y = (x [- mean x]) / scale * w [+ b]``, has the VJP
-    ``g -> center(g * w / scale)``; ``w / scale`` is cached per layer as ``[P, d]``.
-    Transcoders that read the residual before the pre-MLP norm (``rm.reads == "resid_mid"``)
-    see it unnormalized: their encoders and skip paths skip that VJP (``read = None``).
-    """
-
-    def __init__(self, rm: ReplacementModel, trace: Trace, dtype: torch.dtype):
-        cfg = rm.cfg
-        self.dtype = dtype
-        self.center = cfg.normalization_type == "LN"
-        normed = rm.reads == "mlp_in"
-        self.sandwich = bool(cfg.use_normalization_before_and_after)
-        cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
-        up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
-        factor = lambda ln, name: cast(up(ln.w) / up(trace.scales[name]))  # noqa: E731
-        self.layers = []
-        for l, block in enumerate(rm.model.blocks):
-            attn = block.attn
-            W_V = attn._W_V if hasattr(attn, "_W_V") else attn.W_V  # [n_kv, d, dh]
-            skip = rm.skip_matrix(l)
-            self.layers.append(dict(
-                W_OT=cast(attn.W_O.reshape(-1, cfg.d_model).T),          # [d, H*dh]
-                W_VT=cast(W_V.permute(0, 2, 1).reshape(-1, cfg.d_model)),  # [n_kv*dh, d]
-                n_kv=W_V.shape[0],
-                patternT=cast(trace.patterns[l].transpose(-1, -2)),       # [H, Pk, Pq]
-                ln1=factor(block.ln1, scale_name("ln1", l)),
-                ln1_post=factor(block.ln1_post, scale_name("ln1_post", l))
-                if self.sandwich else None,
-                read=factor(block.ln2, scale_name("ln2", l)) if normed else None,
-                skip=None if skip is None else cast(skip),                  # [d_out, d_in]
-            ))
-        self.final = factor(rm.model.ln_final, scale_name("ln_final"))
-
-    def mlp(self, g: torch.Tensor, l: int) -> torch.Tensor:
-        """Grad wrt resid_post[l] -> grad wrt resid_mid[l] (residual + skip path).
-
-        Gradients are laid out ``[P, B, d]`` (position-major) so every product is one large
-        matrix multiplication.
-        """
-        layer = self.layers[l]
-        if layer["skip"] is None:
-            return g
-        return self._add_normed(g, g @ layer["skip"], layer["read"])
-
-    def attention(self, g: torch.Tensor, l: int) -> torch.Tensor:
-        """Grad wrt resid_mid[l] -> grad wrt resid_pre[l] (residual + frozen attention)."""
-        layer, (P, B, d) = self.layers[l], g.shape
-        ga = _center(g * layer["ln1_post"][:P, None], self.center) if self.sandwich else g
-        ga = ga.reshape(P * B, d)
-        pT = layer["patternT"][:, :P, :P]
-        H, n_kv = pT.shape[0], layer["n_kv"]
-        dh = layer["W_OT"].shape[1] // H
-        gy = None
-        for kv in range(n_kv):
-            gv = None
-            for h in range(kv * H // n_kv, (kv + 1) * H // n_kv):
-                gz = (ga @ layer["W_OT"][:, h * dh:(h + 1) * dh]).view(P, B * dh)
-                gv = pT[h] @ gz if gv is None else gv.addmm_(pT[h], gz)
-            part = gv.view(P * B, dh) @ layer["W_VT"][kv * dh:(kv + 1) * dh]
-            gy = part if gy is None else gy.add_(part)
-        return self._add_normed(g, gy.view(P, B, d), layer["ln1"])
-
-    def _add_normed(self, g: torch.Tensor, y: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
-        """``g + center(y * factor)`` for ``y [P, B, d]`` and a per-position ``factor [P, d]``
-        (``g + y`` for no factor)."""
-        if factor is None:
-            return g + y
-        f = factor[:g.shape[0], None]
-        return g + _center(y * f, True) if self.center else torch.addcmul(g, y, f)
-
-    def injection(self, l: int | None, pos: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
-        """Gradients wrt the residual of target inputs ``vecs . norm_out`` read through the
-        pre-MLP norm of layer ``l`` (feature targets; no norm for transcoders that read the
-        residual) or the final norm (``l=None``)."""
-        factor = self.final if l is None else self.layers[l]["read"]
-        if factor is None:
-            return vecs.to(self.dtype)
-        return _center(vecs.to(self.dtype) * factor[pos], self.center)
 
 
 class _Sources:
@@ -188,7 +103,7 @@ class _Sources:
         return [s for s in range(layer + 1) if layer - s < self.dec[s].shape[2]]
 
 
-def _rows(bw: _Backward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: torch.Tensor,
+def _rows(bw: FrozenBackward, src: _Sources, trace: Trace, layer: torch.Tensor, pos: torch.Tensor,
           grads: torch.Tensor, out: torch.Tensor) -> None:
     """Fill ``out [B, n_cols]`` with the edges into ``B`` targets.
 
@@ -279,17 +194,23 @@ def attribute(
                 memory_limit)
     tokens = rm.tokenize(prompt)
     dtype = dtype or default_dtype(rm.model.cfg.device)
+    check_forward(rm, len(tokens), memory_limit)  # before the forward pass: from shapes alone
     trace = rm.run(tokens)
     targets = logit_targets_of(rm, trace, logit_targets, max_logits, logit_prob)
     L, P = rm.n_layers, len(tokens)
     N = sum(len(f[0]) for f in trace.features)
     writes = sum(len(f[0]) * (L - s if rm.clt is not None else 1)
                  for s, f in enumerate(trace.features)) / max(N, 1)
-    parts = memory_parts(N, P, L, max_feature_nodes, len(targets), rm.d_model, batch_size, dtype,
-                         _copied_params(rm), rm.cfg.n_heads, writes)
-    check_attribution(parts, rm.device, memory_limit, f"{N} active features, {P} tokens")
+    shape, fwd = replacement_shape(rm)
+    parts_at = lambda n, p, k: memory_parts(  # noqa: E731
+        n, p, L, k, len(targets), rm.d_model, batch_size, dtype, _copied_params(rm),
+        rm.cfg.n_heads, writes, trace_bytes(p, n, shape, fwd["itemsize"]))
+    parts = parts_at(N, P, max_feature_nodes)
+    check_attribution(parts, rm.device, memory_limit, f"{N} active features, {P} tokens",
+                      lambda limits: fit_hint(parts_at, rm.device, limits, N, P, max_feature_nodes,
+                                              lambda p: forward_parts(p, shape, **fwd)))
     src = _Sources(rm, trace, dtype)
-    bw = _Backward(rm, trace, dtype)
+    bw = FrozenBackward(rm, trace, dtype)
     n_keep = N if max_feature_nodes is None else min(N, max_feature_nodes)
     bar = tqdm(total=len(targets) + n_keep, desc="Attribution", disable=not progress, unit="row")
 
@@ -342,13 +263,13 @@ def attribute(
 
 
 def _copied_params(rm) -> int:
-    """Parameters ``_Backward`` copies in its dtype: value and output matrices, skips."""
+    """Parameters ``FrozenBackward`` copies in its dtype: value and output matrices, skips."""
     blocks = rm.model.blocks
     return sum(b.attn.W_O.numel() + getattr(b.attn, "_W_V", b.attn.W_V).numel() for b in blocks) \
         + sum(s.numel() for s in map(rm.skip_matrix, range(rm.n_layers)) if s is not None)
 
 
-def _feature_grads(rm, bw: _Backward, src: _Sources, ids: torch.Tensor) -> torch.Tensor:
+def _feature_grads(rm, bw: FrozenBackward, src: _Sources, ids: torch.Tensor) -> torch.Tensor:
     """d pre-activation / d resid_mid for the features ``ids`` (encoder columns through ln2)."""
     grads = torch.empty(len(ids), rm.d_model, dtype=bw.dtype, device=ids.device)
     layers = src.layer[ids]
@@ -494,6 +415,9 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
                     n_active_features=src.n_features, max_feature_nodes=len(kept),
                     recomputed_rows=recomputed,
                     logit_directions=[t.direction.tolist() for t in targets])
+    if len(dropped):  # which features are nodes: the rest are folded into the error nodes
+        metadata["kept_features"] = torch.stack(
+            [src.layer[kept], src.pos[kept], src.feature[kept]], 1).tolist()
     graph = Graph(prompt=prompt, tokens=trace.tokens.tolist(), token_strs=token_strs,
                   rows=rows, adjacency=adjacency, inputs=inputs, constants=constants,
                   metadata=metadata)

@@ -37,7 +37,7 @@ from .attribution import _copied_params, attribute, estimate_memory
 from .hooks import mlp_io
 from .interventions import ablate
 from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, load, load_model
-from .plan import forward_parts, replacement_shape, trace_bytes
+from .memory import forward_parts, replacement_shape, trace_bytes
 from .precision import default_dtype
 from .replacement import ReplacementModel
 from .validation import validate

@@ -145,6 +145,19 @@ class Graph:
 
         return explore(self, rm, **kwargs)
 
+    def head_loadings(self, rm=None, edges=None, **kwargs):
+        """Each edge split by attention head; see ``circuitlab.attention.head_loadings``."""
+        from .attention import head_loadings
+
+        return head_loadings(rm, self, edges, **kwargs)
+
+    def heads(self, rm, node_id: str, edges: int = 10):
+        """The heads carrying ``node_id``'s strongest incoming edges; see
+        ``circuitlab.attention.heads``."""
+        from .attention import heads
+
+        return heads(rm, self, node_id, edges)
+
     def to_html(self, path: str | os.PathLike, rm=None, **kwargs) -> Path:
         """A self-contained offline HTML viewer; see ``circuitlab.viz.to_html``."""
         from .viz import to_html

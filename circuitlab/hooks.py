@@ -66,6 +66,17 @@ def is_scale(name: str) -> bool:
     return name.endswith(FROZEN_SCALES)
 
 
+def attention_hook(layer: int, name: str) -> str:
+    """The hook ``name`` (``hook_z``, ``hook_q``, ``hook_attn_scores``, ...) of the attention
+    of ``layer``."""
+    return f"blocks.{layer}.attn.{name}"
+
+
+def resid_in(layer: int) -> str:
+    """The hook of the residual stream entering ``layer``."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
 def pattern_name(layer: int) -> str:
     """The hook of the attention pattern at ``layer``."""
     return f"blocks.{layer}.attn.hook_pattern"
@@ -164,3 +175,29 @@ def mlp_io(model: HookedTransformer, tokens: torch.Tensor, layers: Sequence[int]
                              stop_at_layer=max(layers) + 1 if stop_early else None)
     return (torch.stack([pairs[l][0] for l in layers]),
             torch.stack([pairs[l][1] for l in layers]))
+
+
+def attention_io(model: HookedTransformer, tokens: torch.Tensor, layer: int) -> dict:
+    """What ``layer``'s attention reads and computes on one prompt ``tokens [P]``, from a
+    forward pass that stops after it: ``resid_pre`` (the residual entering the layer),
+    ``hook_q`` and ``hook_k`` (before the q/k norms and rotary), ``scores`` (pre-softmax,
+    masked) and ``pattern`` of every head, and ``z[l]`` (every head's output before ``W_O``)
+    of each layer below."""
+    names = {attention_hook(layer, n): n for n in ("hook_attn_scores", "hook_pattern",
+                                                     "hook_q", "hook_k")}
+    names[resid_in(layer)] = "resid_pre"
+    names.update({attention_hook(l, "hook_z"): ("z", l) for l in range(layer)})
+    cache: dict = {"z": {}}
+
+    def keep(act, hook):
+        key = names[hook.name]
+        if isinstance(key, tuple):
+            cache["z"][key[1]] = act[0].detach()
+        else:
+            cache[key] = act[0].detach()
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens[None], fwd_hooks=[(lambda n: n in names, keep)],
+                             stop_at_layer=layer + 1)
+    cache["scores"], cache["pattern"] = cache.pop("hook_attn_scores"), cache.pop("hook_pattern")
+    return cache

@@ -454,6 +454,12 @@ class ReplacementModel:
 
     # ------------------------------------------------------------------ interventions
 
+    def qk(self, prompt, layer: int, head: int, query_pos: int, key_pos: int, top: int = 20):
+        """See ``circuitlab.qk.qk``."""
+        from .qk import qk
+
+        return qk(self, prompt, layer, head, query_pos, key_pos, top=top)
+
     def intervene(self, prompt: str, interventions, mode: str = "free", **kwargs):
         """See ``circuitlab.interventions.intervene``."""
         from .interventions import intervene

@@ -56,7 +56,7 @@ from transformer_lens import HookedTransformer
 
 from circuitlab.errors import CircuitlabError
 from circuitlab.files import machine
-from circuitlab.plan import free_memory
+from circuitlab.memory import free_memory
 from circuitlab.precision import fast_bf16
 from circuitlab.train import K, WIDTH
 from circuitlab.train.checkpoints import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
