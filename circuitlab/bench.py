@@ -212,7 +212,8 @@ def _timed(fn) -> float:
 
 
 def run_tools(dtype: str, source) -> dict:
-    """Seconds for the interventions and the explorer on a graph of a 10-token prompt."""
+    """Seconds for the interventions, the explorer, head loadings and a QK table on a graph
+    of a 10-token prompt."""
     rm = _model(source)
     prompt = prompt_of(10, rm.tokenizer)
     graph = attribute(rm, prompt, progress=False,
@@ -226,6 +227,9 @@ def run_tools(dtype: str, source) -> dict:
     out["explorer state of the pruned graph"] = _timed(lambda: ViewState(pruned, rm=rm))
     with tempfile.TemporaryDirectory() as tmp:
         out["to_html of the pruned graph"] = _timed(lambda: pruned.to_html(f"{tmp}/g.html", rm))
+    out["head loadings of every edge of the pruned graph"] = _timed(lambda: pruned.head_loadings(rm))
+    out["QK table of one head (last layer, head 0, last query, first key)"] = _timed(
+        lambda: rm.qk(prompt, rm.n_layers - 1, 0, -1, 0))
     return out
 
 

@@ -345,8 +345,10 @@ def _read_gemma_scope_2(files: list[Path], settings: dict, device, dtype) -> clt
 
 def _convert_gemma_scope_2(files: list[Path], settings: dict) -> Path:
     """Gemma Scope 2 files converted to circuit-tracer's layout in circuitlab's cache (once
-    per set of files), one layer in memory at a time."""
-    key = hashlib.sha256("\n".join(f"{p.resolve()}:{p.stat().st_size}" for p in files).encode())
+    per set of files: keyed on each file's path and ``clt.fingerprint``, so files replaced in
+    place, even with the same size, are converted again), one layer in memory at a time."""
+    key = hashlib.sha256("\n".join(f"{p.resolve()}:{clt_format.fingerprint(p)}"
+                                   for p in files).encode())
     folder = cache_dir() / "clt" / key.hexdigest()[:16]
     if (folder / "config.yaml").exists():
         return folder

@@ -61,7 +61,7 @@ from .files import BUNDLE_DIR, atomic_dir, cache_dir, sha256, verify_manifest
 from .hooks import layer_of
 from .plan import check_load
 from .precision import check_device, check_dtype
-from .quantize import load_sae
+from .quantize import check_transcoder_source, layer_folders, load_sae, manifest_fix
 from .replacement import ReplacementModel
 
 EMBEDDED_MODEL = "gemma-3-270m"
@@ -127,7 +127,8 @@ def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, d
     tc_dtype = check_dtype(dtype, device)
     model_dtype = weight.dtype if given and dtype is None else tc_dtype
     name = model.cfg.model_name if given else model
-    clt_sources.resolve(transcoders, None if given else MODEL_PRESETS.get(name, name))
+    if clt_sources.resolve(transcoders, None if given else MODEL_PRESETS.get(name, name)) is None:
+        check_transcoder_source(transcoders)
     check_load(model, DEFAULT_BUNDLE.get(name) if transcoders is None else transcoders, device,
                tc_dtype, model_dtype, lazy)
     if given:
@@ -413,8 +414,8 @@ def _directory_sae_ids(release: str, width: str = "width_16k", target_l0: float 
 
 def _load_sae_lens_dir(path: Path, device: str) -> list[SAE]:
     if (path / "manifest.json").exists():
-        verify_manifest(path, f"the transcoders in {path}", "Restore it from git or retrain it.")
-    folders = sorted(p.parent for p in path.glob("*/cfg.json") if not p.parent.name.startswith("."))
+        verify_manifest(path, f"the transcoders in {path}", manifest_fix(path))
+    folders = layer_folders(path)
     if not folders:
         raise CircuitlabError(
             f"{path} holds no transcoders: expected SAE-Lens save_model folders (each with "

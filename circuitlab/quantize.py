@@ -28,11 +28,13 @@ are weights with NaN or infinite values.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from sae_lens import SAE
 from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk
+from sae_lens.registry import SAE_CLASS_REGISTRY
 from sae_lens.util import str_to_dtype
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -45,6 +47,8 @@ from .files import atomic_dir, sha256, verify_manifest
 FLOAT8_WEIGHTS = "sae_weights_float8.safetensors"
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 FORMAT = {"format": "circuitlab-float8", "version": "1"}
+#: The SAE-Lens architectures circuitlab reads from a layer folder's ``cfg.json``.
+TRANSCODER_ARCHITECTURES = tuple(sorted(a for a in SAE_CLASS_REGISTRY if "transcoder" in a))
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = 448.0
 
@@ -119,15 +123,19 @@ def load_sae(folder: Path, device: str = "cpu") -> SAE:
     """The SAE-Lens transcoder of one layer folder, 8-bit or SAE-Lens' own.
 
     Raises:
-        CircuitlabError: for a folder with both weights files or neither, a weights file
-            that is not safetensors or is cut short, or non-finite weights (naming the folder).
+        CircuitlabError: for a ``cfg.json`` that ``read_cfg`` refuses, a folder with both
+            weights files or neither, a weights file that is not safetensors, is cut short or
+            does not fit ``cfg.json``, or non-finite weights (naming the folder).
     """
+    cfg = read_cfg(folder)
     file = weights_file(folder)
     converter = {"converter": float8_disk_loader} if file.name == FLOAT8_WEIGHTS else {}
     try:
         sae = SAE.load_from_disk(folder, device=device, **converter)
     except SafetensorError as err:
         raise unreadable(file, err) from err
+    except RuntimeError as err:
+        raise _misfit(folder, file, cfg, err) from err
     check_all_finite(sae.state_dict(), folder)
     return sae
 
@@ -139,7 +147,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _layer_folders(src: Path) -> list[Path]:
-    folders = sorted(p.parent for p in src.glob("*/cfg.json") if not p.parent.name.startswith("."))
+    folders = layer_folders(src)
     missing = [f.name for f in folders if not (f / SAE_LENS_WEIGHTS).exists()]
     if not folders or missing:
         raise CircuitlabError(
@@ -149,25 +157,68 @@ def _layer_folders(src: Path) -> list[Path]:
             "`circuitlab train` writes them.")
     for folder in folders:
         weights_file(folder)
-        _check_transcoder(folder)
+        read_cfg(folder)
     return folders
 
 
-def _check_transcoder(folder: Path) -> None:
-    """Refuse a layer folder whose ``cfg.json`` describes no SAE-Lens transcoder (one with
-    ``d_out``: a plain SAE, or no SAE at all)."""
-    file = folder / "cfg.json"
+def read_cfg(folder: Path) -> dict:
+    """The ``cfg.json`` of an SAE-Lens layer folder, checked before SAE-Lens reads it.
+
+    Raises:
+        CircuitlabError: naming the file, for one that is not a JSON object, describes no
+            transcoder (``architecture`` not in ``TRANSCODER_ARCHITECTURES``) or lacks a
+            positive whole ``d_in``, ``d_sae`` or ``d_out``.
+    """
+    file = Path(folder) / "cfg.json"
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise CircuitlabError(f"{file} is not a readable JSON file ({err}); restore it.") from err
-    if not isinstance(cfg, dict) or "d_out" not in cfg:
-        arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+        raise CircuitlabError(f"{file} is not a readable JSON file ({err}); restore it, or save "
+                              "the layer again with SAE.save_model.") from err
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if arch not in TRANSCODER_ARCHITECTURES:
         raise CircuitlabError(
-            f"{file} describes no transcoder (architecture {arch!r}, no d_out): `circuitlab "
-            "quantize` stores SAE-Lens transcoders (transcoder, skip_transcoder, "
-            "jumprelu_transcoder, jumprelu_skip_transcoder) as `circuitlab train` writes them. "
-            "Nothing was written.")
+            f"{file} describes no transcoder (architecture {arch!r}): circuitlab reads SAE-Lens "
+            f"transcoders ({', '.join(TRANSCODER_ARCHITECTURES)}) as `circuitlab train` writes "
+            "them. Fix its architecture field, or save the layer again with SAE.save_model.")
+    for name in ("d_in", "d_sae", "d_out"):
+        value = cfg.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CircuitlabError(f"{file} has {name}={value!r}, not a positive whole number; "
+                                  "restore it, or save the layer again with SAE.save_model.")
+    return cfg
+
+
+def manifest_fix(folder: Path) -> str:
+    """What to do about a transcoder folder that fails its ``manifest.json`` check, from what
+    the manifest says wrote it: resume a training (or fine-tuning) run, re-run ``circuitlab
+    quantize``, or else restore the folder from git or retrain."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        return "Restore it from git or retrain it."
+    storage = manifest.get("storage")
+    if isinstance(storage, dict) and storage.get("source"):
+        return (f"Write it again from its source: `circuitlab quantize {storage['source']} "
+                f"--out {folder}`.")
+    if "tokens_seen" in manifest:
+        tool = "finetune" if "finetune" in manifest else "train"
+        return (f"Resume the run that exported it: `circuitlab {tool}` with the same --out "
+                f"{folder} (recorded command: {manifest.get('command')}) continues from its "
+                "checkpoint and exports the transcoders again.")
+    return "Restore it from git or retrain it."
+
+
+def _misfit(folder: Path, file: Path, cfg: dict, err: RuntimeError) -> CircuitlabError:
+    """The error for weights ``file`` whose tensors do not fit ``folder``'s ``cfg.json``."""
+    details = "; ".join(line.strip(" \t.") for line in str(err).splitlines()[1:]) or str(err)
+    return CircuitlabError(
+        f"{file} does not fit {folder / 'cfg.json'} (architecture {cfg['architecture']!r}, "
+        f"d_in={cfg['d_in']}, d_sae={cfg['d_sae']}, d_out={cfg['d_out']}): {details}. One of "
+        "the two was edited or they belong to different transcoders; restore them, or save "
+        "the layer again with SAE.save_model.")
 
 
 def _check_matrices(folder: Path, state: dict[str, torch.Tensor]) -> None:
@@ -222,7 +273,7 @@ def quantize_folder(src, out, command: str | None = None) -> dict:
                               f"{SAE_LENS_WEIGHTS}).")
     manifest = {}
     if (src / "manifest.json").exists():
-        verify_manifest(src, f"the transcoders in {src}", "Restore it from git or retrain it.")
+        verify_manifest(src, f"the transcoders in {src}", manifest_fix(src))
         manifest = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
     folders = _layer_folders(src)
     _check_out(src, out)
@@ -250,3 +301,30 @@ def quantize_folder(src, out, command: str | None = None) -> dict:
         (tmp / "manifest.json").write_text(json.dumps({"sha256": digests, **record}, indent=1),
                                            encoding="utf-8")
     return report
+
+
+def check_transcoder_source(source) -> None:
+    """Refuse, before anything is sized or loaded, a list holding anything but SAE-Lens
+    transcoders, and a folder of SAE-Lens layer folders with a ``cfg.json`` that
+    ``quantize.read_cfg`` refuses.
+
+    Raises:
+        CircuitlabError: naming the list item or the ``cfg.json``, and the fix.
+    """
+    if isinstance(source, (list, tuple)):
+        for i, item in enumerate(source):
+            if not isinstance(item, SAE):
+                raise CircuitlabError(
+                    f"transcoders[{i}] is a {type(item).__name__} ({item!r:.60}), not a "
+                    "transcoder: a list of transcoders holds one SAE-Lens transcoder (an "
+                    "sae_lens.SAE, e.g. from SAE.load_from_disk) per layer. To load from a "
+                    "folder or release, pass its name itself, not in a list.")
+    elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir() \
+            and not (Path(source) / "config.yaml").exists():
+        for folder in layer_folders(Path(source)):
+            read_cfg(folder)
+
+
+def layer_folders(path: Path) -> list[Path]:
+    """The SAE-Lens layer folders (``*/cfg.json``, hidden ones left out) in ``path``."""
+    return sorted(p.parent for p in path.glob("*/cfg.json") if not p.parent.name.startswith("."))

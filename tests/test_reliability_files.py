@@ -333,3 +333,82 @@ def test_load_of_a_clt_folder_with_a_truncated_first_encoder(tmp_path):
     enc.write_bytes(enc.read_bytes()[: enc.stat().st_size // 2])
     with pytest.raises(CircuitlabError, match="W_enc_0.safetensors"):
         circuitlab.load("gemma-3-270m", str(folder))
+
+
+# ------------------------------------------- SAE-Lens folders, transcoder lists, caches, manifests
+
+
+def edit_cfg(folder, text=None, **changes):
+    """Rewrite ``folder/cfg.json``: with ``text``, or with fields of it changed."""
+    file = folder / "cfg.json"
+    file.write_text(text if text is not None else json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda f: edit_cfg(f, "{not json"), r"layer_01/cfg.json is not a readable JSON file"),
+    (lambda f: edit_cfg(f, "[1, 2]"), r"layer_01/cfg.json describes no transcoder \(architecture None\)"),
+    (lambda f: edit_cfg(f, architecture="gated_thing"),
+     r"layer_01/cfg.json describes no transcoder \(architecture 'gated_thing'\).*jumprelu_skip_transcoder"),
+    (lambda f: edit_cfg(f, d_sae="48"), r"layer_01/cfg.json has d_sae='48', not a positive whole"),
+    (lambda f: edit_cfg(f, d_in=7), r"layer_01/sae_weights.safetensors does not fit .*layer_01/cfg.json "
+                                    r"\(.*d_in=7.*size mismatch for W_enc"),
+    (lambda f: edit_file(f / "sae_weights.safetensors", W_dec=torch.zeros(48, 5)),
+     r"layer_01/sae_weights.safetensors does not fit .*size mismatch for W_dec.*save the layer again"),
+    (lambda f: edit_file(f / "sae_weights.safetensors", b_enc=torch.zeros(47)), r"size mismatch for b_enc"),
+    (lambda f: truncate(f / "sae_weights.safetensors"),
+     r"layer_01/sae_weights.safetensors cannot be read as safetensors.*cut short"),
+])
+def test_damaged_sae_lens_layer_folder(tiny, tmp_path, damage, match):
+    src = write_sae_folder(tmp_path / "tc", tiny_transcoders(tiny, "jumprelu_skip_transcoder"))
+    damage(src / "layer_01")
+    with pytest.raises(CircuitlabError, match=match):
+        circuitlab.load(tiny, transcoders=src)
+
+
+@pytest.mark.parametrize("items", [["a", "b", "c"], [torch.zeros(3)] * 3, [None]])
+def test_list_of_things_that_are_not_transcoders(tiny, items):
+    with pytest.raises(CircuitlabError, match=r"transcoders\[0\] is a \w+ .*not a transcoder: a list "
+                                              r"of transcoders holds one SAE-Lens transcoder"):
+        circuitlab.load(tiny, transcoders=items)
+
+
+def test_gemma_scope_2_files_replaced_with_the_same_size_are_converted_again(tiny, tmp_path, monkeypatch):
+    from hub_cache import gemma_scope_2_clt_params
+
+    monkeypatch.setenv("CIRCUITLAB_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "gs2"
+    folder.mkdir()
+    n, d = tiny.cfg.n_layers, tiny.cfg.d_model
+    for seed in (3, 4):
+        params = gemma_scope_2_clt_params(n, d, seed=seed)
+        sizes = []
+        for s, p in enumerate(params):
+            file = folder / f"params_layer_{s}.safetensors"
+            stat = file.stat() if file.exists() else None
+            save_file(p, file)
+            if stat:  # the same size and time: only the checksum tells them apart
+                os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+                sizes.append(stat.st_size == file.stat().st_size)
+        assert all(sizes)
+        clt = circuitlab.load(tiny, transcoders=folder, lazy=True).clt
+        assert torch.equal(clt.W_enc[0], params[0]["w_enc"])
+        assert torch.equal(clt.decoders(1), params[1]["w_dec"][:, 1:])
+
+
+@pytest.mark.parametrize("manifest, fix", [
+    ({"command": "circuitlab train --out X", "tokens_seen": 10},
+     r"Resume the run that exported it: `circuitlab train` with the same --out .*tc.*checkpoint"),
+    ({"command": "circuitlab finetune A --out X", "tokens_seen": 10, "finetune": {}},
+     r"`circuitlab finetune` with the same --out"),
+    ({"storage": {"source": "/src/tc", "command": "circuitlab quantize"}},
+     r"circuitlab quantize /src/tc --out .*tc`"),
+    ({}, "Restore it from git or retrain it"),
+])
+def test_corrupt_export_says_how_to_write_it_again(tiny, tmp_path, capsys, manifest, fix):
+    src = write_sae_folder(tmp_path / "tc", tiny_transcoders(tiny, "transcoder"))
+    listed = {"layer_00/cfg.json": "0" * 64}
+    (src / "manifest.json").write_text(json.dumps({"sha256": listed, **manifest}))
+    with pytest.raises(CircuitlabError, match="layer_00/cfg.json fails its checksum.*" + fix):
+        circuitlab.load(tiny, transcoders=src)
+    assert cli.main(["quantize", str(src), "--out", str(tmp_path / "q8")]) == 2
+    assert re.search(fix, capsys.readouterr().err)
