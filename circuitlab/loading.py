@@ -390,10 +390,15 @@ def _load_release(release: str, n_layers: int, device: str) -> list[SAE]:
     _, sae_id = TRANSCODER_PRESETS[release]
     if sae_id is None:
         sae_id = _directory_sae_ids(release)
-    return [
-        SAE.from_pretrained(release, sae_id(layer), device=device)
-        for layer in tqdm(range(n_layers), desc=f"Loading {release}")
-    ]
+    try:
+        return [SAE.from_pretrained(release, sae_id(layer), device=device)
+                for layer in tqdm(range(n_layers), desc=f"Loading {release}")]
+    except Exception as err:  # hub errors: offline, not in the cache, unreachable
+        raise CircuitlabError(
+            f"Could not get the transcoders {release!r} from the Hugging Face hub "
+            f"({err.__class__.__name__}: {str(err)[:200]}). Connect to the internet (and unset "
+            "HF_HUB_OFFLINE), or pass a local folder of transcoders; the bundled set works "
+            "offline (transcoders=None with gemma-3-270m).") from err
 
 
 def _directory_sae_ids(release: str, width: str = "width_16k", target_l0: float = 100.0):

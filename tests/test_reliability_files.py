@@ -412,3 +412,15 @@ def test_corrupt_export_says_how_to_write_it_again(tiny, tmp_path, capsys, manif
         circuitlab.load(tiny, transcoders=src)
     assert cli.main(["quantize", str(src), "--out", str(tmp_path / "q8")]) == 2
     assert re.search(fix, capsys.readouterr().err)
+
+
+def test_a_hub_release_while_offline(monkeypatch):
+    """A transcoder preset that is not in the hub cache, with the hub unreachable: a clear
+    error that says what to do, not the hub client's exception."""
+    import circuitlab
+    from conftest import tiny_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-hub-cache")
+    with pytest.raises(CircuitlabError, match="Could not get the transcoders.*hub.*local folder"):
+        circuitlab.load(tiny_model(), "gemma-scope-2b-pt-transcoders")
