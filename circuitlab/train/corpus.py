@@ -351,7 +351,8 @@ def corpus_files(path: str | os.PathLike, split: str = "train") -> list[Path]:
     if not path.exists():
         raise CircuitlabError(
             f"no usable text in {path}: it does not exist. Build the corpus with `circuitlab "
-            "corpus`, or pass a .txt or .jsonl file or a folder of .txt files (--corpus).")
+            f"corpus` (its {split} split is read here), or pass a .txt or .jsonl file or a "
+            "folder of .txt files (--corpus).")
     if path.is_dir() and (path / f"{split}.jsonl").is_file():
         return [path / f"{split}.jsonl"]
     if split != "train":
