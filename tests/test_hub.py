@@ -58,11 +58,11 @@ pytestmark = pytest.mark.usefixtures("offline_hub_cache")
 
 
 def assert_exact(graph):
-    """Every target's edges plus its constant add up to its input (float32 rounding)."""
+    """Every target's edges plus its constant add up to its input (float32 rounding, as in test_attribution)."""
     targets = torch.tensor(graph.nodes["kind"].isin(["feature", "logit"]).to_numpy())
     total = (graph.adjacency.sum(1) + graph.constants)[targets]
     scale = max(1.0, float(graph.inputs[targets].abs().max()))
-    torch.testing.assert_close(total, graph.inputs[targets], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(total, graph.inputs[targets], rtol=0, atol=2e-5 * scale)
     assert (graph.nodes["kind"] == "feature").sum() > 0
     assert graph.adjacency.abs().sum() > 0
 

@@ -13,6 +13,7 @@ import circuitlab
 from circuitlab import attribution, loading
 from circuitlab import plan as planning
 from circuitlab.cli import main
+from circuitlab import memory
 from circuitlab.plan import GiB, MODEL_SHAPES, TRANSCODER_SHAPES, plan
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -159,7 +160,7 @@ def test_attribute_refusal_splits_device_and_host(tiny_rm, monkeypatch):
              "backward": 0, "patterns": 0, "adjacency": 2 * GiB}
     assert planning.pools(parts, "cuda") == {"cuda": 3 * GiB, "cpu": 2 * GiB}
     free = {"cuda": 10 * GiB, "cpu": 2 * GiB}
-    monkeypatch.setattr(planning, "free_memory", lambda d: free[torch.device(d).type])
+    monkeypatch.setattr(memory, "free_memory", lambda d: free[torch.device(d).type])
     with pytest.raises(circuitlab.CircuitlabError, match="2.0 GiB on the host"):
         planning.check_attribution(parts, "cuda", None, "test")
     free["cpu"] = 3 * GiB
