@@ -36,8 +36,7 @@ def attention_row(rm, prompt, layer: int, head: int, query_pos: int) -> pd.DataF
     q = _check_head(rm, tokens, layer, head, query_pos, None)[0]
     cache = attention_io(rm.model, tokens, layer)
     scores, pattern = cache["scores"][head, q, :q + 1], cache["pattern"][head, q, :q + 1]
-    strs = rm.token_strs(tokens) if hasattr(rm, "token_strs") else [
-        rm.tokenizer.decode([t]) for t in tokens.tolist()]
+    strs = [rm.tokenizer.decode([t]) for t in tokens.tolist()]
     out = pd.DataFrame({"key_pos": range(q + 1), "token": strs[:q + 1],
                         "score": scores.tolist(), "probability": pattern.tolist()})
     return out.sort_values("probability", ascending=False, ignore_index=True)
