@@ -22,6 +22,8 @@ the product by the number of heads a path goes through splits every edge exactly
   target's read brought down, through residual and skips only, to the output of layer
   ``j``'s attention at ``q``.
 * ``remainder``: the paths through two heads or more (``edge - direct - sum loadings``).
+  For a graph traced in a lower precision than the loadings, it also holds the graph's
+  rounding.
 
 An edge with one attention layer between its source and target has no remainder. A
 cross-layer transcoder's feature writes into several layers; ``x_s[j]`` sums those below
@@ -36,24 +38,26 @@ import torch
 
 from .frozen import FrozenBackward
 from .errors import CircuitlabError
-from .graph import Graph
-
-#: Columns of ``head_loadings``.
-COLUMNS = ["source", "target", "edge", "kind", "layer", "head", "weight", "share"]
+from .graph import LOADING_COLUMNS as COLUMNS, Graph
 
 
 def head_loadings(rm, graph: Graph, edges=None, *, top: int | None = None,
-                  dtype: torch.dtype = torch.float32) -> pd.DataFrame:
+                  dtype: torch.dtype = torch.float32, store: bool = False) -> pd.DataFrame:
     """Split edges of ``graph`` into their direct part, one part per attention head, and the
     paths through several heads (see the module docstring).
 
     Args:
-        rm: the ``ReplacementModel`` the graph was traced with.
+        rm: the ``ReplacementModel`` the graph was traced with; ``None`` reads the loadings
+            stored with the graph (``graph.loadings``) instead of computing them.
         graph: the graph (pruned or not).
-        edges: ``(source_id, target_id)`` pairs; ``None`` for every edge of the graph.
+        edges: ``(source_id, target_id)`` pairs; ``None`` for every edge of the graph (or,
+            without a model, every stored edge).
         top: keep the ``top`` heads of each edge by ``|weight|`` and sum the others into one
             ``"other heads"`` row (``None``: a row for every head with a nonzero part).
         dtype: dtype of the computation (float32: exact to rounding).
+        store: also keep the result in ``graph.loadings`` (replacing earlier rows of the
+            same edges), so that ``graph.save`` writes it, ``prune`` keeps it and the
+            explorer shows it without the model. ``top=8`` keeps a saved graph small.
 
     Returns:
         One row per edge and part: ``source, target, edge`` (the edge's weight), ``kind``
@@ -62,9 +66,12 @@ def head_loadings(rm, graph: Graph, edges=None, *, top: int | None = None,
         to its edge weight.
 
     Raises:
-        CircuitlabError: for a graph of another model or transcoders, unknown node ids, or
-            an error node whose folded features the graph does not record.
+        CircuitlabError: for a graph of another model or transcoders, unknown node ids, an
+            error node whose folded features the graph does not record, or (without a
+            model) edges whose loadings were not stored.
     """
+    if rm is None and graph.loadings is not None:
+        return _stored(graph, edges)
     _check_model(rm, graph)
     t_rows, s_rows = _edges(graph, edges)
     trace = rm.run(torch.tensor(graph.tokens, device=rm.device))
@@ -86,7 +93,10 @@ def head_loadings(rm, graph: Graph, edges=None, *, top: int | None = None,
         heads[:, j] = _one_head(fb, j, states[src_index, j], reads[tgt_index, j], p, q)
     edge = graph.adjacency[t_rows, s_rows].to(dtype)
     remainder = edge - direct - heads.sum((1, 2))
-    return _table(graph, t_rows, s_rows, edge, direct, heads, remainder, top)
+    table = _table(graph, t_rows, s_rows, edge, direct, heads, remainder, top)
+    if store:
+        graph.loadings = _merged(graph, table)
+    return table
 
 
 def heads(rm, graph: Graph, node_id: str, edges: int = 10) -> pd.DataFrame:
@@ -117,11 +127,38 @@ def heads(rm, graph: Graph, node_id: str, edges: int = 10) -> pd.DataFrame:
     return per_head.loc[order].reset_index(drop=True)
 
 
+def _stored(graph: Graph, edges) -> pd.DataFrame:
+    """The stored loadings of ``edges`` (all stored ones for ``None``)."""
+    table = graph.loadings
+    if edges is None:
+        return table.copy()
+    pairs = [tuple(e) for e in edges]
+    have = set(zip(table["source"], table["target"]))
+    missing = [p for p in pairs if p not in have]
+    if missing:
+        raise CircuitlabError(f"The graph stores no head loadings for {len(missing)} of these "
+                              f"edges (e.g. {missing[0]}); pass the model it was traced with "
+                              "to compute them (graph.head_loadings(rm, edges)).")
+    keep = pd.Series(list(zip(table["source"], table["target"])), dtype=object).isin(set(pairs)).to_numpy()
+    return table[keep].reset_index(drop=True)
+
+
+def _merged(graph: Graph, table: pd.DataFrame) -> pd.DataFrame:
+    """``graph.loadings`` with the rows of ``table``'s edges replaced by ``table``."""
+    old = graph.loadings
+    if old is not None:
+        new = set(zip(table["source"], table["target"]))
+        old = old[~pd.Series(list(zip(old["source"], old["target"])), dtype=object)
+                  .isin(new).to_numpy()]
+    return graph.kept_loadings(pd.concat([old, table], ignore_index=True))
+
+
 def _check_model(rm, graph: Graph) -> None:
     if rm is None:
-        raise CircuitlabError("Head loadings need the model the graph was traced with: pass it "
+        raise CircuitlabError("Head loadings need the model the graph was traced with, or "
+                              "loadings stored with the graph: pass the model "
                               "(graph.head_loadings(rm) or circuitlab.attention.head_loadings(rm, "
-                              "graph)).")
+                              "graph)), and store=True to keep them with the graph.")
     meta = graph.metadata
     mine = (rm.name, rm.transcoder_source)
     theirs = (meta.get("model"), meta.get("transcoders"))
@@ -151,6 +188,7 @@ def _read_layer(nodes: pd.DataFrame, rows: torch.Tensor, L: int) -> torch.Tensor
     after its attention) for a feature of layer ``l``, ``L`` (the final residual) for a
     logit. States and reads are indexed so: ``k`` for the residual after attention ``k``
     (``k < L``), ``L`` for the final one."""
+    rows = rows.numpy()
     kind, layer = nodes["kind"].to_numpy()[rows], nodes["layer"].to_numpy()[rows]
     return torch.tensor([L if k == "logit" else int(l) for k, l in zip(kind, layer)])
 

@@ -30,6 +30,10 @@ FORMAT = "circuitlab-graph/1"
 
 NODE_COLUMNS = ["node_id", "kind", "layer", "pos", "feature", "activation", "token", "prob", "influence"]
 KINDS = ("feature", "error", "embedding", "logit")
+#: Columns of head loadings (``Graph.loadings``, ``circuitlab.attention.head_loadings``).
+LOADING_COLUMNS = ["source", "target", "edge", "kind", "layer", "head", "weight", "share"]
+#: The parts an edge splits into (``kind`` of a loading row).
+LOADING_KINDS = ("direct", "head", "other heads", "remainder")
 
 
 class Graph:
@@ -50,9 +54,13 @@ class Graph:
         pinned: node ids pinned in the explorer.
         path: the folder the graph was loaded from or saved to (its ``labels.json``
             sidecar keeps labels, supernodes and pins), or ``None``.
+        loadings: stored head loadings of some edges (``LOADING_COLUMNS``; see
+            ``circuitlab.attention.head_loadings(..., store=True)``), or ``None``. They are
+            saved with the graph and kept by ``subgraph`` and ``prune`` for the edges left.
     """
 
-    def __init__(self, prompt, tokens, token_strs, rows, adjacency, inputs, constants, metadata):
+    def __init__(self, prompt, tokens, token_strs, rows, adjacency, inputs, constants, metadata,
+                 loadings: pd.DataFrame | None = None):
         self.prompt = prompt
         self.tokens = list(tokens)
         self.token_strs = list(token_strs)
@@ -65,6 +73,7 @@ class Graph:
         self.supernodes: dict[str, list[str]] = {}
         self.pinned: list[str] = []
         self.path: Path | None = None
+        self.loadings = None if loadings is None else self.kept_loadings(loadings)
 
     def __repr__(self) -> str:
         counts = self.nodes["kind"].value_counts().to_dict()
@@ -122,9 +131,23 @@ class Graph:
         sub = Graph(self.prompt, self.tokens, self.token_strs, nodes, adj[idx][:, idx].clone(),
                     self.inputs[idx].clone(), self.constants[idx].clone(),
                     {**self.metadata, **metadata})
+        if self.loadings is not None:
+            sub.loadings = sub.kept_loadings(self.loadings)
         sub.annotate(self.annotations())
         sub.path = self.path
         return sub
+
+    def kept_loadings(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The rows of a head-loading table whose edge is in this graph (both nodes, and a
+        nonzero weight), with ``edge`` and ``share`` from this graph's adjacency."""
+        ids = {n: i for i, n in enumerate(self.nodes["node_id"])}
+        t, s = table["target"].map(ids), table["source"].map(ids)
+        known = t.notna() & s.notna()
+        table, t, s = table[known], t[known].astype(int).to_numpy(), s[known].astype(int).to_numpy()
+        edge = self.adjacency[t, s].double().numpy()
+        table = table.assign(edge=edge)[edge != 0]
+        table["share"] = table["weight"] / table["edge"]
+        return table[LOADING_COLUMNS].reset_index(drop=True)
 
     # ------------------------------------------------------------------ annotations and viewing
 
@@ -217,7 +240,8 @@ class Graph:
         with atomic_dir(path, "the previous graph there is intact.",
                         carry_except=set(GRAPH_FILES)) as tmp:
             save_file({"adjacency": self.adjacency.contiguous(), "inputs": self.inputs,
-                       "constants": self.constants}, tmp / "graph.safetensors")
+                       "constants": self.constants, **_loading_tensors(self)},
+                      tmp / "graph.safetensors")
             nodes = self.nodes.astype(object).where(self.nodes.notna(), None)
             doc = {"format": FORMAT, "prompt": self.prompt, "tokens": self.tokens,
                    "token_strs": self.token_strs, "metadata": self.metadata,
@@ -252,6 +276,7 @@ class Graph:
         except (SafetensorError, OSError, ValueError) as err:
             raise CircuitlabError(f"{path / 'graph.safetensors'} cannot be read ({err}); {fix}") from None
         graph = cls(**_checked_parts(doc, tensors, path, fix))
+        graph.loadings = _loading_table(graph, tensors, path, fix)
         graph.annotate(sidecar.read(path))
         graph.path = path
         return graph
@@ -328,3 +353,45 @@ def _node_table(rows) -> pd.DataFrame:
     return nodes[NODE_COLUMNS].reset_index(drop=True).astype(
         {"layer": "int64", "pos": "int64", "feature": "int64", "activation": "float64",
          "prob": "float64", "influence": "float64"})
+
+
+def _loading_tensors(graph: Graph) -> dict:
+    """The stored head loadings as tensors: node rows, part kind, layer, head and weight
+    per row (empty without loadings)."""
+    table = graph.loadings
+    if table is None:
+        return {}
+    ids = {n: i for i, n in enumerate(graph.nodes["node_id"])}
+    return {"loadings.source": torch.tensor(table["source"].map(ids).to_numpy(), dtype=torch.int32),
+            "loadings.target": torch.tensor(table["target"].map(ids).to_numpy(), dtype=torch.int32),
+            "loadings.kind": torch.tensor(table["kind"].map(LOADING_KINDS.index).to_numpy(),
+                                          dtype=torch.int8),
+            "loadings.layer": torch.tensor(table["layer"].to_numpy(), dtype=torch.int16),
+            "loadings.head": torch.tensor(table["head"].to_numpy(), dtype=torch.int16),
+            "loadings.weight": torch.tensor(table["weight"].to_numpy(), dtype=torch.float32)}
+
+
+def _loading_table(graph: Graph, tensors: dict, path: Path, fix: str) -> pd.DataFrame | None:
+    """The head-loading table of a saved graph's tensors (``None`` if it stored none)."""
+    keys = ("source", "target", "kind", "layer", "head", "weight")
+    if not any(f"loadings.{k}" in tensors for k in keys):
+        return None
+    parts = {k: tensors.get(f"loadings.{k}") for k in keys}
+    n = len(graph.nodes)
+
+    def within(v, high):
+        return len(v) == 0 or (int(v.min()) >= 0 and int(v.max()) < high)
+
+    if (any(v is None or v.dim() != 1 or len(v) != len(parts["weight"]) for v in parts.values())
+            or not (within(parts["source"], n) and within(parts["target"], n)
+                    and within(parts["kind"], len(LOADING_KINDS)))):
+        raise CircuitlabError(f"{path / 'graph.safetensors'} holds damaged head loadings; {fix}")
+    ids = graph.nodes["node_id"].to_numpy()
+    table = pd.DataFrame({"source": ids[parts["source"].long().numpy()],
+                          "target": ids[parts["target"].long().numpy()],
+                          "edge": 0.0,
+                          "kind": [LOADING_KINDS[k] for k in parts["kind"].tolist()],
+                          "layer": parts["layer"].long().numpy(),
+                          "head": parts["head"].long().numpy(),
+                          "weight": parts["weight"].double().numpy(), "share": 0.0})
+    return graph.kept_loadings(table)

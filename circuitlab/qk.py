@@ -68,6 +68,8 @@ def qk(rm, prompt, layer: int, head: int, query_pos: int, key_pos: int, *,
 
     Returns:
         The ``top`` pairs: ``query, key`` (component names), ``query_kind, key_kind``,
+        ``query_node, key_node`` (the graph node id of an embedding, feature or error
+        component, as ``Graph.nodes.node_id`` spells it; ``""`` for the others),
         ``contribution`` and ``share`` (of the score), strongest first. ``attrs`` holds
         ``score`` (the model's), ``probability`` (the head's attention from query to key),
         ``top_share`` (the share of the score the listed pairs carry) and ``n_pairs``.
@@ -89,7 +91,7 @@ def qk(rm, prompt, layer: int, head: int, query_pos: int, key_pos: int, *,
     names_k, comps_k = _components(rm, trace, cache, layer, k)
     Q = _project(rm, trace, cache, layer, head, q, comps_q, "Q")
     K = _project(rm, trace, cache, layer, head, k, comps_k, "K")
-    names_q, names_k = names_q + [("bias", "query bias")], names_k + [("bias", "key bias")]
+    names_q, names_k = names_q + [("bias", "query bias", "")], names_k + [("bias", "key bias", "")]
     attn = rm.model.blocks[layer].attn
     table = (Q @ K.T) / attn.attn_scale
     raw = float(table.sum())
@@ -99,10 +101,10 @@ def qk(rm, prompt, layer: int, head: int, query_pos: int, key_pos: int, *,
     flat = table.flatten()
     order = flat.abs().argsort(descending=True)[:top]
     nk = len(names_k)
-    rows = [{"query": names_q[i // nk][1], "key": names_k[i % nk][1],
-             "query_kind": names_q[i // nk][0], "key_kind": names_k[i % nk][0],
-             "contribution": float(flat[i])} for i in order.tolist()]
-    out = pd.DataFrame(rows, columns=["query", "key", "query_kind", "key_kind", "contribution"])
+    columns = ["query", "key", "query_kind", "key_kind", "query_node", "key_node", "contribution"]
+    rows = [(names_q[i // nk][1], names_k[i % nk][1], names_q[i // nk][0], names_k[i % nk][0],
+             names_q[i // nk][2], names_k[i % nk][2], float(flat[i])) for i in order.tolist()]
+    out = pd.DataFrame(rows, columns=columns)
     out["share"] = out["contribution"] / score if score != 0 else float("nan")
     out.attrs.update(score=score, probability=float(cache["pattern"][head, q, k]),
                      top_share=float(flat[order].sum() / score) if score != 0 else float("nan"),
@@ -139,11 +141,12 @@ def _check_head(rm, tokens, layer, head, query_pos, key_pos) -> tuple[int, int |
 
 def _components(rm, trace, cache, layer: int, pos: int) -> tuple[list, torch.Tensor]:
     """The residual stream entering ``layer`` at ``pos`` as named components ``[n, d]``
-    (kind, name) that sum to it."""
+    (kind, name, graph node id or ``""``) that sum to it."""
     L, d = rm.n_layers, rm.d_model
-    tok = rm.tokenizer.decode([int(trace.tokens[pos])])
+    token = int(trace.tokens[pos])
     examples = find_examples(rm)[0]
-    names, vecs = [("embedding", f"Emb {tok!r}")], [trace.embed[pos].float()]
+    names = [("embedding", f"Emb {rm.tokenizer.decode([token])!r}", f"E_{token}_{pos}")]
+    vecs = [trace.embed[pos].float()]
     features: dict = {}
     for l in range(layer):
         block = rm.model.blocks[l]
@@ -153,9 +156,9 @@ def _components(rm, trace, cache, layer: int, pos: int) -> tuple[list, torch.Ten
             post = (block.ln1_post.w / trace.scales[scale_name("ln1_post", l)][pos]).float()
         W_O = attn.W_O.detach().float()  # [H, dh, d]
         for h in range(W_O.shape[0]):
-            names.append(("head", f"head {l}.{h}"))
+            names.append(("head", f"head {l}.{h}", ""))
             vecs.append(post * (cache["z"][l][pos, h].float() @ W_O[h]))
-        names.append(("bias", f"attention bias L{l}"))
+        names.append(("bias", f"attention bias L{l}", ""))
         vecs.append(post * attn.b_O.detach().float())
         pos_f, feat, act = trace.features[l]
         here = pos_f == pos
@@ -166,11 +169,12 @@ def _components(rm, trace, cache, layer: int, pos: int) -> tuple[list, torch.Ten
             features[key] = features.get(key, 0) + w
         skip = rm.decode(l, [None] * L, trace.mlp_in[l][pos:pos + 1])[0].float()
         bias = rm.decode(l, [None] * L, torch.zeros_like(trace.mlp_in[l][pos:pos + 1]))[0].float()
-        names += [("skip", f"skip L{l}"), ("bias", f"decoder bias L{l}"), ("error", f"error L{l}")]
+        names += [("skip", f"skip L{l}", ""), ("bias", f"decoder bias L{l}", ""),
+                  ("error", f"error L{l}", f"{l}_-1_{pos}")]
         vecs += [skip - bias, bias, trace.errors[l, pos].float()]
     for (l, f), w in features.items():
         label = examples.label(l, f) if examples is not None else ""
-        names.append(("feature", f"L{l}/F{f}" + (f" {label}" if label else "")))
+        names.append(("feature", f"L{l}/F{f}" + (f" {label}" if label else ""), f"{l}_{f}_{pos}"))
         vecs.append(w)
     vecs = torch.stack(vecs)
     resid = cache["resid_pre"][pos].float()

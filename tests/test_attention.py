@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_clt, tiny_model, tiny_transcoders
@@ -203,6 +204,36 @@ def test_folded_error_nodes_and_a_pruned_graph():
     assert counts.max() <= 2 and "other heads" in set(top.kind)
     sums = top.groupby(["source", "target"]).agg(w=("weight", "sum"), e=("edge", "first"))
     assert (sums.w - sums.e).abs().max() < 1e-5
+
+
+def test_stored_loadings_survive_prune_save_and_load(tmp_path):
+    """``store=True`` keeps the loadings with the graph: pruning keeps those of the edges
+    left, a saved graph reloads them (float32 weights), and without the model they are read
+    back, the same as computed; edges never stored are refused by name."""
+    rm = make_rm("gemma3", "clt", seed=7)
+    graph = graph_of(rm)
+    every = head_loadings(rm, graph, top=3, store=True)
+    pruned = graph.prune(0.8, 0.9)
+    kept = set(zip(pruned.edges().source, pruned.edges().target))
+    assert set(zip(pruned.loadings.source, pruned.loadings.target)) == kept
+    pruned.save(tmp_path / "g")
+    back = circuitlab.Graph.load(tmp_path / "g")
+    stored = back.head_loadings()  # no model: the stored rows
+    want = every[pd.Series(list(zip(every.source, every.target)), dtype=object).isin(kept).to_numpy()]
+    key = ["source", "target", "kind", "layer", "head"]
+    merged = stored.merge(want, on=key, suffixes=("", "_want"))
+    assert len(merged) == len(stored) == len(want)
+    assert (merged.weight - merged.weight_want).abs().max() < 1e-6 * every.edge.abs().max()
+    sums = stored.groupby(["source", "target"]).agg(w=("weight", "sum"), e=("edge", "first"))
+    assert (sums.w - sums.e).abs().max() < 1e-5
+    s, t = next(iter(kept))
+    assert len(back.head_loadings(edges=[(s, t)])) >= 3
+    one = head_loadings(rm, graph, [(s, t)])  # a single edge computed
+    assert one.weight.sum() == pytest.approx(float(one.edge.iloc[0]), abs=1e-5)
+    ids = graph.nodes.node_id
+    with pytest.raises(CircuitlabError, match="stores no head loadings"):
+        pruned.head_loadings(None, [(ids.iloc[0], ids.iloc[0])])
+    assert list(back.heads(None, t, edges=1).columns) == ["layer", "head", "weight", "share"]
 
 
 def test_bad_input():

@@ -234,6 +234,53 @@ def test_viewer_pins_supernodes_search(browser, demo):
     page.close()
 
 
+def test_viewer_head_loadings_and_qk(browser, gemma, demo, tmp_path):
+    """Exported with the model, the file holds the head loadings of the strongest links and
+    the QK tables of their strongest heads: clicking a link's "heads" button lists its
+    parts as ``graph.head_loadings`` computes them (summing to the link's weight), and
+    clicking a head shows its attention row and QK pairs with the model's own score."""
+    base, _ = demo
+    page = open_viewer(browser, base.to_html(tmp_path / "heads.html", gemma, prune=False))
+    try:
+        api = "window.circuitlab"
+        heads = page.evaluate(f"{api}.data.heads")
+        assert len(heads["loadings"]) == heads["budget"]["links"] and heads["qk"]
+        pos = dict(zip(base.nodes.node_id, base.nodes.pos))
+        chosen = None
+        for key, rows in heads["loadings"].items():  # a cross-position link with a QK table
+            s, t = key.split(">")
+            tables = [r for r in rows if r[0] == "head"
+                      and f"{r[1]}/{r[2]}/{pos[t]}/{pos[s]}" in heads["qk"]]
+            if pos[s] == pos[t] or not tables:
+                continue
+            page.evaluate(f"r => {api}.select(r)", page.evaluate(f"id => {api}.index(id)", t))
+            if page.locator(f'#cl-connections button[data-link="{key}"]').count():
+                chosen = s, t, tables[0]
+                break
+        assert chosen, "no link of the top ones has its QK table and a button"
+        s, t, (_, layer, head, _) = chosen
+        page.locator(f'#cl-connections button[data-link="{s}>{t}"]').first.click()
+        page.wait_for_selector(f'#cl-link .cl-row[data-head="{layer}.{head}"]')
+        shown = [line.split() for line in page.inner_text("#cl-link").splitlines()
+                 if line.strip() and line.split()[0][0] in "+-"]
+        want = base.head_loadings(gemma, [(s, t)], top=6)
+        edge = float(want.edge.iloc[0])
+        assert sum(float(x[0]) for x in shown) == pytest.approx(edge, abs=1e-3 * abs(edge) + 1e-4)
+        for row in want[want.kind == "head"].itertuples():
+            match = [x for x in shown if x[-1] == f"L{row.layer}.H{row.head}"]
+            assert match and float(match[0][0]) == pytest.approx(row.weight, abs=1e-4)
+        page.locator(f'#cl-link .cl-row[data-head="{layer}.{head}"]').click()
+        page.wait_for_function("document.querySelector('#cl-qk').innerText.includes('score')")
+        text = page.inner_text("#cl-qk")
+        table = gemma.qk(base, layer, head, pos[t], pos[s], top=10)
+        assert f"score {table.attrs['score']:.3g}" in text
+        assert f"Head L{layer}.H{head}: query {pos[t]}" in text
+        assert table["query"].iloc[0].split(" ")[0] in text
+        page.screenshot(path=str(tmp_path / "heads.png"))
+    finally:
+        page.close()
+
+
 def test_exported_html_user_text_stays_inert(browser, tiny_rm, tmp_path):
     prompt = "<script>pwned=3</script>"
     g = circuitlab.attribute(tiny_rm, prompt, max_feature_nodes=None, progress=False).prune(0.9, 0.99)
@@ -387,6 +434,15 @@ def test_jupyterlab_widget(browser, lab, tmp_path):
         page.wait_for_function("document.querySelector('.cl-root #cl-card').innerText.trim().length > 0"
                                " && !document.querySelector('.cl-root #cl-card').innerText.includes('loading')")
         assert cell_output(page, 1, "SELECTED=") == ids[feature]
+        page.locator(".cl-root #cl-connections button[data-link]").first.click()
+        page.wait_for_selector(".cl-root #cl-link .cl-row[data-head]")  # computed in the kernel
+        parts = [float(line.split()[0]) for line in page.inner_text(".cl-root #cl-link").splitlines()
+                 if line.strip() and line.split()[0][0] in "+-"]
+        weight = float(page.inner_text(".cl-root #cl-link").split("weight ", 1)[1].split()[0])
+        assert sum(parts) == pytest.approx(weight, rel=5e-3, abs=1e-3)  # the parts add up
+        page.locator(".cl-root #cl-link .cl-row[data-head]").first.click()
+        page.wait_for_function("document.querySelector('.cl-root #cl-qk').innerText.includes('score')")
+        assert "query component" in page.inner_text(".cl-root #cl-qk") and parts
 
         page.fill(".cl-root #cl-label", "from the <b>widget</b>")
         page.click(".cl-root #cl-set-label")

@@ -18,6 +18,8 @@ import traitlets
 from ..errors import CircuitlabError
 from ..prune import scores
 from .card import card_data, fetch
+from ..attention import head_loadings
+from .heads import HEADS_PER_LINK, link_key, loadings_data, qk_data, qk_key
 from .html import front_end, payload, script_json
 from .state import ViewState
 
@@ -40,12 +42,16 @@ function render({ model, el }) {
       model.save_changes();
     },
     card(request) { model.send({ type: "card", ...request }); },
+    ask(request) { model.send(request); },
   };
   const api = circuitlabViewer(root, JSON.parse(model.get("_data")), bridge);
   const names = ["selected", "pinned", "labels", "supernodes", "grid"];
   const sync = () => api.update(Object.fromEntries(names.map((k) => [k, model.get(k)])));
   names.forEach((k) => model.on("change:" + k, sync));
-  model.on("msg:custom", (msg) => { if (msg.type === "card") api.setCard(msg.key, msg.card); });
+  model.on("msg:custom", (msg) => {
+    if (msg.type === "card") api.setCard(msg.key, msg.card);
+    else api.answer(msg);
+  });
 }
 export default { render };
 """
@@ -82,7 +88,7 @@ class Explorer(anywidget.AnyWidget):
     def __init__(self, graph, rm=None, *, prune: bool = True, height: int = 640):
         self.state = ViewState(graph, prune, rm)
         self.state.set_thresholds(1.0, 1.0)
-        data = payload(self.state)
+        data = payload(self.state, precompute=False)
         self._thresholds = (data["grid"]["node"], data["grid"]["edge"])
         super().__init__(_plotly=plotly.offline.get_plotlyjs(), _data=script_json(data),
                          height=height, grid=list(data["grid"]["default"]))
@@ -189,8 +195,14 @@ class Explorer(anywidget.AnyWidget):
             self.selected = None
 
     def _on_message(self, widget, content, buffers) -> None:
-        """A card the page asks for: computed on the model (live examples) when there is one."""
-        if not isinstance(content, dict) or content.get("type") != "card":
+        """What the page asks for: a card (computed on the model, with live examples, when
+        there is one), a link's head loadings or a head's QK table (on the model)."""
+        if not isinstance(content, dict):
+            return
+        kind = content.get("type")
+        if kind in ("loadings", "qk"):
+            self.send(self._attention(content))
+        if kind != "card":
             return
         layer, feature, node = int(content["layer"]), int(content["feature"]), content["node"]
         s = self.state
@@ -204,3 +216,24 @@ class Explorer(anywidget.AnyWidget):
         data["contexts"] = [[q, [list(vocab)[t] for t in toks], acts]
                             for q, toks, acts in data["contexts"]]
         self.send({"type": "card", "key": f"{layer}/{feature}", "card": data})
+
+    def _attention(self, request: dict) -> dict:
+        """The answer to a request for a link's head loadings or a head's QK table: the
+        data, or an error message the page shows."""
+        s = self.state
+        if request["type"] == "loadings":
+            key = link_key(request["source"], request["target"])
+            answer = {"type": "loadings", "key": key}
+        else:
+            args = [int(request[k]) for k in ("layer", "head", "q", "k")]
+            answer = {"type": "qk", "key": qk_key(*args)}
+        if s.rm is None:
+            return {**answer, "error": "no model: pass the model to show() to compute this"}
+        try:
+            if request["type"] == "loadings":
+                edge = [(request["source"], request["target"])]
+                table = head_loadings(s.rm, s.shown, edge, top=HEADS_PER_LINK)
+                return {**answer, "rows": loadings_data(table).get(answer["key"], [])}
+            return {**answer, "table": qk_data(s.rm, s.shown, *args)}
+        except CircuitlabError as err:
+            return {**answer, "error": str(err)}

@@ -30,6 +30,7 @@ from ..sidecar import FORMAT
 from .card import card_data
 from .figure import OPACITY, SYMBOLS, fill_colours, graph_figure, hover_details
 from .grid import prune_grid
+from .heads import heads_payload
 from .layout import layout, rows
 from .legend import BACKBONE_LINKS, LEGEND, MAX_LINKS, N_TEXT
 from .links import MAGNITUDES, N_BINS, bin_style
@@ -112,15 +113,19 @@ def grid_data(state: ViewState) -> tuple[dict, dict]:
     return grid, edges
 
 
-def payload(state: ViewState) -> dict:
-    """Everything the viewer needs, for the display graph (``state`` at thresholds 1)."""
+def payload(state: ViewState, precompute: bool = True) -> dict:
+    """Everything the viewer needs, for the display graph (``state`` at thresholds 1).
+
+    ``precompute``: with the model, compute the head loadings and QK tables of the
+    strongest links (``viz.heads``); without, only the loadings the graph stores."""
     nodes = state.shown.nodes
     records = nodes.to_dict("records")
     grid, edges = grid_data(state)
     layout_json = json.loads(graph_figure(state).to_json())["layout"]
     card_map, vocab = cards(state)
     return {
-        "prompt": state.source.prompt, "format": FORMAT, "kinds": list(KINDS),
+        "prompt": state.source.prompt, "tokens": list(state.shown.token_strs), "format": FORMAT,
+        "kinds": list(KINDS),
         "symbols": SYMBOLS, "opacity": OPACITY, "max_links": MAX_LINKS, "n_text": N_TEXT,
         "nodes": {"id": state.ids, "auto": [node_name(r, {}, state.examples) for r in records],
                   "kind": nodes["kind"].tolist(), "layer": nodes["layer"].tolist(),
@@ -135,6 +140,7 @@ def payload(state: ViewState) -> dict:
         "bins": {"magnitudes": MAGNITUDES, "colours": [bin_style(b)[0] for b in range(N_BINS)],
                  "widths": [bin_style(b)[1] for b in range(N_BINS)]},
         "layout": {k: layout_json[k] for k in ("xaxis", "yaxis", "margin", "hovermode", "dragmode")},
+        "heads": heads_payload(state.shown, state.rm if precompute else None),
         "cards": card_map, "vocab": vocab, "legend": LEGEND, "backbone_links": BACKBONE_LINKS,
         "no_examples": NO_EXAMPLES,
         "labels": dict(state.labels), "pinned": list(state.pinned),
@@ -148,7 +154,9 @@ def to_html(graph, path: str | os.PathLike, rm=None, *, prune: bool = True) -> P
     Args:
         graph: the ``Graph`` (its labels, supernodes and pins are included).
         path: the ``.html`` file to write (atomically).
-        rm: optional ``ReplacementModel`` for the features' output tokens (hovers, cards).
+        rm: optional ``ReplacementModel``: the features' output tokens (hovers, cards), and
+            the head loadings and QK tables of the strongest links (``viz.heads``; without
+            it, the file shows the loadings the graph stores).
         prune: prune an unpruned graph for display first (``graph.prune()`` defaults); the
             sliders then prune that display graph further, starting at a few hundred
             features at most.

@@ -3,7 +3,8 @@
 // from the payload data (nodes, edges as base64 typed arrays with the grid pruning codes,
 // layouts, cards, labels, pins and supernodes). bridge is null in the HTML file; in the
 // notebook it carries changes back to Python (bridge.changed) and asks Python for the cards
-// of features without cached examples (bridge.card). Every user text goes into the page
+// of features without cached examples (bridge.card) and for the head loadings and QK tables
+// the file does not hold (bridge.ask, answered through api.answer). Every user text goes into the page
 // through textContent, and into Plotly texts through esc(); annotations changed here can be
 // downloaded as labels.json.
 var SKELETON = '<header><b id="cl-title"></b>' +
@@ -19,6 +20,7 @@ var SKELETON = '<header><b id="cl-title"></b>' +
   '<div id="cl-selection"></div>' +
   '<div id="cl-node-tools" hidden><button id="cl-pin">pin / unpin</button>' +
   '<input id="cl-label" placeholder="label of the selected node"><button id="cl-set-label">set label</button></div>' +
+  '<div id="cl-link"></div><div id="cl-qk"></div>' +
   '<div id="cl-card"></div><div id="cl-connections"></div>' +
   '<div class="cl-title">Subgraph: pinned nodes and supernodes</div><div id="cl-pinned"></div>' +
   '<div><input id="cl-group-name" placeholder="supernode name"><button id="cl-group">group pinned</button></div>' +
@@ -49,7 +51,8 @@ function circuitlabViewer(root, data, bridge) {
   N.id.forEach(function (id, r) { index[id] = r; });
 
   var state = { i: G["default"][0], j: G["default"][1], hovered: null, selected: null,
-                pinned: [], labels: Object.assign({}, data.labels), supernodes: {}, linkType: "both" };
+                pinned: [], labels: Object.assign({}, data.labels), supernodes: {}, linkType: "both",
+                link: null, head: null };
   data.pinned.forEach(function (id) { if (id in index) state.pinned.push(id); });
   Object.keys(data.supernodes).forEach(function (k) { state.supernodes[k] = data.supernodes[k].slice(); });
   var kept = new Uint8Array(E), shown = new Uint8Array(n), total = new Float64Array(n), share = new Float32Array(E);
@@ -213,9 +216,15 @@ function circuitlabViewer(root, data, bridge) {
         .sort(function (a, b) { return Math.abs(w[b]) - Math.abs(w[a]); });
       box.appendChild(el("div", s[0] + ", " + (s[2] > 0 ? "positive" : "negative") + " (" + list.length + ")", "cl-title"));
       list.slice(0, 25).forEach(function (e) {
-        var o = s[1] === "input" ? src[e] : tgt[e];
-        box.appendChild(row((w[e] > 0 ? "+" : "") + w[e].toFixed(3) + "  " + (N.place[o] + "    ").slice(0, 5) + name(o) +
+        var o = s[1] === "input" ? src[e] : tgt[e], x = el("div", undefined, "cl-link-row");
+        var heads = el("button", "heads", "cl-heads-button");
+        heads.title = "which attention heads carry this link";
+        heads.dataset.link = N.id[src[e]] + ">" + N.id[tgt[e]];
+        heads.addEventListener("click", function () { showLink(e); });
+        x.appendChild(heads);
+        x.appendChild(row((w[e] > 0 ? "+" : "") + w[e].toFixed(3) + "  " + (N.place[o] + "    ").slice(0, 5) + name(o) +
           (N.pos[o] !== N.pos[r] ? "  ↔pos" : ""), o));
+        box.appendChild(x);
       });
     });
   }
@@ -268,6 +277,7 @@ function circuitlabViewer(root, data, bridge) {
     if (r === null) {
       sel.appendChild(el("i", "hover a node for its links; click to select it (shift-click pins it)"));
       $("cl-connections").replaceChildren(); $("cl-card").replaceChildren();
+      $("cl-link").replaceChildren(); $("cl-qk").replaceChildren(); state.link = state.head = null;
     } else {
       sel.appendChild(el("div", name(r), "cl-heading"));
       sel.appendChild(el("div", (N.kind[r] === "feature" ? fid(r) + " · " : "") + "node " + N.id[r], "cl-muted"));
@@ -275,6 +285,86 @@ function circuitlabViewer(root, data, bridge) {
       card(r); connections(r);
     }
     subgraphPanel();
+  }
+
+  // ------------------------------------------------------------------ attention: head loadings, QK tables
+  var H = data.heads, asked = {};
+  function pct(x) { return x === null || !isFinite(x) ? "–" : (100 * x).toFixed(0) + "%"; }
+  function tokenAt(p) { return JSON.stringify(data.tokens[p]); }
+  function ask(key, request, box) {  // a notebook computes what the file lacks
+    if (!(bridge && bridge.ask)) return false;
+    if (!asked[key]) { asked[key] = true; bridge.ask(request); }
+    box.appendChild(el("i", "computing on the model…"));
+    return true;
+  }
+  function showLink(e) {  // which heads carry link e: direct + heads + other heads + remainder = weight
+    var s = src[e], t = tgt[e], key = N.id[s] + ">" + N.id[t], box = $("cl-link"), rows = H.loadings[key];
+    state.link = e;
+    box.replaceChildren(); $("cl-qk").replaceChildren();
+    box.appendChild(el("div", "Link " + name(s) + " → " + name(t), "cl-title"));
+    box.appendChild(el("div", "weight " + w[e].toPrecision(3) + (N.pos[s] === N.pos[t] ? " · within position " + N.pos[s]
+      : " · from position " + N.pos[s] + " " + tokenAt(N.pos[s]) + " to " + N.pos[t] + " " + tokenAt(N.pos[t])), "cl-muted"));
+    if (H.errors && H.errors[key]) { box.appendChild(el("div", H.errors[key], "cl-error")); return; }
+    if (!rows) {
+      if (!ask(key, { type: "loadings", source: N.id[s], target: N.id[t] }, box))
+        box.appendChild(el("i", "This file holds the head loadings of the " + H.budget.links + " strongest links and of those stored " +
+          "with the graph; store this one (graph.head_loadings(rm, edges, store=True)) or open the graph in a notebook with its model."));
+      return;
+    }
+    box.appendChild(el("div", "its parts (direct: no head; remainder: through several heads); click a head for its QK table", "cl-muted"));
+    rows.filter(function (x) { return x[3] !== 0 || x[0] === "remainder"; })  // no empty "direct" or "other heads"
+      .sort(function (a, b) { return Math.abs(b[3]) - Math.abs(a[3]); }).forEach(function (x) {
+      var what = x[0] === "head" ? "head L" + x[1] + ".H" + x[2] : x[0];
+      var line = el("div", ((x[3] >= 0 ? "+" : "") + x[3].toFixed(4) + "      ").slice(0, 9) + (pct(x[3] / w[e]) + "     ").slice(0, 6) + what, "cl-row");
+      if (x[0] === "head") {
+        line.dataset.head = x[1] + "." + x[2];
+        line.addEventListener("click", function () { showQK(x[1], x[2], N.pos[t], N.pos[s]); });
+      }
+      box.appendChild(line);
+    });
+  }
+  function side(text, id) {  // one component of a QK pair: selects its node when it is shown
+    var r = index[id], x = el("span", short(text), r !== undefined && shown[r] ? "cl-pick" : undefined);
+    x.title = text;
+    if (r !== undefined && shown[r]) x.addEventListener("click", function () { select(r); });
+    return x;
+  }
+  function showQK(layer, head, q, k) {  // why head (layer, head) attends from q to k
+    var key = [layer, head, q, k].join("/"), box = $("cl-qk"), c = H.qk[key];
+    state.head = [layer, head, q, k];
+    box.replaceChildren();
+    box.appendChild(el("div", "Head L" + layer + ".H" + head + ": query " + q + " " + tokenAt(q) + ", key " + k + " " + tokenAt(k), "cl-title"));
+    if (!c) {
+      if (!ask(key, { type: "qk", layer: layer, head: head, q: q, k: k }, box))
+        box.appendChild(el("i", "This file holds the QK tables of the " + H.budget.qk + " strongest head paths; open the graph in a notebook with its model for this one (rm.qk)."));
+      return;
+    }
+    if (c.error) { box.appendChild(el("div", c.error, "cl-error")); return; }
+    box.appendChild(el("div", "score " + c.score.toPrecision(3) + " · attention " + pct(c.probability) +
+      " · the " + c.pairs.length + " pairs below carry " + pct(c.top_share) + " of the score", "cl-muted"));
+    box.appendChild(el("div", "where it attends from position " + q, "cl-title"));
+    c.row.forEach(function (x) {
+      var line = el("div", (pct(x[3]) + "     ").slice(0, 6) + (x[0] + "    ").slice(0, 5) + JSON.stringify(x[1]), "cl-row");
+      if (x[0] === k) line.style.fontWeight = "bold";
+      line.addEventListener("click", function () { showQK(layer, head, q, x[0]); });
+      box.appendChild(line);
+    });
+    box.appendChild(el("div", "query component × key component", "cl-title"));
+    c.pairs.forEach(function (p) {
+      var line = el("div", undefined, "cl-pair");
+      line.appendChild(el("span", ((p[4] >= 0 ? "+" : "") + p[4].toFixed(3) + "      ").slice(0, 8) + (pct(c.score ? p[4] / c.score : null) + "     ").slice(0, 6)));
+      line.appendChild(side(p[0], p[1])); line.appendChild(el("span", " × ")); line.appendChild(side(p[2], p[3]));
+      box.appendChild(line);
+    });
+  }
+  function answer(msg) {  // the model's answer to bridge.ask
+    if (msg.type === "loadings") {
+      if (msg.error) (H.errors = H.errors || {})[msg.key] = msg.error; else H.loadings[msg.key] = msg.rows;
+      if (state.link !== null && N.id[src[state.link]] + ">" + N.id[tgt[state.link]] === msg.key) showLink(state.link);
+    } else if (msg.type === "qk") {
+      H.qk[msg.key] = msg.error ? { error: msg.error } : msg.table;
+      if (state.head && state.head.join("/") === msg.key) showQK.apply(null, state.head);
+    }
   }
 
   // ------------------------------------------------------------------ subgraph
@@ -465,7 +555,8 @@ function circuitlabViewer(root, data, bridge) {
   });
   var api = { state: state, data: data, select: select, togglePin: togglePin, setGrid: setGrid,
               search: search, sidecar: sidecar, drawn: function () { return drawnCount; },
-              index: function (id) { return index[id]; }, update: update, setCard: setCard };
+              index: function (id) { return index[id]; }, update: update, setCard: setCard,
+              showLink: showLink, showQK: showQK, answer: answer };
   root.circuitlab = api;
   window.circuitlab = api;
   return api;
