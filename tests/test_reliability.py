@@ -383,8 +383,11 @@ def _versions(out: Path) -> dict:
 
 
 def _temp_pids(out: Path) -> set[int]:
-    """The process ids in the names of the temporary files and folders under ``out``."""
-    names = (p.name for p in out.rglob(".*"))
+    """The process ids in the names of the temporary files and folders under ``out``.
+
+    ``os.walk`` skips a folder that the live writer removes while it is being listed
+    (``Path.rglob`` raises instead)."""
+    names = (name for _, dirs, files in os.walk(out) for name in dirs + files if name.startswith("."))
     return {int(m[1]) for m in map(re.compile(r"\..+\.(\d+)\.\w+").fullmatch, names) if m}
 
 
