@@ -17,8 +17,7 @@ _EXPORTS = {
     "ReplacementModel": "replacement", "explore": "viz", "compare": "comparison",
     "swap": "interventions", "set_to": "interventions", "scale": "interventions",
     "ablate": "interventions", "add": "interventions", "Claims": "claims",
-    "plan": "plan",  # the module itself, callable as its plan() (see circuitlab.plan)
-    "trace_many": "batch", "aggregate": "aggregation",
+    "plan": "sizing", "trace_many": "batch", "aggregate": "aggregation",
 }
 
 __all__ = ["CircuitlabError", *_EXPORTS]
@@ -32,16 +31,15 @@ if TYPE_CHECKING:
     from .graph import Graph
     from .interventions import ablate, add, scale, set_to, swap
     from .loading import load
-    from .plan import plan
     from .replacement import ReplacementModel
+    from .sizing import plan
     from .viz import explore
 
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'circuitlab' has no attribute {name!r}")
-    module = import_module(f".{_EXPORTS[name]}", __name__)
-    value = module if _EXPORTS[name] == name else getattr(module, name)
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
 

@@ -23,10 +23,10 @@ import pandas as pd
 from . import checks
 from .batch import BatchResult, prompt_id, read_summary
 from .cards import find_examples
-from .comparison import _influence, compare
+from .comparison import compare, influence_of
 from .errors import CircuitlabError
 from .graph import Graph
-from .loading import DEFAULT_BUNDLE
+from .presets import DEFAULT_BUNDLE
 
 __all__ = ["Aggregate", "aggregate"]
 
@@ -218,7 +218,7 @@ def _load(folder: Path) -> tuple[dict[str, Graph], dict[str, str]]:
 
 def _features(graph: Graph) -> pd.DataFrame:
     """Per ``(layer, feature)`` of a graph: its summed influence and largest activation."""
-    nodes = graph.nodes.assign(influence=_influence(graph).numpy())
+    nodes = graph.nodes.assign(influence=influence_of(graph).numpy())
     feats = nodes[nodes["kind"] == "feature"]
     return feats.groupby(["layer", "feature"]).agg(influence=("influence", "sum"),
                                                    activation=("activation", "max"))
@@ -252,7 +252,7 @@ def _supernodes(graphs: dict[str, Graph]) -> pd.DataFrame:
     """The supernodes of the graphs, matched by name (see ``Aggregate.supernodes``)."""
     found: dict[str, dict[str, float]] = {}
     for pid, graph in graphs.items():
-        influence = dict(zip(graph.nodes["node_id"], _influence(graph).tolist()))
+        influence = dict(zip(graph.nodes["node_id"], influence_of(graph).tolist()))
         for name, members in graph.supernodes.items():
             found.setdefault(name, {})[pid] = sum(influence.get(m, 0.0) for m in members)
     rows = [{"supernode": name, "count": len(per), "share": len(per) / len(graphs),

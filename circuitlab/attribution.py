@@ -44,13 +44,12 @@ from tqdm.auto import tqdm
 from .frozen import FrozenBackward
 from .graph import Graph
 from . import checks
-from .memory import (check_attribution, check_forward, fit_hint, forward_parts,
-                     replacement_shape, spare_memory, trace_bytes)
-from .selection import estimate_memory, memory_parts  # noqa: F401 (re-exported)
+from .memory import (candidate_slots, check_attribution, check_forward, fit_hint, forward_parts,
+                     memory_parts, replacement_shape, spare_memory, trace_bytes)
 from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
-from .selection import Rows, candidate_slots
+from .selection import Rows
 from .targets import check_logit_targets, logit_targets_of
 
 
@@ -203,7 +202,7 @@ def attribute(
                  for s, f in enumerate(trace.features)) / max(N, 1)
     shape, fwd = replacement_shape(rm)
     parts_at = lambda n, p, k: memory_parts(  # noqa: E731
-        n, p, L, k, len(targets), rm.d_model, batch_size, dtype, _copied_params(rm),
+        n, p, L, k, len(targets), rm.d_model, batch_size, dtype, copied_params(rm),
         rm.cfg.n_heads, writes, trace_bytes(p, n, shape, fwd["itemsize"]))
     parts = parts_at(N, P, max_feature_nodes)
     check_attribution(parts, rm.device, memory_limit, f"{N} active features, {P} tokens",
@@ -262,7 +261,7 @@ def attribute(
     return _assemble(rm, trace, src, targets, logit_rows, rows, order, prompt, bw, batch_size)
 
 
-def _copied_params(rm) -> int:
+def copied_params(rm) -> int:
     """Parameters ``FrozenBackward`` copies in its dtype: value and output matrices, skips."""
     blocks = rm.model.blocks
     return sum(b.attn.W_O.numel() + getattr(b.attn, "_W_V", b.attn.W_V).numel() for b in blocks) \
@@ -394,7 +393,7 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
         inputs[n_src:] = (directions @ final + bias).cpu()
         constants[n_src:] = (directions @ rm.final_normed(trace, resid0)[-1].float() + bias).cpu()
 
-    token_strs = [rm.tokenizer.decode([t]) for t in trace.tokens.tolist()]
+    token_strs = rm.token_strs(trace.tokens)
     rows = [dict(node_id=f"{l}_{f}_{p}", kind="feature", layer=l, pos=p, feature=f, activation=a,
                  token=token_strs[p], prob=math.nan)
             for l, p, f, a in zip(src.layer[kept].tolist(), src.pos[kept].tolist(),

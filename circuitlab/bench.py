@@ -33,12 +33,13 @@ import torch
 from sae_lens import SAE
 
 from . import attribution as _attribution
-from .attribution import _copied_params, attribute, estimate_memory
+from .attribution import attribute, copied_params
 from .hooks import mlp_io
 from .interventions import ablate
-from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, load, load_model
-from .memory import forward_parts, replacement_shape, trace_bytes
+from .loading import load, load_model
+from .memory import estimate_memory, forward_parts, replacement_shape, trace_bytes
 from .precision import default_dtype
+from .presets import BUNDLE_DIR, DEFAULT_BUNDLE
 from .replacement import ReplacementModel
 from .validation import validate
 from .viz.state import ViewState
@@ -112,7 +113,7 @@ def _estimate(rm, graph, max_nodes, dtype: str) -> int:
     shape, kw = replacement_shape(rm)
     return max(sum(forward_parts(P, shape, **kw).values()),
                estimate_memory(N, P, rm.n_layers, max_nodes, n_logits, rm.d_model, 128, dt,
-                               _copied_params(rm), rm.cfg.n_heads,
+                               copied_params(rm), rm.cfg.n_heads,
                                trace=trace_bytes(P, N, shape, kw["itemsize"])))
 
 

@@ -10,9 +10,6 @@ stored as one safetensors file whose header holds the build's JSON metadata
 (``read_examples``, ``find_examples``). The file is keyed to the transcoders (a sha256 of
 their weights, and of the bundle manifest for the bundled set), so cards for other or
 retrained transcoders say ``"no examples cached ..."`` instead of showing stale contexts.
-
-The per-prompt helpers here (``activations``, ``locate``, ``token_strs``, ``unembedding``,
-``output_tokens``) are shared with ``circuitlab.search``.
 """
 
 from __future__ import annotations
@@ -24,20 +21,18 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
 from .edits import positions
 from .errors import CircuitlabError
 from .files import cache_dir, sha256
-from .hooks import mlp_io
-from .loading import BUNDLE_DIR, DEFAULT_BUNDLE, EMBEDDED_MODEL
+from .presets import BUNDLE_DIR, DEFAULT_BUNDLE, EMBEDDED_MODEL, is_bundled
 
 __all__ = [
     "N_TOP", "N_BINS", "FORMAT", "NO_EXAMPLES", "FeatureCard", "Examples", "transcoder_key",
-    "manifest_key", "cards_path", "read_examples", "find_examples", "token_strs", "locate",
-    "activations", "unembedding", "output_tokens", "feature_card",
+    "bundle_name", "manifest_key", "cards_path", "read_examples", "find_examples",
+    "output_tokens", "feature_card",
 ]
 
 #: Top contexts stored per feature by default (``build_examples`` then samples more from
@@ -101,15 +96,11 @@ def transcoder_key(rm) -> str:
     return _KEYS[rm]
 
 
-def _bundle_name(rm) -> str | None:
-    """The name of the bundled transcoder set ``rm`` uses, or ``None``."""
+def bundle_name(rm) -> str | None:
+    """The name of the bundled transcoder set ``rm`` uses (the embedded model's for ``None``),
+    or ``None`` for other transcoders."""
     source = rm.transcoder_source if rm is not None else DEFAULT_BUNDLE.get(EMBEDDED_MODEL)
-    if source is None:
-        return None
-    if source in DEFAULT_BUNDLE.values():
-        return source
-    path = Path(source)
-    return path.name if path.parent.resolve() == BUNDLE_DIR.resolve() else None
+    return Path(source).name if is_bundled(source) else None
 
 
 def manifest_key(bundle: str) -> str | None:
@@ -124,7 +115,7 @@ def cards_path(rm) -> Path:
     The bundled set's go beside the bundle in ``data/transcoders/``; any other set's go to
     ``cache_dir()/cards/<key>.safetensors``.
     """
-    bundle = _bundle_name(rm)
+    bundle = bundle_name(rm)
     if bundle is not None:
         return BUNDLE_DIR / f"{bundle}-cards.safetensors"
     return cache_dir() / "cards" / f"{transcoder_key(rm)[:32]}.safetensors"
@@ -239,7 +230,7 @@ def find_examples(rm=None) -> tuple[Examples | None, str | None]:
     With ``rm=None`` the embedded model's bundled set is assumed; its cards are checked
     against the bundle's manifest instead of the weights.
     """
-    bundle = _bundle_name(rm)
+    bundle = bundle_name(rm)
     candidates = [BUNDLE_DIR / f"{bundle}-cards.safetensors"] if bundle else []
     if rm is not None:
         candidates.append(cache_dir() / "cards" / f"{transcoder_key(rm)[:32]}.safetensors")
@@ -256,87 +247,17 @@ def find_examples(rm=None) -> tuple[Examples | None, str | None]:
     return None, NO_EXAMPLES
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _layers(rm, layer) -> list[int]:
-    """``layer`` (an int, a list of ints or ``None`` for all) as a validated list."""
-    layers = list(range(rm.n_layers)) if layer is None else (
-        [layer] if isinstance(layer, (int, np.integer)) else list(layer))
-    bad = [l for l in layers if not 0 <= l < rm.n_layers]
-    if bad or not layers:
-        raise CircuitlabError(
-            f"Layer {bad or layer} is out of range: this model has {rm.n_layers} layers "
-            f"(0-{rm.n_layers - 1}). Pass layer=None for all of them.")
-    return [int(l) for l in layers]
-
-
-def _check_feature(rm, layer: int, feature: int) -> None:
-    """Raise a ``CircuitlabError`` unless ``(layer, feature)`` exists in ``rm``."""
-    (layer,) = _layers(rm, layer)
-    if not 0 <= feature < rm.d_sae(layer):
-        raise CircuitlabError(
-            f"Feature {feature} is out of range: layer {layer} has {rm.d_sae(layer)} features "
-            f"(0-{rm.d_sae(layer) - 1}).")
-
-
-# ----------------------------------------------------------------------------- activations
-
-
-def token_strs(rm, tokens: torch.Tensor) -> list[str]:
-    """Each token of ``tokens`` as text."""
-    return [rm.tokenizer.decode([t]) for t in tokens.tolist()]
-
-
-def locate(rm, tokens: torch.Tensor, text: str) -> list[int]:
-    """Positions of the tokens that overlap the last occurrence of ``text`` in the prompt.
-
-    Raises:
-        CircuitlabError: if ``text`` does not occur; the message lists the prompt's tokens.
-    """
-    strs = token_strs(rm, tokens)
-    if tokens[0].item() == rm.tokenizer.bos_token_id:
-        strs[0] = ""
-    ends = np.cumsum([len(s) for s in strs])
-    start = "".join(strs).rfind(text)
-    if not text or start < 0:
-        raise CircuitlabError(
-            f"{text!r} is not in the prompt, which tokenizes as {strs[1:]}. Pass text that "
-            "occurs in it (mind spaces and case) or pos=.")
-    return [p for p in range(len(strs)) if ends[p] > start and ends[p] - len(strs[p]) < start + len(text)]
-
-
-def activations(rm, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
-    """Feature activations ``[len(layers), P, d_sae]`` on one prompt (BOS gets none)."""
-    mlp_in, _ = mlp_io(rm.model, tokens, layers, read=rm.reads)
-    with torch.no_grad():
-        return torch.stack([rm.encode(l, x[0].to(rm.encoder(l)[0].dtype), tokens)
-                            for l, x in zip(layers, mlp_in)])
-
-
-def _as_tokens(rm, prompt) -> torch.Tensor:
-    """A prompt string or token tensor as ``[P]`` token ids."""
-    return rm.tokenize(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt, device=rm.device)
-
-
 # ----------------------------------------------------------------------------- cards
-
-
-def unembedding(rm, norm: bool = True) -> torch.Tensor:
-    """``W_U [d, vocab]``, scaled row-wise by the final norm's weight when ``norm``."""
-    W_U = rm.model.W_U
-    w = getattr(rm.model.ln_final, "w", None) if norm else None
-    return W_U if w is None else W_U * w[:, None].to(W_U.dtype)
 
 
 def output_tokens(rm, layer: int, feature: int, k: int = 10, norm: bool = True) -> tuple[list, list]:
     """The ``k`` tokens whose logits feature ``(layer, feature)``'s decoder row raises most and
     lowers most (direct effect per unit activation: ``W_dec[f] @ W_U``, after the final norm's
     weight when ``norm``; a cross-layer feature's ``W_dec[f]`` is the sum of its writes)."""
-    _check_feature(rm, layer, feature)
+    rm.check_feature(layer, feature)
     row = rm.decoder(layer)[feature]
-    effect = row.to(rm.model.W_U.dtype) @ unembedding(rm, norm)
-    pairs = lambda idx: [(rm.tokenizer.decode([i]), float(effect[i])) for i in idx.tolist()]  # noqa: E731
+    effect = row.to(rm.model.W_U.dtype) @ rm.unembedding(norm)
+    pairs = lambda idx: [(rm.token_str(i), float(effect[i])) for i in idx.tolist()]  # noqa: E731
     return pairs(effect.topk(k).indices), pairs((-effect).topk(k).indices)
 
 
@@ -358,7 +279,7 @@ def feature_card(rm, layer: int, feature: int, *, tokens=None, pos=None, label: 
         (e.g. ``"no examples cached for these transcoders; run `circuitlab cards`"``).
     """
     if rm is not None:
-        _check_feature(rm, layer, feature)
+        rm.check_feature(layer, feature)
     why = None
     if examples is None:
         examples, why = find_examples(rm)
@@ -376,8 +297,8 @@ def feature_card(rm, layer: int, feature: int, *, tokens=None, pos=None, label: 
     if rm is not None:
         card.top_tokens, card.bottom_tokens = output_tokens(rm, layer, feature)
         if tokens is not None:
-            ids = _as_tokens(rm, tokens)
-            acts = activations(rm, ids, [layer])[0, :, feature]
+            ids = rm.to_tokens(tokens)
+            acts = rm.activations(ids, [layer])[0, :, feature]
             card.prompt_activation = float(acts.max() if pos is None else acts[positions(pos, len(ids))].max())
     return card
 

@@ -39,19 +39,7 @@ from . import clt as clt_format
 from .errors import CircuitlabError
 from .files import atomic_dir, cache_dir
 from .hooks import MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_MID_HOOKS
-
-#: Public CLTs: name (the hub reference) -> the Hugging Face id of their model.
-CLT_PRESETS = {
-    # circuit-tracer's README ("Available transcoders"); their config.yaml names the residual
-    # before the pre-MLP norm as their input (hooks.RESID_MID_HOOKS).
-    "mntss/clt-gemma-2-2b-426k": "google/gemma-2-2b",
-    "mntss/clt-gemma-2-2b-2.5M": "google/gemma-2-2b",
-    "mntss/clt-llama-3.2-1b-524k": "meta-llama/Llama-3.2-1B",
-    # Gemma Scope 2 (SAE-Lens names the model from the repository: gemma-scope-2 -> gemma-3,
-    # without "-pt" for 270m).
-    "google/gemma-scope-2-270m-pt/clt/width_262k_l0_medium_affine": "google/gemma-3-270m",
-    "google/gemma-scope-2-1b-pt/clt/width_262k_l0_medium_affine": "google/gemma-3-1b-pt",
-}
+from .presets import CLT_PRESETS
 
 #: Gemma Scope 2's per-layer CLT files.
 GEMMA_SCOPE_2_FILE = re.compile(r"params_layer_(\d+)\.safetensors$")
@@ -179,7 +167,7 @@ def _hub(ref: str) -> CltSource:
             f"config.yaml could be read from the hub repository {repo}"
             f"{f' (folder {sub})' if sub else ''} ({err.__class__.__name__}). Known CLTs: "
             f"{', '.join(CLT_PRESETS)}; releases of per-layer transcoders: "
-            "circuitlab.loading.TRANSCODER_PRESETS.") from err
+            "circuitlab.presets.TRANSCODER_PRESETS.") from err
     settings = clt_format.read_config(file)
     kind = settings.get("model_kind")
     if kind != clt_format.MODEL_KIND:

@@ -19,11 +19,12 @@ from .clt import is_clt_folder
 from .clt import load as load_clt
 from .errors import CircuitlabError
 from .files import atomic_write_text, cache_dir
-from .loading import is_pack, load, load_model, load_transcoders
-from .plan import plan as make_plan
-from .plan import table as plan_table
+from .loading import load, load_model, load_transcoders
 from .precision import check_device, fast_bf16
+from .presets import is_pack
 from .quantize import quantize_folder
+from .sizing import plan as make_plan
+from .sizing import table as plan_table
 from .train.build_cards import build_examples, relabel
 from .train.clt_trainer import train_clt
 from .train.corpus import build_corpus

@@ -11,13 +11,13 @@ import pandas as pd
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from .cards import find_examples, unembedding
+from .cards import find_examples
 from .prune import influence, node_influence
 
 __all__ = ["Comparison", "compare", "suggest_supernodes"]
 
 
-def _influence(graph) -> torch.Tensor:
+def influence_of(graph) -> torch.Tensor:
     """Each node's influence: ``graph.nodes["influence"]``, computed when missing."""
     values = graph.nodes["influence"]
     if values.isna().any():
@@ -28,7 +28,7 @@ def _influence(graph) -> torch.Tensor:
 def _feature_shares(graph) -> pd.DataFrame:
     """Per ``(layer, feature)`` of a graph: its share of the graph's feature influence
     (summed over positions) and its node ids."""
-    nodes = graph.nodes.assign(influence=_influence(graph).numpy())
+    nodes = graph.nodes.assign(influence=influence_of(graph).numpy())
     feats = nodes[nodes["kind"] == "feature"]
     grouped = feats.groupby(["layer", "feature"]).agg(influence=("influence", "sum"),
                                                       nodes=("node_id", list))
@@ -114,7 +114,7 @@ def suggest_supernodes(graph, rm=None, *, top: int = 40, threshold: float = 0.5,
         ``rm``) or its layers and token.
     """
     feats = graph.mask("feature").nonzero()[:, 0]
-    rows = feats[_influence(graph)[feats].argsort(descending=True)[:top]]  # most influential first
+    rows = feats[influence_of(graph)[feats].argsort(descending=True)[:top]]  # most influential first
     if len(rows) < max(min_size, 2):
         return {}
     profiles = _effect_profiles(graph, rows)
@@ -151,9 +151,8 @@ def _group_name(rm, graph, members: pd.DataFrame, taken: dict) -> str:
         name = next(t for t in labels if t)
     elif rm is not None:
         direction = _decoder_rows(rm, members).sum(0)
-        effect = direction.to(rm.model.W_U.dtype) @ unembedding(rm)
-        name = "/".join(rm.tokenizer.decode([i]).strip() or repr(rm.tokenizer.decode([i]))
-                        for i in effect.topk(2).indices.tolist())
+        effect = direction.to(rm.model.W_U.dtype) @ rm.unembedding()
+        name = "/".join(s.strip() or repr(s) for s in rm.token_strs(effect.topk(2).indices))
     else:
         token = graph.token_strs[int(members["pos"].mode()[0])]
         name = f"L{members['layer'].min()}-{members['layer'].max()} {token.strip() or repr(token)}"

@@ -1,4 +1,4 @@
-"""Files on disk: the bundled data and cache folders, checksums and manifests, and atomic writes.
+"""Files on disk: the cache folder, checksums and manifests, and atomic writes.
 
 Everything circuitlab writes for a user (graphs, labels, cards, checkpoints, bundles,
 caches) goes through ``atomic_file`` or ``atomic_dir``: the new content is written beside
@@ -25,13 +25,6 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import CircuitlabError
-
-
-#: Bundled transcoders and cards: ``circuitlab/data`` in an installed copy, the repository's
-#: top-level ``data/`` in a checkout.
-DATA_DIR = next(p for p in (Path(__file__).resolve().parent / "data",
-                            Path(__file__).resolve().parent.parent / "data") if p.is_dir())
-BUNDLE_DIR = DATA_DIR / "transcoders"
 
 
 def cache_dir() -> Path:

@@ -144,7 +144,7 @@ class Graph:
         t, s = table["target"].map(ids), table["source"].map(ids)
         known = t.notna() & s.notna()
         table, t, s = table[known], t[known].astype(int).to_numpy(), s[known].astype(int).to_numpy()
-        edge = self.adjacency[t, s].double().numpy()
+        edge = self.adjacency[torch.tensor(t), torch.tensor(s)].double().numpy()
         table = table.assign(edge=edge)[edge != 0]
         table["share"] = table["weight"] / table["edge"]
         return table[LOADING_COLUMNS].reset_index(drop=True)

@@ -156,7 +156,7 @@ class InterventionResult:
 def _top(rm, logits: torch.Tensor, other: torch.Tensor, k: int) -> pd.DataFrame:
     probs, other_probs = (torch.softmax(v.double(), -1) for v in (logits, other))
     ids = torch.argsort(probs, descending=True)[:k].tolist()
-    return pd.DataFrame({"token": [rm.tokenizer.decode([i]) for i in ids], "id": ids,
+    return pd.DataFrame({"token": rm.token_strs(ids), "id": ids,
                          "prob": probs[ids].tolist(), "logit": logits[ids].tolist(),
                          "other_prob": other_probs[ids].tolist()})
 
@@ -167,7 +167,7 @@ def compare_logits(rm, prompt: str, mode: str, clean: torch.Tensor, new: torch.T
     ids = [rm.token_id(t) for t in (tokens or [])]
     pc, pn = (torch.softmax(v.double(), -1) for v in (clean, new))
     table = pd.DataFrame({
-        "token": [rm.tokenizer.decode([i]) for i in ids], "id": ids,
+        "token": rm.token_strs(ids), "id": ids,
         "clean_prob": pc[ids].tolist(), "prob": pn[ids].tolist(),
         "delta_prob": (pn[ids] - pc[ids]).tolist(), "clean_logit": clean[ids].tolist(),
         "logit": new[ids].tolist(), "delta_logit": (new[ids] - clean[ids]).tolist()})
@@ -318,7 +318,7 @@ def sweep(rm, prompt: str, features, values, *, op: str = "scale", relative: str
     rows = []
     for v, logits in runs:
         probs = torch.softmax(logits.double(), -1)
-        rows += [dict(value=v, token=rm.tokenizer.decode([t]), id=t, prob=float(probs[t]),
+        rows += [dict(value=v, token=rm.token_str(t), id=t, prob=float(probs[t]),
                       logit=float(logits[t]), clean_prob=float(clean[t])) for t in follow]
     return pd.DataFrame(rows)
 

@@ -25,7 +25,7 @@ from collections import Counter
 
 import torch
 
-from .cards import Examples, unembedding
+from .cards import Examples
 
 #: Reads: distinct top-context tokens named in a label; writes: output tokens named.
 N_READS, N_WRITES = 3, 2
@@ -125,7 +125,7 @@ def build_labels(rm, examples: Examples, chunk: int = 256) -> tuple[dict, dict]:
         cards file stores the labels.
     """
     vocab = Vocabulary(examples)
-    W_U = unembedding(rm).detach().float()
+    W_U = rm.unembedding().detach().float()
     labels, outputs = {}, {}
     for layer in range(rm.n_layers):
         W_dec = rm.decoder(layer).detach().float()

@@ -14,15 +14,16 @@ Models:
 
 Transcoders (one SAE-Lens transcoder per layer) come from:
     * the bundle in ``data/transcoders/`` (the default for the embedded model);
-    * an SAE-Lens release name (``TRANSCODER_PRESETS``), fetched from the hub;
+    * an SAE-Lens release name (``presets.TRANSCODER_PRESETS``), fetched from the hub;
     * a directory of SAE-Lens ``save_model`` folders (optionally with a sha256 manifest), or
       of their 8-bit twins (``circuitlab.quantize``);
     * a circuit-tracer directory: ``config.yaml`` plus per-layer safetensors;
     * a list of SAE-Lens transcoder objects.
 
 A cross-layer transcoder (``circuitlab.clt``) comes from a folder in circuit-tracer's CLT
-layout, a circuit-tracer hub repository or Gemma Scope 2's CLT files (``CLT_PRESETS``; see
-``circuitlab.clt_sources``), or is given as a ``CrossLayerTranscoder``.
+layout, a circuit-tracer hub repository or Gemma Scope 2's CLT files
+(``presets.CLT_PRESETS``; see ``circuitlab.clt_sources``), or is given as a
+``CrossLayerTranscoder``.
 """
 
 from __future__ import annotations
@@ -55,40 +56,15 @@ except ImportError:  # the embedded model's weights; reported when first needed
 
 from . import clt_sources
 from .clt import CrossLayerTranscoder, check_all_finite, read_config, read_tensors
-from .clt_sources import CLT_PRESETS  # noqa: F401 (part of loading's face)
 from .errors import CircuitlabError
-from .files import BUNDLE_DIR, atomic_dir, cache_dir, sha256, verify_manifest
+from .files import atomic_dir, cache_dir, sha256, verify_manifest
 from .hooks import layer_of
-from .plan import check_load
 from .precision import check_device, check_dtype
+from .presets import (BUNDLE_DIR, DEFAULT_BUNDLE, EMBEDDED_MODEL, MODEL_PRESETS, PACK_FILE,
+                      TRANSCODER_PRESETS, is_pack)
 from .quantize import check_transcoder_source, layer_folders, load_sae, manifest_fix
 from .replacement import ReplacementModel
-
-EMBEDDED_MODEL = "gemma-3-270m"
-
-#: Model presets: short name -> Hugging Face id.
-MODEL_PRESETS = {
-    "gemma-3-270m": "google/gemma-3-270m",
-    "gemma-2-2b": "google/gemma-2-2b",
-    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
-    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
-}
-
-#: SAE-Lens transcoder releases: name -> (model preset, sae_id for a layer).
-TRANSCODER_PRESETS = {
-    "gemma-scope-2-270m-pt-transcoders-all": (
-        "gemma-3-270m",
-        lambda layer: f"layer_{layer}_width_16k_l0_small_affine",
-    ),
-    "gemma-scope-2b-pt-transcoders": ("gemma-2-2b", None),  # sae_id chosen from the directory
-    "mwhanna-qwen3-0.6b-transcoders-lowl0": ("qwen3-0.6b", lambda layer: f"layer_{layer}"),
-}
-
-#: Default bundled transcoder set per embedded model.
-DEFAULT_BUNDLE = {"gemma-3-270m": "gemma-3-270m-skip-jumprelu"}
-
-#: The description file of a ``circuitlab pack`` folder.
-PACK_FILE = "pack.json"
+from .sizing import check_load
 
 
 def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, dtype=None,
@@ -180,13 +156,14 @@ def load_model(
         ) from err
 
 
-def _embedded_cache() -> Path:
+def embedded_cache() -> Path:
+    """The folder of the embedded model's converted weights, config and tokenizer."""
     return cache_dir() / "models" / EMBEDDED_MODEL
 
 
 def _load_embedded(device: str, dtype: torch.dtype, rebuild: bool) -> HookedTransformer:
 
-    folder = _embedded_cache()
+    folder = embedded_cache()
     fix = f"Rebuild it with circuitlab.load('{EMBEDDED_MODEL}', rebuild=True) or delete {folder}."
     if rebuild or not (folder / "manifest.json").exists():
         _build_embedded_cache(folder)
@@ -206,11 +183,6 @@ def _hooked(cfg_dict: dict, state: dict, device: str, dtype: torch.dtype,
     model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=False,
                           assign=True)
     return model.to(device).eval()
-
-
-def is_pack(path) -> bool:
-    """Whether ``path`` is a folder written by ``circuitlab pack``."""
-    return isinstance(path, (str, os.PathLike)) and (Path(path) / PACK_FILE).is_file()
 
 
 def load_pack(folder, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedTransformer:

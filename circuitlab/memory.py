@@ -1,154 +1,82 @@
 """Memory: what a model's forward pass and an attribution need, from shapes alone, and what
 is free on a device; the checks that refuse before anything runs, with the largest prompt
-or node budget that fits. The known models' and transcoders' shapes live here too, as plain
-data (``MODEL_SHAPES``, ``TRANSCODER_SHAPES``); ``plan`` resolves sources to them.
+or node budget that fits. The known models' shapes are presets (``circuitlab.presets``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import psutil
 import torch
 
 from .errors import CircuitlabError
+from .presets import ASSUMED_L0, MODEL_SHAPES, GiB, ModelShape
 
-GiB = 2 ** 30
-
-#: Named machines for planning: (size in bytes, torch device type). The usable share of a
-#: named device is ``NAMED_SHARE`` (the rest: CUDA context, fragmentation, Python objects).
-DEVICE_SIZES = {"t4": (15 * GiB, "cuda"), "cpu24": (24 * GiB, "cpu"), "h100": (80 * GiB, "cuda")}
+#: The usable share of a named device (``DEVICE_SIZES``); the rest: CUDA context,
+#: fragmentation, Python objects.
 NAMED_SHARE = 0.9
 #: The share of the memory free right now that an allocation may take (as ``attribute``).
 FREE_SHARE = 0.8
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The shapes that size a TransformerLens model (``HookedTransformer`` parameter layout)."""
-
-    n_layers: int
-    d_model: int
-    d_mlp: int
-    d_vocab: int
-    n_heads: int
-    d_head: int
-    n_kv_heads: int
-    n_ctx: int                    # TransformerLens' context (sizes the rotary tables)
-    sandwich_norms: bool = False  # post-attention and post-MLP norms (Gemma 2 and 3)
-    qk_norm: bool = False         # per-head query and key norms (Gemma 3, Qwen3)
-
-    def n_params(self) -> int:
-        """Parameters and buffers of the ``HookedTransformer``: untied W_E and W_U, b_U, the
-        zero attention and MLP biases TransformerLens keeps, gated MLPs, RMS norm weights
-        and each layer's rotary sin/cos tables (``min(n_ctx, 2048)`` rows of ``d_head``) and
-        its scalar ``IGNORE`` buffer."""
-        d, dh, H, kv = self.d_model, self.d_head, self.n_heads, self.n_kv_heads
-        attn = 2 * H * d * dh + 2 * kv * d * dh + H * dh + 2 * kv * dh + d
-        mlp = 3 * d * self.d_mlp + self.d_mlp + d
-        norms = d * (4 if self.sandwich_norms else 2) + (2 * dh if self.qk_norm else 0)
-        rotary = 2 * min(self.n_ctx, 2048) * dh + 1
-        return 2 * self.d_vocab * d + self.d_vocab + d + self.n_layers * (attn + mlp + norms + rotary)
-
-    def copied_params(self, skip: bool) -> int:
-        """Parameters the attribution's backward copies in its own dtype (value and output
-        matrices, transcoder skip matrices)."""
-        d = self.d_model
-        return self.n_layers * ((self.n_heads + self.n_kv_heads) * self.d_head * d + (d * d if skip else 0))
-
-
-#: Preset model shapes. Sources: each model's published config.json (hidden_size,
-#: intermediate_size, vocab_size, num_attention_heads, head_dim, num_key_value_heads,
-#: num_hidden_layers); TransformerLens 3.9 ``loading_from_pretrained.py`` hard-codes the same
-#: values for gemma-3-270m, gemma-2-2b and llama-3.2-1b (and n_ctx 8192, 8192 and 2048 there);
-#: for Qwen3 it reads config.json and sets n_ctx 2048.
-MODEL_SHAPES = {
-    # google/gemma-3-270m config.json; TL: "google/gemma-3-270m" branch.
-    "gemma-3-270m": ModelShape(18, 640, 2048, 262144, 4, 256, 1, 8192, sandwich_norms=True,
-                               qk_norm=True),
-    # google/gemma-2-2b config.json; TL: "google/gemma-2-2b" branch.
-    "gemma-2-2b": ModelShape(26, 2304, 9216, 256000, 8, 256, 4, 8192, sandwich_norms=True),
-    # Qwen/Qwen3-0.6B config.json (head_dim 128, 8 KV heads); TL: Qwen3ForCausalLM, n_ctx 2048.
-    "qwen3-0.6b": ModelShape(28, 1024, 3072, 151936, 16, 128, 8, 2048, qk_norm=True),
-    # meta-llama/Llama-3.2-1B config.json; TL: "Llama-3.2-1B" branch (n_ctx capped at 2048).
-    "llama-3.2-1b": ModelShape(16, 2048, 8192, 128256, 32, 64, 8, 2048),
-}
-
-
-@dataclass(frozen=True)
-class TranscoderShape:
-    """Transcoders of ``width`` features per layer (``cross_layer``: one CLT), a ``d x d`` skip
-    matrix or not, a JumpReLU threshold or not, and ``l0``, the typical number of active
-    features per token and layer that sizes an attribution."""
-
-    width: int
-    skip: bool
-    jumprelu: bool
-    l0: float
-    label: str
-    cross_layer: bool = False
-
-    def n_params(self, d_model: int, n_layers: int = 1, lazy: bool = False) -> int:
-        """Parameters over ``n_layers`` layers: per layer W_enc, b_enc, b_dec, threshold, W_skip;
-        a decoder per layer, or for a CLT per layer and later or equal one (``L (L + 1) / 2``,
-        none when ``lazy``: they stay on disk)."""
-        per_layer = (d_model * self.width + self.width + d_model + (self.width if self.jumprelu else 0)
-                     + (d_model * d_model if self.skip else 0))
-        decoders = (0 if lazy else n_layers * (n_layers + 1) // 2) if self.cross_layer else n_layers
-        return n_layers * per_layer + decoders * self.width * d_model
-
-
-#: L0 assumed where a transcoder set publishes none.
-ASSUMED_L0 = 64.0
-
-#: Transcoder sets by name. Sources: SAE-Lens 6.54 ``pretrained_saes.yaml`` (ids, per-layer
-#: L0) and its loaders (architecture), and the model cards named below.
-TRANSCODER_SHAPES = {
-    # Gemma Scope 2: ids layer_N_width_16k_l0_small_affine (16,384 features, JumpReLU, an
-    # affine skip connection); pretrained_saes.yaml gives L0 10-20 per layer, 17.9 on average.
-    "gemma-scope-2-270m-pt-transcoders-all": TranscoderShape(
-        16384, True, True, 17.9, "Gemma Scope 2, 16,384 wide"),
-    # Gemma Scope 2B transcoders: width_16k (16,384, JumpReLU, no skip); loading picks the L0
-    # closest to 100 per layer, which pretrained_saes.yaml lists as 5-95, 39.2 on average.
-    "gemma-scope-2b-pt-transcoders": TranscoderShape(
-        16384, False, True, 39.2, "Gemma Scope, 16,384 wide"),
-    # mwhanna/qwen3-0.6b-transcoders-lowl0: plain ReLU transcoders (SAE-Lens loads them as
-    # "transcoder"), W_enc [163840, 1024] per layer file; no L0 published ("lowl0").
-    "mwhanna-qwen3-0.6b-transcoders-lowl0": TranscoderShape(
-        163840, False, False, ASSUMED_L0, "mwhanna lowl0, 163,840 wide"),
-    # circuit-tracer's "llama" set, mntss/transcoder-Llama-3.2-1B: ReLU skip transcoders of
-    # 131,072 features (16 layers of 2 x 131072 x 2048 bf16 weights: the repository's ~16 GiB);
-    # no SAE-Lens release: load its downloaded folder (config.yaml). No L0 published.
-    "mntss/transcoder-Llama-3.2-1B": TranscoderShape(
-        131072, True, False, ASSUMED_L0, "circuit-tracer llama, 131,072 wide"),
-    # CLTs (``loading.CLT_PRESETS``), no L0 published; mntss's: no W_skip (load_clt reads none).
-    # 426k: 26 x 16,384 (SAE-Lens 6.54's mntss_clt_layer test), no threshold known; 2.5M: 98,304
-    # a layer (its users); 524k: 16 x 32,768, headers W_enc_L, threshold_L, W_dec_L [., 16 - L, .].
-    "mntss/clt-gemma-2-2b-426k": TranscoderShape(
-        16384, False, False, ASSUMED_L0, "circuit-tracer CLT, 16,384 wide", cross_layer=True),
-    "mntss/clt-gemma-2-2b-2.5M": TranscoderShape(
-        98304, False, False, ASSUMED_L0, "circuit-tracer CLT, 98,304 wide", cross_layer=True),
-    "mntss/clt-llama-3.2-1b-524k": TranscoderShape(
-        32768, False, True, ASSUMED_L0, "circuit-tracer CLT, 32,768 wide", cross_layer=True),
-    # Gemma Scope 2 (JumpReLU, "_affine" skip), estimated: 262144 // L a layer gives the 1b
-    # (26 layers, d 1152, float32) the 30.37 GiB its width_262k folder is reported to hold.
-    "google/gemma-scope-2-270m-pt/clt/width_262k_l0_medium_affine": TranscoderShape(
-        262144 // 18, True, True, ASSUMED_L0, "Gemma Scope 2 CLT, ~14,563 wide", cross_layer=True),
-    "google/gemma-scope-2-1b-pt/clt/width_262k_l0_medium_affine": TranscoderShape(
-        262144 // 26, True, True, ASSUMED_L0, "Gemma Scope 2 CLT, ~10,082 wide", cross_layer=True),
-}
-
-#: The transcoders ``plan`` assumes for a model when none are named (the embedded model's
-#: bundle; for the others the set named in the README).
-PLAN_TRANSCODERS = {
-    "gemma-3-270m": "gemma-3-270m-skip-jumprelu",
-    "gemma-2-2b": "gemma-scope-2b-pt-transcoders",
-    "qwen3-0.6b": "mwhanna-qwen3-0.6b-transcoders-lowl0",
-    "llama-3.2-1b": "mntss/transcoder-Llama-3.2-1B",
-}
-
-
 # --------------------------------------------------------------------------- attribution
+
+
+#: Candidate columns per feature node in the rows an attribution stores (``selection.Rows``):
+#: memory against recomputed rows.
+CANDIDATES_PER_NODE = 4
+#: Shares outside the candidates that the influence estimate keeps, per row, at most.
+EXTRAS_PER_ROW = 1024
+
+
+def candidate_slots(n_features: int, n_nodes: int, extra: int = 0) -> int:
+    """Candidate columns for ``n_nodes`` nodes among ``n_features`` active features: at
+    least ``CANDIDATES_PER_NODE`` per node, and ``extra`` more (the columns spare memory
+    holds)."""
+    return n_features if n_nodes >= n_features else min(n_features,
+                                                        CANDIDATES_PER_NODE * n_nodes + extra)
+
+
+def memory_parts(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
+                 n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
+                 copied_params: int = 0, n_heads: int = 0,
+                 writes_per_feature: float = 1.0, trace: int = 0) -> dict[str, int]:
+    """Bytes an attribution holds at its peak: stored ``rows`` (visited features' over the
+    candidate columns, logits' whole), a ``batch`` of whole rows, node ``selection``
+    (shares among visited features, sparse shares outside the candidates), act-scaled
+    ``decoders`` (``writes_per_feature`` layers each: 1 for per-layer transcoders, on average
+    ``(L + 1) / 2`` for a cross-layer one), backward-dtype ``weights``, a ``backward`` batch,
+    attention ``patterns`` (given ``n_heads``: the trace's float32 ones and the backward's
+    copy), the float32 ``adjacency`` (host memory) with, while influence is annotated, the
+    rows of the nodes with inputs copied and their absolute values (``prune.normalized``:
+    two ``[kept + logits, nodes]`` copies alive together), and the ``trace`` the forward
+    pass left (bytes, ``trace_bytes``; 0 leaves it out). Only decoders and patterns grow
+    with the active features or the prompt's square."""
+    kept = n_features if max_feature_nodes is None else min(n_features, max_feature_nodes)
+    slots = candidate_slots(n_features, kept)
+    cols = n_features + (n_layers + 1) * n_positions
+    n_nodes = kept + (n_layers + 1) * n_positions + n_logits
+    return {
+        "rows": dtype.itemsize * (kept * (slots + (n_layers + 1) * n_positions) + n_logits * cols),
+        "batch": dtype.itemsize * min(batch_size, kept) * cols,
+        "selection": (4 * kept * kept + 40 * kept * EXTRAS_PER_ROW) if slots < n_features
+        else (4 * kept * kept if kept < n_features else 0),
+        "decoders": int(dtype.itemsize * n_features * writes_per_feature * d_model),
+        "weights": dtype.itemsize * copied_params,
+        "backward": 4 * 8 * batch_size * n_positions * d_model,
+        "patterns": (4 + dtype.itemsize) * n_layers * n_heads * n_positions ** 2,
+        "adjacency": 4 * n_nodes * n_nodes + 2 * 4 * (kept + n_logits) * n_nodes,
+        "trace": trace,
+    }
+
+
+def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
+                    n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
+                    copied_params: int = 0, n_heads: int = 0,
+                    writes_per_feature: float = 1.0, trace: int = 0) -> int:
+    """Bytes an attribution needs at peak, in all (the sum of ``memory_parts``)."""
+    return sum(memory_parts(n_features, n_positions, n_layers, max_feature_nodes, n_logits,
+                            d_model, batch_size, dtype, copied_params, n_heads,
+                            writes_per_feature, trace).values())
 
 
 def pools(parts: dict[str, int], device_type: str) -> dict[str, int]:

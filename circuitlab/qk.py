@@ -36,7 +36,7 @@ def attention_row(rm, prompt, layer: int, head: int, query_pos: int) -> pd.DataF
     q = _check_head(rm, tokens, layer, head, query_pos, None)[0]
     cache = attention_io(rm.model, tokens, layer)
     scores, pattern = cache["scores"][head, q, :q + 1], cache["pattern"][head, q, :q + 1]
-    strs = [rm.tokenizer.decode([t]) for t in tokens.tolist()]
+    strs = rm.token_strs(tokens)
     out = pd.DataFrame({"key_pos": range(q + 1), "token": strs[:q + 1],
                         "score": scores.tolist(), "probability": pattern.tolist()})
     return out.sort_values("probability", ascending=False, ignore_index=True)
@@ -145,7 +145,7 @@ def _components(rm, trace, cache, layer: int, pos: int) -> tuple[list, torch.Ten
     L, d = rm.n_layers, rm.d_model
     token = int(trace.tokens[pos])
     examples = find_examples(rm)[0]
-    names = [("embedding", f"Emb {rm.tokenizer.decode([token])!r}", f"E_{token}_{pos}")]
+    names = [("embedding", f"Emb {rm.token_str(token)!r}", f"E_{token}_{pos}")]
     vecs = [trace.embed[pos].float()]
     features: dict = {}
     for l in range(layer):

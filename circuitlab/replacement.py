@@ -19,7 +19,6 @@ token embeddings to transcoder pre-activations and logits is then linear.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,7 +27,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from . import checks
+from . import prompts
 from .clt import CrossLayerTranscoder
 from .errors import CircuitlabError
 from .hooks import (FINAL_NORMALIZED, RESID_IN, is_frozen, is_scale, mlp_hooks, pattern_hooks,
@@ -184,51 +183,47 @@ class ReplacementModel:
         return (f"ReplacementModel({self.name!r}, {self.n_layers} layers, {kind}"
                 f"{self.d_sae(0)} features/layer, transcoders={self.transcoder_source!r})")
 
-    def tokenize(self, prompt: str) -> torch.Tensor:
-        """Token ids ``[P]`` of ``prompt`` with BOS prepended.
+    # ------------------------------------------------------------------ prompts
 
-        Raises:
-            CircuitlabError: for an empty or whitespace prompt or one longer than the
-                model's context (``cfg.n_ctx``).
-        """
-        if isinstance(prompt, str):
-            checks.text("The prompt", prompt)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise CircuitlabError(
-                f"The prompt is empty or whitespace ({prompt!r}); pass some text to trace, "
-                'e.g. \'The opposite of "small" is "\'.'
-            )
-        tokens = self.model.to_tokens(prompt, prepend_bos=True, truncate=False)[0]
-        limit = self.cfg.n_ctx
-        if len(tokens) > limit:
-            raise CircuitlabError(
-                f"The prompt has {len(tokens)} tokens; the limit is {limit}, the model's context. "
-                "Shorten it to the part that matters for the behaviour you trace."
-            )
-        return tokens
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        """See ``circuitlab.prompts.tokenize``."""
+        return prompts.tokenize(self, prompt)
+
+    def to_tokens(self, prompt) -> torch.Tensor:
+        """See ``circuitlab.prompts.to_tokens``."""
+        return prompts.to_tokens(self, prompt)
 
     def token_id(self, token) -> int:
-        """The id of ``token``: an int id (range-checked), or a string that is exactly one token.
+        """See ``circuitlab.prompts.token_id``."""
+        return prompts.token_id(self, token)
 
-        Raises:
-            CircuitlabError: if the string is not a single token (the message shows how it
-                was tokenized) or the id is out of the vocabulary.
-        """
-        if isinstance(token, numbers.Integral) and not isinstance(token, bool):
-            if not 0 <= token < self.cfg.d_vocab:
-                raise CircuitlabError(
-                    f"Token id {token} is outside the vocabulary (0..{self.cfg.d_vocab - 1}).")
-            return int(token)
-        if not isinstance(token, str):
-            raise CircuitlabError(f"A token must be a string or an int id, not {token!r}.")
-        ids = self.tokenizer.encode(checks.text("The token", token), add_special_tokens=False)
-        if len(ids) != 1:
-            pieces = [self.tokenizer.decode([i]) for i in ids]
-            raise CircuitlabError(
-                f"{token!r} is not a single token: it tokenizes as {pieces}. Pass one of those "
-                "pieces or a token id, and mind the leading space (' Austin' and 'Austin' "
-                "are different tokens).")
-        return ids[0]
+    def token_str(self, token: int) -> str:
+        """See ``circuitlab.prompts.token_str``."""
+        return prompts.token_str(self, token)
+
+    def token_strs(self, tokens) -> list[str]:
+        """See ``circuitlab.prompts.token_strs``."""
+        return prompts.token_strs(self, tokens)
+
+    def locate(self, tokens: torch.Tensor, text: str) -> list[int]:
+        """See ``circuitlab.prompts.locate``."""
+        return prompts.locate(self, tokens, text)
+
+    def layers(self, layer=None) -> list[int]:
+        """See ``circuitlab.prompts.layers``."""
+        return prompts.layers(self, layer)
+
+    def check_feature(self, layer: int, feature: int) -> None:
+        """See ``circuitlab.prompts.check_feature``."""
+        prompts.check_feature(self, layer, feature)
+
+    def activations(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """See ``circuitlab.prompts.activations``."""
+        return prompts.activations(self, tokens, layers)
+
+    def unembedding(self, norm: bool = True) -> torch.Tensor:
+        """See ``circuitlab.prompts.unembedding``."""
+        return prompts.unembedding(self, norm)
 
     # ------------------------------------------------------------------ hooks
 
@@ -433,7 +428,7 @@ class ReplacementModel:
         probs = torch.softmax(self.edited_run(self.tokenize(prompt)).logits[-1].double(), -1)
         top = torch.topk(probs, k)
         ids = top.indices.tolist()
-        return pd.DataFrame({"token": [self.tokenizer.decode([i]) for i in ids], "id": ids,
+        return pd.DataFrame({"token": self.token_strs(ids), "id": ids,
                              "prob": top.values.tolist()})
 
     def prob(self, prompt: str, tokens):

@@ -16,7 +16,7 @@ import weakref
 import pandas as pd
 import torch
 
-from .cards import _as_tokens, _layers, activations, find_examples, locate, token_strs, unembedding
+from .cards import find_examples
 from .edits import positions
 from .errors import CircuitlabError
 
@@ -76,19 +76,19 @@ def features_for(rm, prompt, token_or_text: str | None = None, layer=None, pos=N
         is the activation relative to the feature's held-out max when examples are cached
         for these transcoders, else the raw activation. Only active features are listed.
     """
-    tokens = _as_tokens(rm, prompt)
-    layers = _layers(rm, layer)
+    tokens = rm.to_tokens(prompt)
+    layers = rm.layers(layer)
     if pos is not None:
         at = positions(pos, len(tokens))
     else:
-        at = [len(tokens) - 1] if token_or_text is None else locate(rm, tokens, token_or_text)
-    acts, arg = activations(rm, tokens, layers)[:, at].float().cpu().max(1)
+        at = [len(tokens) - 1] if token_or_text is None else rm.locate(tokens, token_or_text)
+    acts, arg = rm.activations(tokens, layers)[:, at].float().cpu().max(1)
     where = torch.tensor(at)[arg]  # host: indexes CPU results
     scale = _scale(rm, layers)
     rel = acts / scale if scale is not None else torch.full_like(acts, float("nan"))
     df = _ranked(rm, layers, acts if scale is None else rel, top, acts > 0, pos=where,
                  activation=acts, rel_activation=rel)
-    strs = token_strs(rm, tokens)
+    strs = rm.token_strs(tokens)
     df.insert(3, "token", [strs[p] for p in df["pos"]])
     df["node_id"] = [f"{l}_{f}_{p}" for l, f, p in zip(df["layer"], df["feature"], df["pos"])]
     return df
@@ -102,7 +102,7 @@ def _unembed_stats(rm, norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     their covariance ``[d, d]``, cached per model."""
     stats = _UNEMBED_STATS.setdefault(rm, {})
     if norm not in stats:
-        U = unembedding(rm, norm).detach().float()
+        U = rm.unembedding(norm).detach().float()
         mean = U.mean(1)
         stats[norm] = (U, mean, U @ U.T / U.shape[1] - torch.outer(mean, mean))
     return stats[norm]
@@ -131,7 +131,7 @@ def features_by_output(rm, token, layer=None, top: int = 20, norm: bool = True) 
         max_activation`` when examples are cached), best first.
     """
     t = rm.token_id(token)
-    layers = _layers(rm, layer)
+    layers = rm.layers(layer)
     U, mean, cov = _unembed_stats(rm, norm)
     effect, z = [], []
     for l in layers:
@@ -139,7 +139,7 @@ def features_by_output(rm, token, layer=None, top: int = 20, norm: bool = True) 
         effect.append(d @ U[:, t])
         z.append((effect[-1] - d @ mean) / ((d @ cov) * d).sum(1).clamp_min(1e-30).sqrt())
     df = _ranked(rm, layers, torch.stack(z), top, logit_effect=torch.stack(effect))
-    df.insert(3, "token", rm.tokenizer.decode([t]))
+    df.insert(3, "token", rm.token_str(t))
     return df
 
 
@@ -153,8 +153,8 @@ def _concept_acts(rm, items: list, layers: list[int]) -> torch.Tensor:
     for item in items:
         prompt, text = item if isinstance(item, tuple) else (item, None)
         tokens = rm.tokenize(prompt)
-        at = [len(tokens) - 1] if text is None else locate(rm, tokens, text)
-        rows.append(activations(rm, tokens, layers)[:, at].max(1).values.float().cpu())
+        at = [len(tokens) - 1] if text is None else rm.locate(tokens, text)
+        rows.append(rm.activations(tokens, layers)[:, at].max(1).values.float().cpu())
     return torch.stack(rows)
 
 
@@ -185,7 +185,7 @@ def features_by_examples(rm, examples: list, against: list | None = None, layer=
         features active on at least one example. ``hits`` counts the examples a feature
         fires on: ``df[df.hits == len(examples)]`` keeps features shared by all of them.
     """
-    layers = _layers(rm, layer)
+    layers = rm.layers(layer)
     pos = _concept_acts(rm, examples, layers)
     scale = _scale(rm, layers)
     unit = torch.ones_like(pos[0]) if scale is None else scale

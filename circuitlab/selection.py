@@ -3,40 +3,32 @@
 An attribution visits up to ``max_feature_nodes`` feature targets. A full row of edges spans
 every active feature, so keeping full rows costs ``nodes x active features``, which grows
 with the prompt. ``Rows`` keeps each visited row over a bounded number of *candidate*
-columns instead (at least ``CANDIDATES_PER_NODE`` per node, more where memory is spare: the
-features most likely to become nodes, chosen as attribution goes) and folds every other
-feature's edge into the error column of its ``(layer, pos)``, which keeps the row's sum
-exact. A feature that becomes a node after a row was stored is missing from it; ``late``
-says which rows miss which nodes, and attribution recomputes just those rows.
+columns instead (``memory.candidate_slots``: at least ``memory.CANDIDATES_PER_NODE`` per
+node, more where memory is spare: the features most likely to become nodes, chosen as
+attribution goes) and folds every other feature's edge into the error column of its
+``(layer, pos)``, which keeps the row's sum exact. A feature that becomes a node after a row
+was stored is missing from it; ``late`` says which rows miss which nodes, and attribution
+recomputes just those rows.
 
 The influence estimate needs each row's share of every feature, not only of the candidates:
-the largest shares outside the candidates (``EXTRA_SHARE`` and up, ``EXTRAS_PER_ROW`` per
-row) are kept as a sparse list. When every active feature fits among the candidates (short
-prompts), rows are stored whole and nothing is folded, recomputed or approximated.
+the largest shares outside the candidates (``EXTRA_SHARE`` and up, ``memory.EXTRAS_PER_ROW``
+per row) are kept as a sparse list. When every active feature fits among the candidates
+(short prompts), rows are stored whole and nothing is folded, recomputed or approximated.
 
 Stored row layout: ``[candidate slots | L x P error columns | P embedding columns]``.
-``memory_parts`` counts what an attribution holds in this layout (``plan`` and ``attribute``
-check it).
+``memory.memory_parts`` counts what an attribution holds in this layout (``plan`` and
+``attribute`` check it).
 """
 
 from __future__ import annotations
 
 import torch
 
-#: Candidate columns per feature node: memory against recomputed rows.
-CANDIDATES_PER_NODE = 4
-#: Shares outside the candidates that the influence estimate keeps, per row, at most ...
-EXTRAS_PER_ROW = 1024
-#: ... and at least this share of the row's absolute input.
+from . import memory
+
+#: The least share of the row's absolute input that the influence estimate keeps outside
+#: the candidates (at most ``memory.EXTRAS_PER_ROW`` a row).
 EXTRA_SHARE = 1e-5
-
-
-def candidate_slots(n_features: int, n_nodes: int, extra: int = 0) -> int:
-    """Candidate columns for ``n_nodes`` nodes among ``n_features`` active features: at
-    least ``CANDIDATES_PER_NODE`` per node, and ``extra`` more (the columns spare memory
-    holds)."""
-    return n_features if n_nodes >= n_features else min(n_features,
-                                                        CANDIDATES_PER_NODE * n_nodes + extra)
 
 
 class Rows:
@@ -117,7 +109,7 @@ class Rows:
             others = self.others()
             edges = full[:, others]
             errors.index_add_(1, self.where[others], edges)
-            top, at = torch.topk(edges.abs(), min(EXTRAS_PER_ROW, len(others)), dim=1)
+            top, at = torch.topk(edges.abs(), min(memory.EXTRAS_PER_ROW, len(others)), dim=1)
             share = top.float() / total[:, None]
             keep = share >= EXTRA_SHARE
             row = torch.arange(i, i + b, device=full.device)[:, None].expand_as(keep)
@@ -189,46 +181,3 @@ class Rows:
             if feeds.any():
                 out.append((rows[feeds], missed))
         return out
-
-
-def memory_parts(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
-                 n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
-                 copied_params: int = 0, n_heads: int = 0,
-                 writes_per_feature: float = 1.0, trace: int = 0) -> dict[str, int]:
-    """Bytes an attribution holds at its peak: stored ``rows`` (visited features' over the
-    candidate columns, logits' whole), a ``batch`` of whole rows, node ``selection``
-    (shares among visited features, sparse shares outside the candidates), act-scaled
-    ``decoders`` (``writes_per_feature`` layers each: 1 for per-layer transcoders, on average
-    ``(L + 1) / 2`` for a cross-layer one), backward-dtype ``weights``, a ``backward`` batch,
-    attention ``patterns`` (given ``n_heads``: the trace's float32 ones and the backward's
-    copy), the float32 ``adjacency`` (host memory) with, while influence is annotated, the
-    rows of the nodes with inputs copied and their absolute values (``prune.normalized``:
-    two ``[kept + logits, nodes]`` copies alive together), and the ``trace`` the forward
-    pass left (bytes, ``plan.trace_bytes``; 0 leaves it out). Only decoders and patterns grow
-    with the active features or the prompt's square."""
-    kept = n_features if max_feature_nodes is None else min(n_features, max_feature_nodes)
-    slots = candidate_slots(n_features, kept)
-    cols = n_features + (n_layers + 1) * n_positions
-    n_nodes = kept + (n_layers + 1) * n_positions + n_logits
-    return {
-        "rows": dtype.itemsize * (kept * (slots + (n_layers + 1) * n_positions) + n_logits * cols),
-        "batch": dtype.itemsize * min(batch_size, kept) * cols,
-        "selection": (4 * kept * kept + 40 * kept * EXTRAS_PER_ROW) if slots < n_features
-        else (4 * kept * kept if kept < n_features else 0),
-        "decoders": int(dtype.itemsize * n_features * writes_per_feature * d_model),
-        "weights": dtype.itemsize * copied_params,
-        "backward": 4 * 8 * batch_size * n_positions * d_model,
-        "patterns": (4 + dtype.itemsize) * n_layers * n_heads * n_positions ** 2,
-        "adjacency": 4 * n_nodes * n_nodes + 2 * 4 * (kept + n_logits) * n_nodes,
-        "trace": trace,
-    }
-
-
-def estimate_memory(n_features: int, n_positions: int, n_layers: int, max_feature_nodes: int | None,
-                    n_logits: int, d_model: int, batch_size: int, dtype: torch.dtype,
-                    copied_params: int = 0, n_heads: int = 0,
-                    writes_per_feature: float = 1.0, trace: int = 0) -> int:
-    """Bytes an attribution needs at peak, in all (the sum of ``memory_parts``)."""
-    return sum(memory_parts(n_features, n_positions, n_layers, max_feature_nodes, n_logits,
-                            d_model, batch_size, dtype, copied_params, n_heads,
-                            writes_per_feature, trace).values())

@@ -32,11 +32,10 @@ def logit_targets_of(rm, trace, logit_targets, max_logits: int, logit_prob: floa
     W_U, b_U = rm.model.W_U.detach(), rm.model.b_U.detach()
     W_U_mean, b_U_mean = W_U.mean(1, dtype=torch.float32), b_U.float().mean()
     probs = torch.softmax(trace.logits[-1].double(), -1).float()
-    tok_str = lambda t: rm.tokenizer.decode([t])  # noqa: E731
 
     def token_target(t: int) -> LogitTarget:
         t = rm.token_id(t)
-        return LogitTarget(tok_str(t), W_U[:, t].float() - W_U_mean, float(b_U[t] - b_U_mean),
+        return LogitTarget(rm.token_str(t), W_U[:, t].float() - W_U_mean, float(b_U[t] - b_U_mean),
                            t, float(probs[t]))
 
     if logit_targets is None:

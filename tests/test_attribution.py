@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHS, tiny_model, tiny_transcoders
 
 import circuitlab
-from circuitlab import attribution, selection
+from circuitlab import attribution, memory
 from circuitlab.replacement import ReplacementModel
 
 PROMPT = "the cat sat on the mat."
@@ -112,12 +112,12 @@ def test_bounded_rows_stay_exact(arch, monkeypatch):
     keep equal those of whole rows."""
     model = tiny_model("gemma3", seed=3)
     rm = ReplacementModel(model, tiny_transcoders(model, arch, seed=3))
-    monkeypatch.setattr(selection, "CANDIDATES_PER_NODE", 10 ** 6)
+    monkeypatch.setattr(memory, "CANDIDATES_PER_NODE", 10 ** 6)
     whole = circuitlab.attribute(rm, PROMPT, max_feature_nodes=80, progress=False,
                                  dtype=torch.float32, batch_size=16)
     assert whole.metadata["recomputed_rows"] == 0
-    monkeypatch.setattr(selection, "CANDIDATES_PER_NODE", 1)
-    monkeypatch.setattr(selection, "EXTRAS_PER_ROW", 8)
+    monkeypatch.setattr(memory, "CANDIDATES_PER_NODE", 1)
+    monkeypatch.setattr(memory, "EXTRAS_PER_ROW", 8)
     monkeypatch.setattr(attribution, "spare_memory", lambda *a: 0)
     graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=80, progress=False,
                                  dtype=torch.float32, batch_size=16)

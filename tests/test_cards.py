@@ -15,10 +15,10 @@ import torch
 from conftest import DOCS, tiny_transcoders
 
 import circuitlab
-from circuitlab.cards import (N_BINS, N_TOP, NO_EXAMPLES, activations, cards_path, feature_card,
-                              find_examples, output_tokens, read_examples, transcoder_key)
+from circuitlab.cards import (N_BINS, N_TOP, NO_EXAMPLES, cards_path, feature_card, find_examples,
+                              output_tokens, read_examples, transcoder_key)
 from circuitlab.cli import main
-from circuitlab.loading import BUNDLE_DIR
+from circuitlab.presets import BUNDLE_DIR
 from circuitlab.replacement import ReplacementModel
 from circuitlab.train.build_cards import LEFT, RIGHT, build_examples
 
@@ -27,7 +27,7 @@ def all_activations(rm, examples):
     """``[L, N, F]`` activations of every stored token, computed sequence by sequence."""
     out = torch.zeros(rm.n_layers, len(examples.tokens), rm.d_sae(0))
     for a, b in zip(examples.starts[:-1].tolist(), examples.starts[1:].tolist()):
-        out[:, a:b] = activations(rm, examples.tokens[a:b].long(), list(range(rm.n_layers)))
+        out[:, a:b] = rm.activations(examples.tokens[a:b].long(), list(range(rm.n_layers)))
     return out
 
 
@@ -73,7 +73,7 @@ def test_card_from_cache_and_for_other_weights(tiny, tiny_rm, cached):
     assert card.message is None and card.contexts and card.label == "cat"
     edges, counts = card.histogram
     assert len(edges) == N_BINS + 1 and sum(counts) == int(cached.hist[layer, feature].sum())
-    acts = activations(tiny_rm, tiny_rm.tokenize("the cat"), [layer])[0, :, feature]
+    acts = tiny_rm.activations(tiny_rm.tokenize("the cat"), [layer])[0, :, feature]
     assert card.prompt_activation == pytest.approx(float(acts.max()))
     at2 = feature_card(tiny_rm, layer, feature, tokens="the cat", pos=2).prompt_activation
     assert at2 == pytest.approx(float(acts[2]))

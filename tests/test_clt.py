@@ -8,7 +8,7 @@ from conftest import CLT_KINDS, tiny_clt, tiny_model
 from test_attribution import check_edges_brute_force
 
 import circuitlab
-from circuitlab import attribution, clt as clt_module, selection
+from circuitlab import attribution, clt as clt_module, memory
 from circuitlab import interventions as iv
 from circuitlab.errors import CircuitlabError
 from circuitlab.graph import Graph
@@ -147,8 +147,8 @@ def _without_later_writes(clt):
 
 def test_bounded_rows_stay_exact(monkeypatch):
     rm = clt_rm(("relu", True), seed=3, d_sae=64)
-    monkeypatch.setattr(selection, "CANDIDATES_PER_NODE", 1)
-    monkeypatch.setattr(selection, "EXTRAS_PER_ROW", 8)
+    monkeypatch.setattr(memory, "CANDIDATES_PER_NODE", 1)
+    monkeypatch.setattr(memory, "EXTRAS_PER_ROW", 8)
     monkeypatch.setattr(attribution, "spare_memory", lambda *a: 0)
     graph = circuitlab.attribute(rm, PROMPT, max_feature_nodes=80, progress=False,
                                  dtype=torch.float32, batch_size=16)

@@ -17,8 +17,7 @@ from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 
 import circuitlab
-from circuitlab import CircuitlabError, clt_sources, loading
-from circuitlab import plan as planning
+from circuitlab import CircuitlabError, clt_sources, loading, presets, sizing
 from circuitlab.clt import CrossLayerTranscoder
 
 PROMPT = "the cat sat on the mat."
@@ -221,7 +220,7 @@ def test_gemma_scope_2_local_folder_and_its_errors(tiny, hub, tmp_path):
     folder = shutil.copytree(snapshot_download(TINY_GEMMA_SCOPE_2) + f"/{TINY_CLT_FOLDER}",
                              tmp_path / "gs2")
     check_gemma_scope_2(circuitlab.load(tiny, transcoders=folder), hub["gemma-scope-2"])
-    shape = planning.transcoder_shape(folder)
+    shape = sizing.transcoder_shape(folder)
     assert (shape.width, shape.skip, shape.jumprelu, shape.cross_layer) == (16, True, True, True)
     p = {**hub["gemma-scope-2"][1], "w_enc": torch.zeros(32, 8)}
     (folder / "params_layer_1.safetensors").unlink()
@@ -240,17 +239,17 @@ def test_clt_sizes(tiny, tmp_path):
     """A CLT folder's shape from its headers, and its parameter count: L encoders,
     L (L + 1) / 2 decoders (none in memory when lazy)."""
     clt = tiny_clt(tiny, seed=6)
-    for shape in (planning.transcoder_shape(clt), planning.transcoder_shape(clt.save(tmp_path / "c"))):
+    for shape in (sizing.transcoder_shape(clt), sizing.transcoder_shape(clt.save(tmp_path / "c"))):
         assert (shape.width, shape.skip, shape.jumprelu, shape.cross_layer) == (32, True, True, True)
     numel = sum(p.numel() for p in clt.parameters())
     assert shape.n_params(32, 3) == numel
     assert shape.n_params(32, 3, lazy=True) == numel - sum(d.numel() for d in clt.W_dec)
-    for name in loading.CLT_PRESETS:
-        assert planning.TRANSCODER_SHAPES[name].cross_layer, name
-    p = planning.plan("llama-3.2-1b", "mntss/clt-llama-3.2-1b-524k", device="h100")
+    for name in presets.CLT_PRESETS:
+        assert presets.TRANSCODER_SHAPES[name].cross_layer, name
+    p = sizing.plan("llama-3.2-1b", "mntss/clt-llama-3.2-1b-524k", device="h100")
     enc = 32768 * 2048 + 2 * 32768 + 2048
     assert p.transcoder_bytes == 2 * (16 * enc + 16 * 17 // 2 * 32768 * 2048)
     with pytest.raises(CircuitlabError, match="transcoders 19.0"):
-        planning.check_load("llama-3.2-1b", "mntss/clt-llama-3.2-1b-524k", "t4", torch.bfloat16)
-    planning.check_load("llama-3.2-1b", "mntss/clt-llama-3.2-1b-524k", "t4", torch.bfloat16,
+        sizing.check_load("llama-3.2-1b", "mntss/clt-llama-3.2-1b-524k", "t4", torch.bfloat16)
+    sizing.check_load("llama-3.2-1b", "mntss/clt-llama-3.2-1b-524k", "t4", torch.bfloat16,
                         lazy=True)

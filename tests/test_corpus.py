@@ -8,7 +8,7 @@ import pytest
 from circuitlab.files import verify_manifest
 from circuitlab.train import prose, sources
 from circuitlab.train.corpus import allot, build_corpus, iter_documents
-from circuitlab.train.sources import SOURCES, Source, _detokenize, _pack, _strip_wikitext, _untag, fetch
+from circuitlab.train.sources import SOURCES, Source, _detokenize, _strip_wikitext, _untag, fetch, join_texts
 from circuitlab.train.sources import chunks as _chunks
 
 
@@ -113,7 +113,7 @@ def test_failed_download_names_command(tmp_path):
 
 
 def test_helpers():
-    assert list(_pack(["a" * 5, "b" * 5, "c"], size=8)) == ["a" * 5 + "\n\n" + "b" * 5, "c"]
+    assert list(join_texts(["a" * 5, "b" * 5, "c"], size=8)) == ["a" * 5 + "\n\n" + "b" * 5, "c"]
     assert [len(p) for p in _chunks("word " * 10, size=12)] == [9, 9, 9, 9, 9]
     assert list(_chunks("abc = 1\n    b = 2\n", size=14)) == ["abc = 1", "    b = 2"]  # indentation survives
     wiki = "'''Cat''' is a [[mammal|small mammal]]{{cite|x}}.<ref>r</ref> [[File:C.jpg|thumb|a [[cat]]]]\n==References==\nx"

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_transcoders
 
 import circuitlab
-from circuitlab.cards import activations, cards_path, feature_card, find_examples, read_examples
+from circuitlab.cards import cards_path, feature_card, find_examples, read_examples
 from circuitlab.labels import MIN_COUNT, MIN_Z, N_OUTPUTS, WORD, build_labels, label, script, shown, writes
 from circuitlab.replacement import ReplacementModel
 from circuitlab.train.build_cards import relabel
@@ -85,7 +85,7 @@ def test_bundled_labels_name_concepts(gemma):
                          ("The king and the", "king")):
         tokens = gemma.tokenize(prompt)
         pos = [i for i, t in enumerate(tokens.tolist()) if gemma.tokenizer.decode([t]).strip() == word][-1]
-        acts = activations(gemma, tokens, list(range(gemma.n_layers)))[:, pos]
+        acts = gemma.activations(tokens, list(range(gemma.n_layers)))[:, pos]
         hits = sum(f'"{word}"'.lower() in examples.label(layer, feature).lower()
                    for layer in range(gemma.n_layers) for feature in acts[layer].topk(3).indices.tolist())
         assert hits >= 3, (word, hits)

@@ -1,11 +1,12 @@
-"""The package's shape: imports point one way, modules stay short, hook names live in one
-place, the convenience methods keep their functions' signatures, and the package face is
-cheap to import."""
+"""The package's shape: imports point one way (down the README's floors), no module imports
+another's private names, modules stay short, hook names live in one place, the convenience
+methods keep their functions' signatures, and the package face is cheap to import."""
 
 from __future__ import annotations
 
 import ast
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import networkx as nx
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "circuitlab"
+README = PACKAGE.parent / "README.md"
 
 #: The documented upward delegations (README, "How it works"): (method's module, target).
 DELEGATIONS = {
@@ -36,16 +38,21 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def _base(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute name of the module a ``from ... import`` statement imports from."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    parts = parts[: len(parts) - node.level + 1]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
 def _resolve(module: str, path: Path, node: ast.ImportFrom | ast.Import, known) -> list[str]:
     """The circuitlab modules an import statement loads."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name in known]
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    base = node.module or ""
-    if node.level:
-        parts = package.split(".")
-        parts = parts[: len(parts) - node.level + 1]
-        base = ".".join(parts + ([node.module] if node.module else []))
+    base = _base(module, path, node)
     if not base.startswith("circuitlab"):
         return []
     hits = [base] if base in known else []
@@ -99,6 +106,64 @@ def test_imports_inside_functions_are_few_and_only_documented_delegations_point_
     assert list(nx.simple_cycles(g)) == []
     used = {(a, b) for a, b, local in edges if local}
     assert DELEGATIONS <= used, "a documented delegation is gone: update DELEGATIONS and the README"
+
+
+def _floors() -> dict[str, tuple[int, str]]:
+    """The README's floor table ("How it works"): each module or package named in its module
+    column (``graph.py``, ``viz/``) -> ``(floor number, floor name)``, ground first."""
+    text = README.read_text().split("## How it works", 1)[1]
+    rows = re.search(r"^\| floor \| module \| owns \|\n\|[-|]+\|\n((?:\|.*\n)+)", text, re.M)
+    assert rows, "README lacks the floor table"
+    out, floor = {}, None
+    for row in rows.group(1).splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        floor = cells[0] or floor
+        for name in re.findall(r"`([^`]+)`", cells[1]):
+            parts = name.removesuffix("/").removesuffix(".py").split("/")
+            out[".".join(["circuitlab", *parts]).removesuffix(".__init__")] = floor
+    order = list(dict.fromkeys(out.values()))
+    return {m: (order.index(f), f) for m, f in out.items()}
+
+
+def _module_floors() -> dict[str, tuple[int, str] | None]:
+    """Each circuitlab module's floor: its own row of the table, or its package's (``viz/``);
+    ``None`` where the table has neither."""
+    floors = _floors()
+
+    def floor_of(module):
+        hits = [name for name in floors if module == name or module.startswith(name + ".")]
+        return floors[max(hits, key=len)] if hits else None
+
+    return {m: floor_of(m) for m in _modules()}
+
+
+def test_the_readme_floor_table_lists_every_module():
+    assert [m for m, floor in _module_floors().items() if floor is None] == []
+    assert [name for name in _floors() if name not in _modules()] == []
+
+
+def test_module_level_imports_point_to_the_same_floor_or_below():
+    """The README's floors hold in the code: a module imports (at module level) only modules
+    of its own floor or lower ones; the documented delegations import inside a method."""
+    floor = _module_floors()
+    assert None not in floor.values(), "a module is missing from the README's floor table"
+    edges, _ = _imports()
+    up = [f"{a} ({floor[a][1]}) imports {b} ({floor[b][1]})"
+          for a, b, local in edges if not local and floor[b][0] > floor[a][0]]
+    assert up == []
+
+
+def test_no_private_name_is_imported_across_modules():
+    """``from circuitlab.x import _name`` couples a module to another's internals: what two
+    modules share is public (a name without a leading underscore, with a docstring)."""
+    known = _modules()
+    offenders = []
+    for module, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and _base(module, path, node).startswith("circuitlab"):
+                offenders += [f"{module}:{node.lineno}: {_base(module, path, node)}.{a.name}"
+                              for a in node.names if a.name.startswith("_")]
+    assert offenders == []
 
 
 def test_no_module_is_long():

@@ -15,8 +15,7 @@ import pytest
 from conftest import tiny_model, tiny_transcoders
 
 import circuitlab
-from circuitlab import attribution
-from circuitlab import plan as planning
+from circuitlab import attribution, memory, presets, sizing
 from circuitlab.replacement import ReplacementModel
 
 GiB = 2 ** 30
@@ -30,8 +29,8 @@ def rm():
 
 
 def forward_need(rm, n_positions: int) -> int:
-    shape, kw = planning.replacement_shape(rm)
-    return sum(planning.forward_parts(n_positions, shape, **kw).values())
+    shape, kw = memory.replacement_shape(rm)
+    return sum(memory.forward_parts(n_positions, shape, **kw).values())
 
 
 class Ran(Exception):
@@ -41,16 +40,16 @@ class Ran(Exception):
 def test_forward_parts_of_a_long_prompt_on_the_embedded_model():
     """5,100 tokens on gemma-3-270m: float32 logits at every position with isfinite's abs copy
     and three bool masks, and 18 layers of 4 x P x P patterns: more than 15 GiB."""
-    shape = planning.MODEL_SHAPES["gemma-3-270m"]
-    parts = planning.forward_parts(5100, shape, 1536)
+    shape = presets.MODEL_SHAPES["gemma-3-270m"]
+    parts = memory.forward_parts(5100, shape, 1536)
     assert parts["logits"] == (4 + 4 + 3) * 5100 * 262144
     assert parts["patterns"] >= 18 * 4 * 4 * 5100 ** 2
     assert sum(parts.values()) > 15 * GiB
-    needs = [sum(planning.forward_parts(p, shape, 1536).values()) for p in (1, 10, 100, 1000, 8192)]
+    needs = [sum(memory.forward_parts(p, shape, 1536).values()) for p in (1, 10, 100, 1000, 8192)]
     assert needs == sorted(needs) and len(set(needs)) == len(needs)
-    p = planning.plan("gemma-3-270m", tokens=5100, device="cpu24")
+    p = sizing.plan("gemma-3-270m", tokens=5100, device="cpu24")
     assert p.forward == sum(parts.values()) and not p.fits
-    assert planning.plan("gemma-3-270m", tokens=30, device="cpu24").fits
+    assert sizing.plan("gemma-3-270m", tokens=30, device="cpu24").fits
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])
@@ -125,7 +124,7 @@ def test_estimate_within_15_percent_of_the_measured_peak(what, tokens):
     """An all-features graph of a short prompt (the adjacency, its normalized rows and their
     abs copy, every row stored whole) and the forward pass of a longer one (logits and
     patterns), measured on the embedded model with its bundled transcoders."""
-    from circuitlab.loading import BUNDLE_DIR, DEFAULT_BUNDLE
+    from circuitlab.presets import BUNDLE_DIR, DEFAULT_BUNDLE
 
     if not (BUNDLE_DIR / DEFAULT_BUNDLE["gemma-3-270m"]).exists():
         pytest.skip("no bundled transcoders")

@@ -54,7 +54,7 @@ def test_installed_wheel_traces_from_outside_the_repository(wheel, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    where = subprocess.run([str(python), "-c", "import circuitlab.files as f; print(f.DATA_DIR)"],
+    where = subprocess.run([str(python), "-c", "import circuitlab.presets as p; print(p.DATA_DIR)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True).stdout
     assert str(ROOT) not in where and "site-packages" in where, where
     run = subprocess.run([str(env_dir / "bin" / "circuitlab"), "trace", "The capital of France is",

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import circuitlab
-from circuitlab import attribution, loading
-from circuitlab import plan as planning
+from circuitlab import attribution, loading, memory, presets, sizing
 from circuitlab.cli import main
-from circuitlab import memory
-from circuitlab.plan import GiB, MODEL_SHAPES, TRANSCODER_SHAPES, plan
+from circuitlab.presets import GiB, MODEL_SHAPES, TRANSCODER_SHAPES
+from circuitlab.sizing import plan
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -36,7 +35,7 @@ def test_model_shapes_match_transformer_lens():
             model = HookedTransformer(cfg, move_to_device=False)
         tensors = [*model.parameters(), *model.buffers()]
         assert sum(t.numel() for t in tensors if t.is_floating_point()) == s.n_params(), name
-    assert planning.model_shape(model).n_params() == MODEL_SHAPES["llama-3.2-1b"].n_params()
+    assert memory.model_shape(model).n_params() == MODEL_SHAPES["llama-3.2-1b"].n_params()
 
 
 def test_embedded_shape_matches_its_cache():
@@ -44,7 +43,7 @@ def test_embedded_shape_matches_its_cache():
     cache, when it is built: it leaves out the scalar IGNORE buffers)."""
     import json
 
-    folder = loading._embedded_cache()
+    folder = loading.embedded_cache()
     if not (folder / "tl_config.json").exists():
         pytest.skip("the embedded model's cache is not built")
     cfg = json.loads((folder / "tl_config.json").read_text())
@@ -65,7 +64,7 @@ def test_transcoder_shapes_match_sae_lens_directory():
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     directory, checked = get_pretrained_saes_directory(), []
-    for release, preset in loading.TRANSCODER_PRESETS.items():
+    for release, preset in presets.TRANSCODER_PRESETS.items():
         assert release in TRANSCODER_SHAPES
         shape, (model, sae_id) = TRANSCODER_SHAPES[release], preset
         n_layers = MODEL_SHAPES[model].n_layers
@@ -78,22 +77,22 @@ def test_transcoder_shapes_match_sae_lens_directory():
             assert shape.l0 == pytest.approx(sum(l0s) / n_layers, abs=0.05), release
             assert all("width_16k" in i for i in ids) and shape.width == 16384
         else:
-            assert shape.l0 == planning.ASSUMED_L0
+            assert shape.l0 == presets.ASSUMED_L0
     assert len(checked) == 2
     assert TRANSCODER_SHAPES["gemma-scope-2-270m-pt-transcoders-all"].skip  # "_affine"
-    assert set(planning.PLAN_TRANSCODERS) == set(MODEL_SHAPES) == set(loading.MODEL_PRESETS)
+    assert set(presets.PLAN_TRANSCODERS) == set(MODEL_SHAPES) == set(presets.MODEL_PRESETS)
 
 
 def test_bundle_shape_comes_from_its_cfg_files():
-    shape = planning.transcoder_shape(loading.DEFAULT_BUNDLE["gemma-3-270m"])
+    shape = sizing.transcoder_shape(presets.DEFAULT_BUNDLE["gemma-3-270m"])
     assert (shape.width, shape.skip, shape.jumprelu) == (1536, True, True)
     assert 30 < shape.l0 < 90  # the bundle's calibrated JumpReLU L0
-    assert planning.PLAN_TRANSCODERS["gemma-3-270m"] == loading.DEFAULT_BUNDLE["gemma-3-270m"]
+    assert presets.PLAN_TRANSCODERS["gemma-3-270m"] == presets.DEFAULT_BUNDLE["gemma-3-270m"]
     p = plan("gemma-3-270m", device="cpu24")
     from safetensors import safe_open
 
     numel = 0
-    for file in (loading.BUNDLE_DIR / loading.DEFAULT_BUNDLE["gemma-3-270m"]).glob(
+    for file in (presets.BUNDLE_DIR / presets.DEFAULT_BUNDLE["gemma-3-270m"]).glob(
             "*/sae_weights.safetensors"):
         with safe_open(file, "pt") as f:
             numel += sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
@@ -101,12 +100,12 @@ def test_bundle_shape_comes_from_its_cfg_files():
 
 
 def test_plan_shares_attributions_estimate():
-    assert attribution.estimate_memory is planning.estimate_memory
+    assert attribution.memory_parts is sizing.memory_parts
     p = plan("gemma-2-2b", tokens=20, max_feature_nodes=1000, device="cpu24",
              dtype=torch.bfloat16)
     s, tc = MODEL_SHAPES["gemma-2-2b"], TRANSCODER_SHAPES["gemma-scope-2b-pt-transcoders"]
     assert p.n_features == int(20 * 26 * tc.l0)
-    assert p.attribution == {"cpu": planning.estimate_memory(
+    assert p.attribution == {"cpu": memory.estimate_memory(
         p.n_features, 20, 26, 1000, 10, s.d_model, 128, torch.float32, s.copied_params(False),
         s.n_heads)}
     assert p.model_bytes == 2 * s.n_params() and p.fits  # bf16 halves the weights
@@ -125,7 +124,7 @@ def test_plan_is_shapes_only(monkeypatch):
     monkeypatch.setattr(loading, "load_model", boom)
     monkeypatch.setattr(loading.SAE, "from_pretrained", boom)
     for model in MODEL_SHAPES:
-        for device in planning.DEVICE_SIZES:
+        for device in presets.DEVICE_SIZES:
             assert plan(model, device=device).on_device > 0
 
 
@@ -146,11 +145,11 @@ def test_load_refuses_before_downloading(monkeypatch):
 
     monkeypatch.setattr(loading, "load_model", boom)
     monkeypatch.setattr(loading, "load_transcoders", boom)
-    monkeypatch.setattr(planning, "free_memory", lambda device: 4 * GiB)
+    monkeypatch.setattr(sizing, "free_memory", lambda device: 4 * GiB)
     with pytest.raises(circuitlab.CircuitlabError, match=r"(?s)needs about 1\d\.\d GiB.*nothing "
                        r"was downloaded.*dtype=torch\.bfloat16"):
         circuitlab.load("gemma-2-2b", transcoders="gemma-scope-2b-pt-transcoders")
-    monkeypatch.setattr(planning, "free_memory", lambda device: 2 * GiB)
+    monkeypatch.setattr(sizing, "free_memory", lambda device: 2 * GiB)
     with pytest.raises(circuitlab.CircuitlabError, match="Loading gemma-3-270m"):
         circuitlab.load("gemma-3-270m")
 
@@ -158,15 +157,15 @@ def test_load_refuses_before_downloading(monkeypatch):
 def test_attribute_refusal_splits_device_and_host(tiny_rm, monkeypatch):
     parts = {"rows": 3 * GiB, "batch": 0, "selection": 0, "decoders": 0, "weights": 0,
              "backward": 0, "patterns": 0, "adjacency": 2 * GiB}
-    assert planning.pools(parts, "cuda") == {"cuda": 3 * GiB, "cpu": 2 * GiB}
+    assert memory.pools(parts, "cuda") == {"cuda": 3 * GiB, "cpu": 2 * GiB}
     free = {"cuda": 10 * GiB, "cpu": 2 * GiB}
     monkeypatch.setattr(memory, "free_memory", lambda d: free[torch.device(d).type])
     with pytest.raises(circuitlab.CircuitlabError, match="2.0 GiB on the host"):
-        planning.check_attribution(parts, "cuda", None, "test")
+        memory.check_attribution(parts, "cuda", None, "test")
     free["cpu"] = 3 * GiB
-    planning.check_attribution(parts, "cuda", None, "test")  # 3 GiB of 8 on the GPU
+    memory.check_attribution(parts, "cuda", None, "test")  # 3 GiB of 8 on the GPU
     with pytest.raises(circuitlab.CircuitlabError, match="max_feature_nodes"):
-        planning.check_attribution(parts, "cpu", None, "test")  # 5 GiB in one pool of 2.4
+        memory.check_attribution(parts, "cpu", None, "test")  # 5 GiB in one pool of 2.4
     with pytest.raises(circuitlab.CircuitlabError, match=r"needs about .* GiB.*max_feature_nodes"):
         circuitlab.attribute(tiny_rm, "the cat", memory_limit=1000, progress=False)
 
@@ -179,10 +178,10 @@ def readme_table() -> str:
 
 
 def test_readme_table_is_the_codes_output(capsys):
-    assert readme_table() == planning.table()
+    assert readme_table() == sizing.table()
     assert main(["plan", "--table"]) == 0
-    assert capsys.readouterr().out.strip() == planning.table()
-    assert "plan.py" in README.read_text().split("## How it works", 1)[1]
+    assert capsys.readouterr().out.strip() == sizing.table()
+    assert "sizing.py" in README.read_text().split("## How it works", 1)[1]
     # The README's remark under the table.
     assert plan("gemma-2-2b", device="cpu24", dtype=torch.bfloat16).fits
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import circuitlab
 from circuitlab import CircuitlabError, cli
 from circuitlab.files import sha256, verify_manifest
-from circuitlab.plan import transcoder_shape
 from circuitlab.quantize import FLOAT8_WEIGHTS, quantize_folder, read_weights
+from circuitlab.sizing import transcoder_shape
 from circuitlab.train.topk import TopKTranscoders
 
 MATRICES = ("W_enc", "W_dec", "W_skip")

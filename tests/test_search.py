@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import circuitlab
-from circuitlab.cards import activations, feature_card, locate
+from circuitlab.cards import feature_card
 from circuitlab.search import features_by_examples, features_by_output, features_for
 
 
@@ -50,8 +50,8 @@ def test_features_by_examples_brute_force(tiny_rm, no_cache):
     examples, against = ["the cat", "a cat", ("cats are nice", "cat")], ["the dog", "a cow"]
 
     def at(prompt, text=None):
-        acts = activations(tiny_rm, tiny_rm.tokenize(prompt), [0, 1, 2])
-        span = [len(prompt)] if text is None else locate(tiny_rm, tiny_rm.tokenize(prompt), text)
+        acts = tiny_rm.activations(tiny_rm.tokenize(prompt), [0, 1, 2])
+        span = [len(prompt)] if text is None else tiny_rm.locate(tiny_rm.tokenize(prompt), text)
         return acts[:, span].max(1).values
 
     pos = torch.stack([at(*e) if isinstance(e, tuple) else at(e) for e in examples])

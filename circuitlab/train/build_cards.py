@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from circuitlab.cards import (FORMAT, N_BINS, N_TOP, Examples, _bundle_name, cards_path, manifest_key,
+from circuitlab.cards import (FORMAT, N_BINS, N_TOP, Examples, bundle_name, cards_path, manifest_key,
                               read_examples, transcoder_key)
 from circuitlab.errors import CircuitlabError
 from circuitlab.files import atomic_file, cache_dir, sha256
 from circuitlab.hooks import mlp_io
 from circuitlab.labels import build_labels
-from circuitlab.loading import BUNDLE_DIR
+from circuitlab.presets import BUNDLE_DIR
 from circuitlab.train.corpus import iter_documents
 
 #: Context window stored per example: tokens before the max, the max, tokens after.
@@ -270,7 +270,7 @@ def _check_budget(rm, out: Path, tokens: int, n_top: int, per_band: int, max_byt
 
 def _metadata(rm, corpus: Path, seqs, settings: dict, command, seconds: float) -> dict:
     """The JSON header of an examples file."""
-    bundle = _bundle_name(rm)
+    bundle = bundle_name(rm)
     manifest = corpus / "manifest.json"
     flat = torch.cat(seqs)
     groups = ["top"] * settings["n_top"] + [
@@ -283,6 +283,6 @@ def _metadata(rm, corpus: Path, seqs, settings: dict, command, seconds: float) -
         "corpus_manifest_sha256": sha256(manifest) if manifest.exists() else None,
         "n_tokens": int(len(flat) - len(seqs)), "n_sequences": len(seqs), **settings,
         "window": [LEFT, RIGHT], "groups": groups, "bands": BANDS, "seconds": round(seconds, 1),
-        "vocab": {str(t): rm.tokenizer.decode([t]) for t in torch.unique(flat).tolist()},
+        "vocab": {str(t): rm.token_str(t) for t in torch.unique(flat).tolist()},
     }
 

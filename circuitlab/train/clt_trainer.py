@@ -60,8 +60,8 @@ from circuitlab.precision import fast_bf16
 from circuitlab.train import CLT_K, CLT_WIDTH
 from circuitlab.train.sparse import (Active, decode, gather_dot, jump_active,
                                      matching_thresholds, scatter_rows, topk_active)
-from circuitlab.train.topk import AUX_COEF, TopKTranscoders, _ridge, _scales
-from circuitlab.train.trainer import (Settings, _check_args, _check_init_from, _Run, describe,
+from circuitlab.train.topk import AUX_COEF, TopKTranscoders, ridge, scales
+from circuitlab.train.trainer import (Run, Settings, check_args, check_init_from, describe,
                                       start_run)
 
 GAIN_TOKENS = 512  # tokens of the joint least-squares fit of the initial encoder gains
@@ -140,13 +140,13 @@ class TopKCLT(TopKTranscoders):
         """
         L, N, d = x.shape
         n_out = [L - s if window is None else min(window, L - s) for s in range(L)]
-        scale_in, scale_out = _scales(x, y)
+        scale_in, scale_out = scales(x, y)
         gen = torch.Generator().manual_seed(seed)
 
         def inputs(l, rows=slice(None)):  # normalized inputs of layer l (one at a time: big)
             return x[l, rows].float() / scale_in[l]
 
-        skips = [_ridge(inputs(l), y[l].float() / scale_out[l]) for l in range(L)]
+        skips = [ridge(inputs(l), y[l].float() / scale_out[l]) for l in range(L)]
 
         def residual(rows, first, last=L):  # [len(rows), last - first, d] left by the skips
             return torch.stack([y[t, rows].float() / scale_out[t] - inputs(t, rows)
@@ -328,7 +328,7 @@ class TopKCLT(TopKTranscoders):
         return clt, stats
 
 
-class _CLTRun(_Run):
+class _CLTRun(Run):
     """A ``trainer`` run whose state is a ``TopKCLT`` and whose export is a CLT folder."""
 
     State = TopKCLT
@@ -400,8 +400,8 @@ def train_clt(model, corpus, out_dir, *, width: int = CLT_WIDTH, k: int = CLT_K,
     """
     L = model.cfg.n_layers
     bf16 = fast_bf16(device) if bf16 is None else bf16
-    _check_args(model, list(range(L)), width, k, aux_k, jumprelu_share, tokens, context,
-                batch_tokens, buffer_tokens, passes)
+    check_args(model, list(range(L)), width, k, aux_k, jumprelu_share, tokens, context,
+               batch_tokens, buffer_tokens, passes)
     out_dir = Path(out_dir).expanduser()
     if out_dir.is_dir() and any((out_dir / n).exists() for n in ("layer_00", "cfg.json")):
         raise CircuitlabError(f"{out_dir} holds per-layer transcoders; write the cross-layer "
@@ -414,7 +414,7 @@ def train_clt(model, corpus, out_dir, *, width: int = CLT_WIDTH, k: int = CLT_K,
                               "number of tokens.")
     if init_from is not None:
         init_from = Path(init_from).expanduser().resolve()
-        _check_init_from(init_from, list(range(L)), width, model.cfg.d_model)
+        check_init_from(init_from, list(range(L)), width, model.cfg.d_model)
     ckpt_dir = out_dir / "checkpoint" if checkpoint_dir is None else Path(checkpoint_dir)
     settings = CLTSettings(
         model_name=model.cfg.model_name, n_layers=L, d_model=model.cfg.d_model,

@@ -17,8 +17,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuitlab.errors import CircuitlabError
-from circuitlab.loading import PACK_FILE, is_pack
 from circuitlab.hooks import mlp_io
+from circuitlab.presets import PACK_FILE, is_pack
 from circuitlab.train.corpus import corpus_files, fingerprint, iter_documents
 from circuitlab.train.pack import pack_documents, special_ids
 

@@ -45,8 +45,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from circuitlab.errors import CircuitlabError
-from circuitlab.loading import is_pack, load_transcoders
+from circuitlab.loading import load_transcoders
 from circuitlab.hooks import layer_of, mlp_hooks
+from circuitlab.presets import is_pack
 from circuitlab.train.checkpoints import (CHECKPOINT_FILE, adam_tensors, load_checkpoint,
                                           restore_adam, save_checkpoint)
 from circuitlab.train.data import TokenRows

@@ -33,8 +33,8 @@ from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_h
 
 from ..errors import CircuitlabError
 from ..files import atomic_dir, atomic_write_text, sha256
-from ..loading import (EMBEDDED_MODEL, MODEL_PRESETS, PACK_FILE, _embedded_cache, embedded_gguf,
-                       embedded_hf_model, load_model, load_pack)
+from ..loading import embedded_cache, embedded_gguf, embedded_hf_model, load_model, load_pack
+from ..presets import EMBEDDED_MODEL, MODEL_PRESETS, PACK_FILE
 from .corpus import iter_documents
 
 EMBEDDING = "token_embd.weight"
@@ -167,7 +167,7 @@ def pack_inputs(out_dir, corpus, *, tokens: int = 2_000_000, shard_mb: float = 4
     steps.update()
     steps.set_postfix_str("writing")
     corpus_path = Path(corpus).expanduser().resolve()
-    if not (_embedded_cache() / "tl_config.json").exists():
+    if not (embedded_cache() / "tl_config.json").exists():
         load_model(EMBEDDED_MODEL)  # builds the cache, whose TransformerLens config we copy
     meta = {
         "model": MODEL_PRESETS[EMBEDDED_MODEL],
@@ -178,7 +178,7 @@ def pack_inputs(out_dir, corpus, *, tokens: int = 2_000_000, shard_mb: float = 4
         "tokens": n, "documents": len(docs), "vocab": len(vocab),
         "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
         "hf_config": hf_config,
-        "tl_config": json.loads((_embedded_cache() / "tl_config.json").read_text()),
+        "tl_config": json.loads((embedded_cache() / "tl_config.json").read_text()),
         "tensors": tensors,
     }
     with atomic_dir(out_dir, "an earlier pack there is intact.") as tmp:

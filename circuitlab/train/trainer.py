@@ -93,9 +93,10 @@ class Settings:
     init_from: str | None = None
 
 
-def _check_args(model: HookedTransformer, layers: list[int], width: int, k: int, aux_k: int,
-                jumprelu_share: float, tokens: int, context: int, batch_tokens: int,
-                buffer_tokens: int, passes: int, lr: float | None = None) -> None:
+def check_args(model: HookedTransformer, layers: list[int], width: int, k: int, aux_k: int,
+               jumprelu_share: float, tokens: int, context: int, batch_tokens: int,
+               buffer_tokens: int, passes: int, lr: float | None = None) -> None:
+    """Refuse training settings that cannot work with ``model``, naming every problem."""
     n = model.cfg.n_layers
     problems = []
     if not layers or any(not 0 <= l < n for l in layers) or len(set(layers)) != len(layers):
@@ -206,12 +207,12 @@ def train_transcoders(
     """
     layers = list(range(model.cfg.n_layers)) if layers is None else [int(l) for l in layers]
     bf16 = fast_bf16(device) if bf16 is None else bf16
-    _check_args(model, layers, width, k, aux_k, jumprelu_share, tokens, context, batch_tokens,
-                buffer_tokens, passes, lr)
+    check_args(model, layers, width, k, aux_k, jumprelu_share, tokens, context, batch_tokens,
+               buffer_tokens, passes, lr)
     out_dir = Path(out_dir).expanduser()
     if init_from is not None:
         init_from = Path(init_from).expanduser().resolve()
-        earlier = _check_init_from(init_from, layers, width, model.cfg.d_model)
+        earlier = check_init_from(init_from, layers, width, model.cfg.d_model)
     ckpt_dir = out_dir / "checkpoint" if checkpoint_dir is None else Path(checkpoint_dir)
     settings = Settings(
         model_name=model.cfg.model_name, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
@@ -226,7 +227,7 @@ def train_transcoders(
     history = None
     if init_from is not None:
         history = {"path": str(init_from), **{n: earlier[n] for n in HISTORY if n in earlier}}
-    run = start_run(_Run, model, settings, out_dir, ckpt_dir, device, tokens, time_budget,
+    run = start_run(Run, model, settings, out_dir, ckpt_dir, device, tokens, time_budget,
                     checkpoint_every, command, history, resume)
     if run.state is None and history is not None and earlier.get("settings", {}).get(
             "corpus") == settings.corpus and earlier["settings"].get("context") == context:
@@ -245,7 +246,7 @@ def describe(function: str, settings: Settings, out_dir: Path, tokens: int, time
 
 def start_run(run_class, model, settings: Settings, out_dir: Path, ckpt_dir: Path, device: str,
               tokens: int, time_budget, checkpoint_every: float, command: str,
-              history: dict | None, resume: bool) -> "_Run":
+              history: dict | None, resume: bool) -> "Run":
     """A ``run_class`` run, resumed from the checkpoint in ``ckpt_dir`` if there is one and
     ``resume`` is set (its state class is ``run_class.State``).
 
@@ -314,7 +315,7 @@ def check_memory(settings: Settings, device: str) -> None:
     )
 
 
-def _check_init_from(folder: Path, layers: list[int], width: int, d_model: int) -> dict:
+def check_init_from(folder: Path, layers: list[int], width: int, d_model: int) -> dict:
     """Check that ``folder`` holds transcoders to warm-start ``layers`` at ``width``;
     return its ``manifest.json`` (empty if it has none)."""
     problems = []
@@ -336,7 +337,7 @@ def _check_init_from(folder: Path, layers: list[int], width: int, d_model: int) 
     return json.loads(manifest.read_text()) if manifest.is_file() else {}
 
 
-class _Run(Budgets):
+class Run(Budgets):
     """One training run: the loop, its budgets, checkpoints and exports."""
 
     State = TopKTranscoders  # what checkpoints hold

@@ -4,7 +4,7 @@ and packed as compact JSON for the viewer (which shows every text as text)."""
 from __future__ import annotations
 
 from ..cards import FeatureCard, feature_card
-from ..loading import DEFAULT_BUNDLE
+from ..presets import DEFAULT_BUNDLE
 
 
 def fetch(rm, layer: int, feature: int, *, tokens=None, pos=None, label: str = "",

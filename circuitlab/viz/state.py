@@ -13,8 +13,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from ..cards import Examples, find_examples, unembedding
-from ..loading import DEFAULT_BUNDLE
+from ..cards import Examples, find_examples
+from ..presets import DEFAULT_BUNDLE
+from ..prompts import unembedding
 from ..graph import Graph
 from ..errors import CircuitlabError
 from .. import sidecar
@@ -49,7 +50,6 @@ def output_tokens(rm, nodes: pd.DataFrame, k: int = 5, chunk: int = 128) -> dict
     out = {}
     feats = nodes[nodes["kind"] == "feature"]
     W_U = unembedding(rm).detach().float()
-    decode = rm.tokenizer.decode
     for layer, group in feats.groupby("layer"):
         W_dec = rm.decoder(int(layer)).detach().float()
         for start in range(0, len(group), chunk):
@@ -58,8 +58,8 @@ def output_tokens(rm, nodes: pd.DataFrame, k: int = 5, chunk: int = 128) -> dict
             up, down = effect.topk(k), (-effect).topk(k)
             for n, node_id in enumerate(part["node_id"]):
                 out[node_id] = {
-                    "raises": [(decode([i]), v) for i, v in zip(up.indices[n].tolist(), up.values[n].tolist())],
-                    "lowers": [(decode([i]), -v) for i, v in zip(down.indices[n].tolist(), down.values[n].tolist())]}
+                    "raises": [(rm.token_str(i), v) for i, v in zip(up.indices[n].tolist(), up.values[n].tolist())],
+                    "lowers": [(rm.token_str(i), -v) for i, v in zip(down.indices[n].tolist(), down.values[n].tolist())]}
     return out
 
 

@@ -1,11 +1,11 @@
 """Will it fit? The memory of a model, its transcoders and an attribution, from shapes alone.
 
 Nothing is read from the hub: model shapes come from ``MODEL_SHAPES``, transcoder shapes from
-``TRANSCODER_SHAPES`` or a local folder's ``cfg.json`` files and safetensors headers (the
-bundle). The attribution's share is ``estimate_memory``, which ``attribute`` checks too, with
-``tokens x layers x L0`` active features; the forward pass's is ``forward_parts``, which
-``attribute`` checks before running it (``check_forward``), and the trace it leaves for the
-attribution ``trace_bytes``. A refusal names the largest prompt (or node budget) that fits.
+``TRANSCODER_SHAPES`` (both ``circuitlab.presets``) or a local folder's ``cfg.json`` files and
+safetensors headers (the bundle). The attribution's share is ``memory_parts``, which
+``attribute`` checks too, with ``tokens x layers x L0`` active features; the forward pass's is
+``forward_parts``, which ``attribute`` checks before running it (``check_forward``), and the
+trace it leaves for the attribution ``trace_bytes``. A refusal names the largest prompt (or node budget) that fits.
 A device is a named machine (``DEVICE_SIZES``) or a torch device (what is free on this machine
 now). On a GPU the graph's adjacency is built in host memory (the ``Graph`` lives on the
 CPU); the rest of an attribution on the device.
@@ -14,8 +14,6 @@ CPU); the rest of an attribution on the device.
 from __future__ import annotations
 
 import json
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +22,11 @@ import torch
 from . import checks
 from .clt import CrossLayerTranscoder, open_weights
 from .errors import CircuitlabError
-from .files import BUNDLE_DIR
+from .memory import (FREE_SHARE, NAMED_SHARE, forward_parts, free_memory, memory_parts,
+                     model_shape, pools, trace_bytes)
 from .precision import check_device, check_dtype
-from .selection import estimate_memory, memory_parts  # noqa: F401 (part of planning's face)
-
-from .memory import (  # noqa: F401 (part of planning's face)
-    ASSUMED_L0, DEVICE_SIZES, FREE_SHARE, MODEL_SHAPES, NAMED_SHARE, PLAN_TRANSCODERS,
-    TRANSCODER_SHAPES, GiB, ModelShape, TranscoderShape, check_attribution, check_forward,
-    forward_parts, free_memory, model_shape, pools, replacement_shape, spare_memory,
-    trace_bytes)
+from .presets import (ASSUMED_L0, BUNDLE_DIR, DEVICE_SIZES, PLAN_TRANSCODERS, TRANSCODER_SHAPES,
+                      GiB, ModelShape, TranscoderShape)
 
 # --------------------------------------------------------------------------- sources
 
@@ -305,15 +299,4 @@ def table(models=TABLE_MODELS, devices=TABLE_DEVICES, tokens: int = 30,
               f"layers x L0 per layer ({l0}; {ASSUMED_L0:g} where none is published). On a GPU "
               "the graph's adjacency is built in host memory and not counted."]
     return "\n".join(lines)
-
-
-class _CallableModule(types.ModuleType):
-    """``circuitlab.plan`` is this module and, called, its ``plan`` function: Python binds a
-    package's submodule to the package attribute of the same name, so they are one object."""
-
-    def __call__(self, *args, **kwargs) -> Plan:
-        return plan(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
