@@ -316,3 +316,44 @@ def test_facades_on_the_graph_and_the_model():
     assert heads.weight.abs().is_monotonic_decreasing
     direct = graph.head_loadings(rm)
     assert len(direct) and rm.qk(PROMPT, 1, 0, 5, 3).attrs["n_pairs"] > 0
+
+
+# ---------------------------------------------------------------------- the embedded model
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model(gemma):
+    """Gemma 3 at full size (RoPE, q/k norms, GQA, sandwich norms, skip transcoders): every
+    edge's parts add up to it, edges with one attention layer between their ends have no
+    remainder, two single-head loadings equal the frozen model with only that head, and QK
+    tables of heads in three layers sum to the model's own pre-softmax score."""
+    prompt = "Dallas is a city in the state of"
+    graph = circuitlab.attribute(gemma, prompt, max_feature_nodes=60, dtype=torch.float32,
+                                 progress=False).prune(0.7, 0.9)
+    table = head_loadings(gemma, graph)
+    by_edge = parts(table)
+    scale = float(graph.adjacency.abs().max())
+    nodes = graph.nodes.set_index("node_id")
+    for (s, t), (direct, heads, rest, edge) in by_edge.items():
+        assert direct + sum(heads.values()) + rest == pytest.approx(edge, abs=1e-4 * scale)
+        src_layer = -1 if nodes.kind[s] == "embedding" else nodes.layer[s]
+        if nodes.kind[t] == "feature" and nodes.kind[s] != "error" and nodes.layer[t] == src_layer + 1:
+            assert rest == pytest.approx(0.0, abs=1e-4 * scale)  # one attention layer between
+    trace = gemma.run(gemma.tokenize(prompt))
+    ids = graph.nodes.node_id
+    cross = [(s, t) for (s, t), v in by_edge.items() if v[1] and nodes.pos[s] != nodes.pos[t]
+             and nodes.kind[s] != "error"]
+    s, t = max(cross, key=lambda e: abs(by_edge[e][3]))
+    (j, h), _ = max(by_edge[(s, t)][1].items(), key=lambda kv: abs(kv[1]))
+    row, target = int(ids[ids == s].index[0]), int(ids[ids == t].index[0])
+    for heads_on in ({(j, h)}, {(j, (h + 1) % gemma.cfg.n_heads)}):
+        only = (contribution(gemma, graph, trace, row, heads_on)
+                - contribution(gemma, graph, trace, row, set()))[target]
+        (one,) = heads_on
+        assert by_edge[(s, t)][1].get(one, 0.0) == pytest.approx(float(only), abs=1e-4 * scale)
+    last = len(trace.tokens) - 1
+    for layer, head in [(0, 1), (j, h), (gemma.n_layers - 1, 3)]:
+        scores, pattern = model_scores(gemma, prompt, layer)
+        table = qk(gemma, prompt, layer, head, last, 1, top=5)
+        assert table.attrs["total"] == pytest.approx(float(scores[head, last, 1]), rel=1e-4, abs=1e-4)
+        assert table.attrs["probability"] == pytest.approx(float(pattern[head, last, 1]), rel=1e-4)

@@ -17,7 +17,7 @@ from set_repository import colab_badge_target, repository  # noqa: E402
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["00_quickstart", "01_multihop_dallas_austin", "02_rhyme_planning",
             "03_multilingual_concepts", "04_cot_backsolving", "05_probe_your_own_behaviour",
-            "06_many_prompts"]
+            "06_many_prompts", "07_attention_circuits"]
 
 
 def test_the_notebooks_exist():
