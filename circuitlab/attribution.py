@@ -50,7 +50,7 @@ from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
 from .selection import Rows
-from .targets import check_logit_targets, logit_targets_of
+from .targets import completion_targets, feature_targets_of, logit_targets_of, split_targets
 
 
 class _Sources:
@@ -137,10 +137,9 @@ def _rows(bw: FrozenBackward, src: _Sources, trace: Trace, layer: torch.Tensor, 
     out[:, src.embed_offset:src.embed_offset + P] = emb.to(out.dtype)
 
 
-def _check_args(logit_targets, max_logits, logit_prob, max_feature_nodes, batch_size, dtype,
+def _check_args(max_logits, logit_prob, max_feature_nodes, batch_size, dtype,
                 memory_limit) -> None:
     """Types, ranges and finiteness of ``attribute``'s options (see its docstring)."""
-    check_logit_targets(logit_targets)
     checks.integer("max_logits", max_logits)
     checks.number("logit_prob", logit_prob, 0.0, 1.0, low_open=True)
     checks.integer("max_feature_nodes", max_feature_nodes, 1, none=True)
@@ -154,6 +153,9 @@ def attribute(
     prompt: str,
     *,
     logit_targets: list | None = None,
+    targets: list | None = None,
+    completion: str | None = None,
+    explain: list | None = None,
     max_logits: int = 10,
     logit_prob: float = 0.95,
     max_feature_nodes: int | None = 8192,
@@ -170,7 +172,18 @@ def attribute(
         logit_targets: ``None`` for the top tokens at the last position until their
             cumulative probability reaches ``logit_prob`` (at most ``max_logits``); or a list
             of token strings, token ids, pairs ``(a, b)`` (the logit difference ``a - b``) and
-            ``[d_model]`` tensors (directions in the final-norm output space).
+            ``[d_model]`` tensors (directions in the final-norm output space), all at the
+            last position.
+        targets: instead of ``logit_targets``, targets of any kind and position, mixed:
+            what ``logit_targets`` takes, ``circuitlab.Logit(what, pos)`` for a logit at
+            another position, and ``circuitlab.Feature(layer, pos, feature)`` for an active
+            feature's pre-activation (see ``circuitlab.targets``).
+        completion: text that continues ``prompt``; the graph is of ``prompt +
+            completion``, teacher-forced, and its logit targets are the completion's tokens,
+            each at the position that predicts it (``explain`` picks which).
+        explain: the completion's tokens to trace: their indices in the completion's tokens
+            or their texts (default: every one). ``Feature`` targets may be added with
+            ``targets``.
         max_logits: cap on default logit targets.
         logit_prob: cumulative probability for default logit targets.
         max_feature_nodes: most feature nodes to keep (the most influential, see module
@@ -189,20 +202,23 @@ def attribute(
     Raises:
         CircuitlabError: for bad prompts or targets, or when the graph would not fit in memory.
     """
-    _check_args(logit_targets, max_logits, logit_prob, max_feature_nodes, batch_size, dtype,
-                memory_limit)
+    _check_args(max_logits, logit_prob, max_feature_nodes, batch_size, dtype, memory_limit)
+    logit_specs, feature_specs = split_targets(logit_targets, targets)
+    if completion is not None:
+        prompt, logit_specs = completion_targets(rm, prompt, completion, explain, logit_specs)
     tokens = rm.tokenize(prompt)
     dtype = dtype or default_dtype(rm.model.cfg.device)
     check_forward(rm, len(tokens), memory_limit)  # before the forward pass: from shapes alone
     trace = rm.run(tokens)
-    targets = logit_targets_of(rm, trace, logit_targets, max_logits, logit_prob)
+    targets = logit_targets_of(rm, trace, logit_specs, max_logits, logit_prob)
+    features = feature_targets_of(rm, trace, feature_specs)
     L, P = rm.n_layers, len(tokens)
     N = sum(len(f[0]) for f in trace.features)
     writes = sum(len(f[0]) * (L - s if rm.clt is not None else 1)
                  for s, f in enumerate(trace.features)) / max(N, 1)
     shape, fwd = replacement_shape(rm)
     parts_at = lambda n, p, k: memory_parts(  # noqa: E731
-        n, p, L, k, len(targets), rm.d_model, batch_size, dtype, copied_params(rm),
+        n, p, L, k, len(targets) + len(features), rm.d_model, batch_size, dtype, copied_params(rm),
         rm.cfg.n_heads, writes, trace_bytes(p, n, shape, fwd["itemsize"]))
     parts = parts_at(N, P, max_feature_nodes)
     check_attribution(parts, rm.device, memory_limit, f"{N} active features, {P} tokens",
@@ -210,36 +226,46 @@ def attribute(
                                               lambda p: forward_parts(p, shape, **fwd)))
     src = _Sources(rm, trace, dtype)
     bw = FrozenBackward(rm, trace, dtype)
-    n_keep = N if max_feature_nodes is None else min(N, max_feature_nodes)
+    n_keep = N if max_feature_nodes is None else max(min(N, max_feature_nodes), len(features))
     bar = tqdm(total=len(targets) + n_keep, desc="Attribution", disable=not progress, unit="row")
 
     # Every tensor below lives on the model's device; the Graph is assembled on the CPU.
     dev = rm.device
-    # Logit rows: inject d logit / d resid at the last position.
+    # Logit rows: inject d logit / d resid at each target's position.
     logit_rows = torch.zeros(len(targets), src.n_cols, dtype=dtype, device=dev)
-    directions = torch.stack([t.direction for t in targets])
     for i in range(0, len(targets), batch_size):
-        grads = bw.injection(None, torch.full((len(directions[i:i + batch_size]),), P - 1,
-                                              device=dev), directions[i:i + batch_size])
-        layer = torch.full((len(grads),), L, device=dev)
-        _rows(bw, src, trace, layer, layer * 0 + P - 1, grads, logit_rows[i:i + batch_size])
+        batch = targets[i:i + batch_size]
+        pos = torch.tensor([t.pos for t in batch], device=dev)
+        grads = bw.injection(None, pos, torch.stack([t.direction for t in batch]))
+        _rows(bw, src, trace, torch.full_like(pos, L), pos, grads, logit_rows[i:i + batch_size])
         bar.update(len(grads))
+    # Feature targets' rows: they are visited first, whatever the node budget.
+    ids = torch.tensor([int(((src.layer == l) & (src.pos == p) & (src.feature == f)).nonzero()[0, 0])
+                        for l, p, f in features], dtype=torch.long, device=dev)
+    target_rows = torch.zeros(len(ids), src.n_cols, dtype=dtype, device=dev)
+    for j in range(0, len(ids), batch_size):
+        part = ids[j:j + batch_size]
+        _rows(bw, src, trace, src.layer[part], src.pos[part], _feature_grads(rm, bw, src, part),
+              target_rows[j:j + batch_size])
 
-    # Feature rows, visited in order of estimated influence (all of them if n_keep == N),
-    # computed whole a batch at a time and stored over the candidate columns (selection.py).
-    weights = torch.tensor([t.prob for t in targets], device=dev)
-    weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(targets))
-    direct = weights @ _shares(logit_rows, N).float()
+    # Feature rows, visited in order of estimated influence on the targets (all of them if
+    # n_keep == N), computed whole a batch at a time and stored over the candidate columns.
+    weights = torch.tensor([t.prob for t in targets] + [0.0] * len(ids), device=dev)
+    if len(ids) or weights.sum() <= 0:  # feature or custom targets: all weigh the same
+        weights = torch.full_like(weights, 1 / len(weights))
+    direct = (weights / weights.sum()) @ _shares(torch.cat([logit_rows, target_rows]), N).float()
     # No feature may fire at all (n_keep = 0): the graph then holds errors, embeddings, logits.
     spare = spare_memory(parts, dev, memory_limit) // 2 // (max(n_keep, 1) * dtype.itemsize)
     rows = Rows(src.layer, src.pos, L, P, n_keep, candidate_slots(N, n_keep, spare), dtype, dev)
-    rows.add_candidates(torch.argsort(direct, descending=True)[:rows.wanted(n_keep)])
+    rows.add_candidates(torch.cat([ids, torch.argsort(direct, descending=True)[:rows.wanted(n_keep)]]))
     full = torch.empty(min(batch_size, n_keep), src.n_cols, dtype=dtype, device=dev)
     visited = torch.zeros(N, dtype=torch.bool, device=dev)
-    order = torch.empty(0, dtype=torch.long, device=dev)
+    rows.add(target_rows)
+    order, visited[ids] = ids, True
+    bar.update(len(ids))
     while len(order) < n_keep:
         if n_keep == N:
-            nxt = torch.arange(N, device=dev)
+            nxt = (~visited).nonzero()[:, 0]
         else:
             score = rows.influence(direct, order)
             score[visited] = -1
@@ -258,7 +284,8 @@ def attribute(
             bar.update(len(ids))
     bar.close()
     del full
-    return _assemble(rm, trace, src, targets, logit_rows, rows, order, prompt, bw, batch_size)
+    return _assemble(rm, trace, src, targets, logit_rows, rows, order, prompt, bw, batch_size,
+                     features)
 
 
 def copied_params(rm) -> int:
@@ -353,7 +380,7 @@ def _complete(rm, bw, src, trace, rows: Rows, kept, order, rank, out, batch_size
 
 
 def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, bw,
-              batch_size) -> Graph:
+              batch_size, features) -> Graph:
     L, P = rm.n_layers, len(trace.tokens)
     kept, rank = torch.sort(order)
     dropped = torch.ones(src.n_features, dtype=torch.bool, device=order.device)
@@ -383,15 +410,17 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
     zero = torch.zeros_like(trace.embed)
     x0, resid0 = rm.frozen_run(
         trace, lambda l, x: rm.decode(l, [None] * L, x), embed=zero)
-    directions = torch.stack([t.direction for t in targets])
+    directions = torch.stack([t.direction for t in targets]) if targets else torch.zeros(0, rm.d_model)
     bias = torch.tensor([t.bias for t in targets], device=directions.device)
+    at = torch.tensor([t.pos for t in targets], dtype=torch.long)
     inputs, constants = torch.zeros(n), torch.zeros(n)  # host: the Graph's
     with torch.no_grad():
         inputs[:K] = _feature_inputs(rm, src, kept, trace.mlp_in)
         constants[:K] = _feature_inputs(rm, src, kept, x0)
-        final = rm.final_normed(trace, trace.resid_final)[-1].float()
-        inputs[n_src:] = (directions @ final + bias).cpu()
-        constants[n_src:] = (directions @ rm.final_normed(trace, resid0)[-1].float() + bias).cpu()
+        final = rm.final_normed(trace, trace.resid_final)[at].float()
+        inputs[n_src:] = ((directions * final).sum(-1) + bias).cpu()
+        final0 = rm.final_normed(trace, resid0)[at].float()
+        constants[n_src:] = ((directions * final0).sum(-1) + bias).cpu()
 
     token_strs = rm.token_strs(trace.tokens)
     rows = [dict(node_id=f"{l}_{f}_{p}", kind="feature", layer=l, pos=p, feature=f, activation=a,
@@ -407,13 +436,14 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
                          activation=float(trace.embed[p].norm()), token=token_strs[p], prob=math.nan))
     for i, t in enumerate(targets):
         feature = t.token if t.token is not None else -2 - i
-        rows.append(dict(node_id=f"{L + 1}_{feature}_{P - 1}", kind="logit", layer=L, pos=P - 1,
+        rows.append(dict(node_id=f"{L + 1}_{feature}_{t.pos}", kind="logit", layer=L, pos=t.pos,
                          feature=feature, activation=float(inputs[n_src + i]), token=t.label, prob=t.prob))
     metadata = dict(model=rm.name, transcoders=rm.transcoder_source, n_layers=L,
                     cross_layer=rm.clt is not None,
                     n_active_features=src.n_features, max_feature_nodes=len(kept),
                     recomputed_rows=recomputed,
-                    logit_directions=[t.direction.tolist() for t in targets])
+                    logit_directions=[t.direction.tolist() for t in targets],
+                    targets=[f"{l}_{f}_{p}" for l, p, f in features] + [r["node_id"] for r in rows[n_src:]])
     if len(dropped):  # which features are nodes: the rest are folded into the error nodes
         metadata["kept_features"] = torch.stack(
             [src.layer[kept], src.pos[kept], src.feature[kept]], 1).tolist()

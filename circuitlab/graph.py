@@ -92,12 +92,24 @@ class Graph:
         return torch.tensor((self.nodes["kind"] == kind).to_numpy())
 
     @property
-    def logit_weights(self) -> torch.Tensor:
-        """Per node, the normalized probability of logit targets (0 elsewhere)."""
+    def target_mask(self) -> torch.Tensor:
+        """The targets the graph explains (``metadata["targets"]``; the logit nodes of a
+        graph that does not list them)."""
+        ids = self.metadata.get("targets")
+        if ids is None:
+            return self.mask("logit")
+        return torch.tensor(self.nodes["node_id"].isin(set(ids)).to_numpy())
+
+    @property
+    def target_weights(self) -> torch.Tensor:
+        """Per node, its weight as a target (0 elsewhere), summing to 1: the normalized
+        probabilities of logit targets, or equal weights where a target is a feature (or no
+        target has a probability)."""
+        targets = self.target_mask
         probs = torch.tensor(self.nodes["prob"].fillna(0).to_numpy(), dtype=torch.float32)
-        probs = probs * self.mask("logit")
-        if probs.sum() <= 0:  # custom targets only: weigh them equally
-            probs = self.mask("logit").float()
+        probs = probs * targets
+        if bool((targets & ~self.mask("logit")).any()) or probs.sum() <= 0:
+            probs = targets.float()
         return probs / probs.sum()
 
     def index(self, node_id: str) -> int:

@@ -2,8 +2,8 @@
 
 All three work on the normalized absolute adjacency ``A``: each target's row of ``|edges|``
 divided by its sum, so ``A[t, s]`` is the share of ``t``'s input that comes from ``s``.
-The influence of a node is the weight of all paths from it to the logit targets,
-``w (A + A^2 + ...)``, with ``w`` the targets' normalized probabilities; the series is finite
+The influence of a node is the weight of all paths from it to the graph's targets,
+``w (A + A^2 + ...)``, with ``w`` the targets' weights (``Graph.target_weights``); the series is finite
 because the graph is acyclic (sources sit at earlier layers or positions).
 """
 
@@ -39,9 +39,9 @@ def influence(A: torch.Tensor, weights: torch.Tensor, max_depth: int = 1000,
 
 
 def node_influence(graph: Graph) -> torch.Tensor:
-    """Each node's influence on the logit targets (logits get their own weight). Only the
-    rows of nodes with inputs are normalized (a copy the size of those rows)."""
-    w = graph.logit_weights
+    """Each node's influence on the targets (targets get their own weight). Only the rows of
+    nodes with inputs are normalized (a copy the size of those rows)."""
+    w = graph.target_weights
     rows = graph.adjacency.any(1).nonzero()[:, 0]
     return influence(normalized(graph.adjacency[rows]), w, rows=rows) + w
 
@@ -72,10 +72,10 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     """Keep the nodes and edges that carry the given cumulative share of influence.
 
     Feature nodes are kept by cumulative node influence until ``node_threshold`` of the
-    total feature influence is covered; embeddings, error nodes and logits are kept while
+    total feature influence is covered; targets are always kept; embeddings and error nodes while
     they have edges. Edges are then scored by their share of the target's input times the
     target's influence and kept until ``edge_threshold`` of the total edge score is covered.
-    Features left without a path to a logit are dropped.
+    Nodes left without a path to a target are dropped.
 
     Returns:
         A new ``Graph`` with the kept nodes, their kept edges and influence recomputed.
@@ -86,18 +86,20 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
             f"edge_threshold={edge_threshold}.")
     inf = node_influence(graph)
     feature = graph.mask("feature")
+    targets = graph.target_mask
     keep = ~feature
     keep[feature] = _cumulative_mask(inf[feature], node_threshold)
+    keep |= targets
     adj = graph.adjacency * keep[:, None] * keep[None, :]
     A = normalized(adj)
-    target_inf = influence(A, graph.logit_weights) + graph.logit_weights
+    w = graph.target_weights
+    target_inf = influence(A, w) + w
     edge_scores = A * target_inf[:, None]
     adj = adj * _cumulative_mask(edge_scores, edge_threshold)
-    # Drop nodes that lost their path to the logits (features/errors/embeddings with no out-edge).
-    logit = graph.mask("logit")
+    # Drop nodes that lost their path to the targets (sources with no out-edge).
     while True:
         has_out = (adj != 0).any(0)
-        drop = keep & ~logit & ~has_out
+        drop = keep & ~targets & ~has_out
         if not drop.any():
             break
         keep &= ~drop
@@ -132,7 +134,7 @@ def scores(graph: Graph, nodes: torch.Tensor | None = None) -> dict:
         error = error | (outside & ~token)
         adj = adj * (nodes | token | error)[None, :]
     A = normalized(adj)
-    w = graph.logit_weights
+    w = graph.target_weights
     inf, current, weighted = torch.zeros_like(w), w, 0.0
     for depth in range(1, 1001):  # influence(A, w), one path length at a time
         current = current @ A

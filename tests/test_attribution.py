@@ -20,7 +20,7 @@ def frozen_target_values(rm, graph, trace, acts, embed, errors):
     the residual entering layer 0, ``errors [L, P, d]`` the error terms.
     """
     x, resid = rm.frozen_run(trace, lambda l, x: rm.decode(l, acts, x) + errors[l], embed=embed)
-    normed = rm.final_normed(trace, resid)[-1]
+    normed = rm.final_normed(trace, resid)
     out = torch.zeros(len(graph.nodes))
     for i, r in enumerate(graph.nodes.to_dict("records")):
         if r["kind"] == "feature":
@@ -28,7 +28,7 @@ def frozen_target_values(rm, graph, trace, acts, embed, errors):
         elif r["kind"] == "logit":
             W_U, b_U = rm.model.W_U, rm.model.b_U
             t = r["feature"]
-            out[i] = normed @ (W_U[:, t] - W_U.mean(1)) + (b_U[t] - b_U.mean())
+            out[i] = normed[r["pos"]] @ (W_U[:, t] - W_U.mean(1)) + (b_U[t] - b_U.mean())
     return out
 
 

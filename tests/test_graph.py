@@ -51,7 +51,7 @@ def test_edges_and_networkx(graph):
 
 def test_influence_matches_matrix_inverse(graph):
     A = normalized(graph.adjacency).double()
-    w = graph.logit_weights.double()
+    w = graph.target_weights.double()
     exact = w @ (torch.linalg.inv(torch.eye(len(A), dtype=torch.float64) - A) - torch.eye(len(A)))
     assert torch.allclose(influence(A.float(), w.float()).double(), exact, atol=1e-5)
     assert torch.allclose(node_influence(graph), torch.tensor(graph.nodes["influence"].to_numpy()).float())
@@ -76,7 +76,7 @@ def test_path_length_against_every_path(graph):
     embedding to a logit, enumerated one by one."""
     pruned = graph.prune(node_threshold=0.5, edge_threshold=0.8)
     A = normalized(pruned.adjacency).double()
-    w = pruned.logit_weights.double()
+    w = pruned.target_weights.double()
     g = nx.DiGraph([(int(s), int(t)) for t, s in pruned.adjacency.nonzero().tolist()])
     total = weighted = 0.0
     for e in pruned.nodes.index[pruned.nodes["kind"] == "embedding"]:

@@ -151,7 +151,7 @@ class Explorer(anywidget.AnyWidget):
         out = {"graph": scores(shown), "pinned": None}
         rows = [shown.index(i) for i in self.pinned if i in set(shown.nodes["node_id"])]
         if rows:
-            mask = shown.mask("logit").clone()
+            mask = shown.target_mask.clone()
             mask[rows] = True
             out["pinned"] = scores(shown, nodes=mask)
         return out
