@@ -24,6 +24,28 @@ from .train import CLT_K, CLT_WIDTH, K, WIDTH
 
 DEFAULT_PROMPT = 'The opposite of "small" is "'
 
+TARGET_FORMS = """\
+targets (--target SPEC, repeatable):
+  --target " Austin"                 the logit of the token " Austin" at the last position
+  --target " Austin@5"               its logit at position 5 (what the model predicts after
+                                     token 5; 0 is BOS, negative positions count from the end)
+  --target '" Austin"-" Dallas"@5'   the logit difference " Austin" minus " Dallas" at
+                                     position 5 (@POS optional: the last position)
+  --target feature:10:-1:1323        the pre-activation of feature 1323 of layer 10 at the
+                                     last position (feature:LAYER:POS:FEATURE; it must be
+                                     active there)
+A token in double quotes is read as a JSON string ("\\n" a newline): quote a token that
+starts with a double quote or ends in @ and a number, and both tokens of a difference.
+Logit and feature targets mix in one graph.
+
+completions:
+  --completion " Austin, Texas" --explain " Austin" --explain 2
+      traces prompt + completion; its logit targets are the completion's tokens (by text, or
+      by index among the completion's tokens, default: all; a token that is a number goes
+      in double quotes, '"5"'), each at the position that predicts it. --target then takes
+      feature targets only; positions count the prompt's and the completion's tokens.
+"""
+
 
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Shows each option's default (where it has one) and keeps the description's layout."""
@@ -77,7 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     corpus_help = "corpus folder or file (default: a pack's own tokens, else the built corpus)"
 
     p = command("trace", "trace", "trace a prompt into an attribution graph")
+    p.epilog = TARGET_FORMS
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the text to trace")
+    p.add_argument("--target", action="append", metavar="SPEC",
+                   help="a target to explain, repeatable: a logit at any position or a "
+                   "feature's pre-activation (forms below; default: the most likely next "
+                   "tokens)")
+    p.add_argument("--completion", metavar="TEXT",
+                   help="text that continues the prompt: the graph is of prompt + completion, "
+                   "and its logit targets are the completion's tokens, each at the position "
+                   "that predicts it")
+    p.add_argument("--explain", action="append", metavar="TOKEN_OR_INDEX",
+                   help="with --completion, a completion token to explain, by index (0: its "
+                   "first token) or text; repeatable (default: every token)")
     p.add_argument("--out", default=None, help="output folder (default: out/<the prompt's words>)")
     p.add_argument("--force", action="store_true", help="replace the graphs in an existing --out")
     model_options(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ from .presets import is_pack
 from .quantize import quantize_folder
 from .sizing import plan as make_plan
 from .sizing import table as plan_table
+from .targets import Feature, Logit
 from .train.build_cards import build_examples, relabel
 from .train.clt_trainer import train_clt
 from .train.corpus import build_corpus
@@ -39,8 +41,102 @@ from .viz.state import node_name
 OUTPUTS = ("graph", "pruned", "neuronpedia.json", "graph.html")
 
 
+#: The ``--target`` forms, for error messages (``circuitlab trace --help`` shows examples).
+TARGET_SPECS = ('TOKEN (its logit at the last position), TOKEN@POS (at position POS), '
+                '"A"-"B" or "A"-"B"@POS (a logit difference, both tokens in double quotes) '
+                'and feature:LAYER:POS:FEATURE')
+_INT = r"-?\d+"
+
+
+def target_spec(spec: str) -> Logit | Feature:
+    """A ``--target`` as a ``Logit`` or ``Feature``: ``TOKEN``, ``TOKEN@POS``,
+    ``"A"-"B"[@POS]`` or ``feature:LAYER:POS:FEATURE``. A token in double quotes is a JSON
+    string.
+
+    Raises:
+        CircuitlabError: naming the spec, what is wrong with it and the accepted forms.
+    """
+    def bad(why: str) -> CircuitlabError:
+        return CircuitlabError(f"--target {spec!r}: {why}. Accepted forms: {TARGET_SPECS}; "
+                               "see circuitlab trace --help.")
+
+    if spec.startswith("feature:"):
+        parts = spec.split(":")[1:]
+        if len(parts) != 3 or not all(re.fullmatch(_INT, x) for x in parts):
+            raise bad("a feature target is feature:LAYER:POS:FEATURE, three integers")
+        return Feature(*map(int, parts))
+    body, pos = spec, -1
+    at = re.search(rf"@({_INT})$", spec)
+    if at and at.start() > 0:
+        body, pos = spec[:at.start()], int(at.group(1))
+    if not body.startswith('"'):
+        if not body:
+            raise bad("it names no token")
+        return Logit(body, pos)
+    first, rest = _quoted(body, bad)
+    if not rest.strip():
+        return Logit(first, pos)
+    if not rest.lstrip().startswith("-"):
+        raise bad(f"{rest.strip()!r} follows the quoted token; a difference is \"A\"-\"B\"")
+    second, rest = _quoted(rest.lstrip()[1:].lstrip(), bad)
+    if rest.strip():
+        raise bad(f"{rest.strip()!r} follows the difference")
+    return Logit((first, second), pos)
+
+
+def _quoted(text: str, bad) -> tuple[str, str]:
+    """The JSON string that starts ``text``, and what follows it."""
+    if not text.startswith('"'):
+        raise bad("write both tokens of a difference in double quotes")
+    try:
+        token, end = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError as err:
+        raise bad(f"{text!r} is not a token in double quotes ({err.msg})") from None
+    if not token:
+        raise bad('"" names no token')
+    return token, text[end:]
+
+
+def explain_item(text: str) -> int | str:
+    """An ``--explain`` entry: an integer is an index among the completion's tokens, other
+    text a token's text (in double quotes, a JSON string: ``"5"`` is the token 5)."""
+    if re.fullmatch(_INT, text):
+        return int(text)
+    if text.startswith('"'):
+        try:
+            token = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CircuitlabError(f"--explain {text!r} is not a token in double quotes "
+                                  f"({err.msg}); pass an index or a token's text.") from None
+        if isinstance(token, str):
+            return token
+    return text
+
+
+def trace_targets(args) -> dict:
+    """``attribute``'s ``targets``, ``completion`` and ``explain`` from ``--target``,
+    ``--completion`` and ``--explain``.
+
+    Raises:
+        CircuitlabError: for a bad spec, ``--explain`` without ``--completion``, or logit
+            targets beside a completion (its tokens are the logit targets).
+    """
+    targets = [target_spec(s) for s in args.target or []] or None
+    explain = [explain_item(e) for e in args.explain or []] or None
+    if explain and args.completion is None:
+        raise CircuitlabError("--explain picks tokens of the completion; add --completion TEXT.")
+    logits = [s for s, t in zip(args.target or [], targets or []) if isinstance(t, Logit)]
+    if args.completion is not None and logits:
+        raise CircuitlabError(
+            f"With --completion the logit targets are the completion's tokens (pick them with "
+            f"--explain); drop --target {logits[0]!r}, or keep only feature:LAYER:POS:FEATURE "
+            "targets.")
+    return dict(targets=targets, completion=args.completion, explain=explain)
+
+
 def trace(args) -> None:
     """``circuitlab trace``: attribute a prompt, write both graphs, Neuronpedia JSON and HTML."""
+    wanted = trace_targets(args)  # before anything loads: a bad spec fails at once
     out = Path(args.out) if args.out else Path("out") / slug(args.prompt)
     written = [out / name for name in OUTPUTS]
     if not args.force and any(p.exists() for p in written):
@@ -53,7 +149,7 @@ def trace(args) -> None:
     t0 = time.perf_counter()
     rm = load(args.model, args.transcoders, device=device)
     t1 = time.perf_counter()
-    graph = attribute(rm, args.prompt, max_feature_nodes=args.max_feature_nodes)
+    graph = attribute(rm, args.prompt, max_feature_nodes=args.max_feature_nodes, **wanted)
     t2 = time.perf_counter()
     pruned = graph.prune(args.node_threshold, args.edge_threshold)
     graph.save(out / "graph")
@@ -61,11 +157,20 @@ def trace(args) -> None:
     pruned.to_neuronpedia(out / "neuronpedia.json")
     pruned.to_html(out / "graph.html", rm)
     print(f"\nPrompt: {args.prompt!r}  ({len(graph.tokens)} tokens)")
+    if args.completion is not None:
+        print(f"Completion: {graph.prompt[len(args.prompt):]!r}")
     print(f"Loaded {rm} in {t1 - t0:.1f} s; attribution took {t2 - t1:.1f} s.\n")
-    logits = graph.nodes[graph.nodes["kind"] == "logit"]
-    print("Logit targets:")
-    for r in logits.itertuples():
-        print(f"  {r.token!r:>14}  p={r.prob:.3f}")
+    targets = graph.nodes[graph.target_mask.numpy()]
+    logits = targets[targets["kind"] == "logit"]
+    if len(logits):
+        print("Logit targets:")
+        for r in logits.itertuples():
+            print(f"  {r.token!r:>14} @ {r.pos:<3}  p={r.prob:.3f}")
+    features = targets[targets["kind"] == "feature"]
+    if len(features):
+        print("Feature targets:")
+        for r in features.itertuples():
+            print(f"  L{r.layer}/F{r.feature} @ {r.pos} {r.token!r}  act={r.activation:.2f}")
     for name, g in (("full", graph), ("pruned", pruned)):
         s = g.scores()
         counts = g.nodes["kind"].value_counts().to_dict()

@@ -6,6 +6,15 @@ Inputs and constants are not part of the format and are read back as 0. A featur
 is read from its ``node_id`` (``layer_feature_pos``); in the ``feature`` field a graph of a
 cross-layer transcoder writes the Cantor pairing of layer and feature, the one index space
 over all layers that circuit-tracer writes for CLT features.
+
+Targets: a logit target at any position is a ``"logit"`` node at its ``ctx_idx`` (with
+``is_target_logit``). A feature target (``circuitlab.Feature``) is an ordinary feature node
+there: the format has no other kind of target, so Neuronpedia's viewer shows it as a feature,
+and what the viewer derives from targets follows the logit nodes alone (the ``influence``
+each node carries is circuitlab's, over all the graph's targets). The target node ids go in
+``metadata["circuitlab"]["targets"]`` (with ``n_layers``), a key Neuronpedia ignores, from
+which ``parse`` restores the graph's ``metadata["targets"]``; a document without it (one of
+Neuronpedia's own) has its logit nodes as targets.
 """
 
 from __future__ import annotations
@@ -89,9 +98,14 @@ def parse(doc: dict | str | os.PathLike) -> tuple[dict, dict]:
 def _parse(doc: dict) -> tuple[dict, dict]:
     meta = doc["metadata"]
     token_strs = list(meta.get("prompt_tokens", []))
+    ours = meta.get("circuitlab") if isinstance(meta.get("circuitlab"), dict) else {}
     logit_layers = [int(n["layer"]) for n in doc["nodes"] if n.get("feature_type") == "logit"]
-    n_layers = max(logit_layers) - 1 if logit_layers else max(
-        int(n["layer"]) for n in doc["nodes"] if n["layer"] != "E") + 1
+    if logit_layers:
+        n_layers = max(logit_layers) - 1
+    elif isinstance(ours.get("n_layers"), int) and not isinstance(ours["n_layers"], bool):
+        n_layers = ours["n_layers"]  # no logit node (feature targets only): the export says
+    else:
+        n_layers = max(int(n["layer"]) for n in doc["nodes"] if n["layer"] != "E") + 1
     rows, labels, tokens = [], {}, [0] * len(token_strs)
     for n in doc["nodes"]:
         kind = KIND.get(n.get("feature_type"))
@@ -135,12 +149,31 @@ def _parse(doc: dict) -> tuple[dict, dict]:
              "constants": zeros.clone(),
              "metadata": {"n_layers": n_layers, "source": "neuronpedia", "slug": meta.get("slug"),
                           "pruned": True}}
+    targets = _targets(ours.get("targets"), index)
+    if targets is not None:
+        parts["metadata"]["targets"] = targets
     q = doc.get("qParams") or {}
     pinned = q.get("pinnedIds") or []
     pinned = pinned.split(",") if isinstance(pinned, str) else pinned
     supernodes = {s[0]: [i for i in s[1:] if i in index] for s in q.get("supernodes", []) if len(s) > 1}
     return parts, {"labels": labels, "pinned": [i for i in pinned if i in index],
                    "supernodes": {k: v for k, v in supernodes.items() if v}}
+
+
+def _targets(ids, index: dict) -> list[str] | None:
+    """The target node ids an export recorded (``metadata["circuitlab"]["targets"]``), those
+    that name a node; ``None`` where it recorded none (or none of them is a node): then the
+    logit nodes are the targets.
+
+    Raises:
+        CircuitlabError: where the record is not a list of node ids.
+    """
+    if ids is None:
+        return None
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        raise CircuitlabError(f'metadata["circuitlab"]["targets"] must be a list of node ids, '
+                              f"not {ids!r}; export the graph again with graph.to_neuronpedia(path).")
+    return [i for i in ids if i in index] or None
 
 
 def document(graph: Graph, *, slug: str | None = None, labels: dict | None = None,
@@ -163,6 +196,8 @@ def document(graph: Graph, *, slug: str | None = None, labels: dict | None = Non
     cross_layer = bool(graph.metadata.get("cross_layer"))
     feature_type = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
                     "embedding": "embedding", "logit": "logit"}
+    targets = graph.nodes["node_id"][graph.target_mask.numpy()].tolist()
+    target_set = set(targets)
     nodes = []
     for r in graph.nodes.to_dict("records"):
         layer = {"embedding": "E", "logit": str(n_layers + 1)}.get(r["kind"], str(r["layer"]))
@@ -175,7 +210,7 @@ def document(graph: Graph, *, slug: str | None = None, labels: dict | None = Non
                 "influence": None if pd.isna(r["influence"]) else float(r["influence"]),
                 "activation": float(r["activation"]), "clerp": labels.get(r["node_id"], "")}
         if r["kind"] == "logit":
-            node.update(token_prob=float(r["prob"]), is_target_logit=True,
+            node.update(token_prob=float(r["prob"]), is_target_logit=r["node_id"] in target_set,
                         clerp=labels.get(r["node_id"], f'Output "{r["token"]}" (p={r["prob"]:.3f})'))
         nodes.append(node)
     links = [{"source": s, "target": t, "weight": float(w)}
@@ -184,7 +219,9 @@ def document(graph: Graph, *, slug: str | None = None, labels: dict | None = Non
         "metadata": {"slug": slug, "scan": graph.metadata.get("transcoders") or "",
                      "transcoder_list": [], "prompt_tokens": graph.token_strs,
                      "prompt": graph.prompt, "schema_version": 1,
-                     "node_threshold": graph.metadata.get("node_threshold")},
+                     "node_threshold": graph.metadata.get("node_threshold"),
+                     # Neuronpedia ignores this key; parse() restores the targets from it.
+                     "circuitlab": {"targets": targets, "n_layers": n_layers}},
         "qParams": {"pinnedIds": list(pinned or []), "supernodes": list(supernodes or []),
                     "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes, "links": links,

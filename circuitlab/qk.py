@@ -167,8 +167,9 @@ def _components(rm, trace, cache, layer: int, pos: int) -> tuple[list, torch.Ten
             w = a * dec[f, :max(0, min(layer - l, dec.shape[1]))].float().sum(0)
             key = (l, f)
             features[key] = features.get(key, 0) + w
-        skip = rm.decode(l, [None] * L, trace.mlp_in[l][pos:pos + 1])[0].float()
-        bias = rm.decode(l, [None] * L, torch.zeros_like(trace.mlp_in[l][pos:pos + 1]))[0].float()
+        x = trace.mlp_in[l][pos:pos + 1]  # without a skip path decode gives the bias alone
+        skip = torch.broadcast_to(rm.decode(l, [None] * L, x), x.shape)[0].float()
+        bias = torch.broadcast_to(rm.decode(l, [None] * L, torch.zeros_like(x)), x.shape)[0].float()
         names += [("skip", f"skip L{l}", ""), ("bias", f"decoder bias L{l}", ""),
                   ("error", f"error L{l}", f"{l}_-1_{pos}")]
         vecs += [skip - bias, bias, trace.errors[l, pos].float()]

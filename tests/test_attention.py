@@ -23,8 +23,9 @@ KINDS = [("gemma3", "per-layer"), ("gpt2", "per-layer"), ("gemma3", "clt"), ("gp
 
 def make_rm(model: str, transcoders: str, seed: int = 0) -> ReplacementModel:
     m = tiny_model(model, seed=seed)
+    arch = "transcoder" if transcoders == "no skip" else "jumprelu_skip_transcoder"
     tcs = (tiny_clt(m, "jumprelu", True, seed=seed) if transcoders == "clt"
-           else tiny_transcoders(m, "jumprelu_skip_transcoder", seed=seed))
+           else tiny_transcoders(m, arch, seed=seed))
     return ReplacementModel(m, tcs, name="tiny")
 
 
@@ -259,7 +260,7 @@ def model_scores(rm, prompt, layer):
             cache[f"blocks.{layer}.attn.hook_pattern"][0])
 
 
-@pytest.mark.parametrize("model, transcoders", KINDS)
+@pytest.mark.parametrize("model, transcoders", KINDS + [("gemma3", "no skip")])
 def test_qk_table_sums_to_the_score(model, transcoders):
     """Query components x key components, summed over every pair, give the model's own
     pre-softmax score (RoPE, q/k norms, GQA, LayerNorm), for heads of every layer."""

@@ -259,6 +259,8 @@ def test_viewer_head_loadings_and_qk(browser, gemma, demo, tmp_path):
                 break
         assert chosen, "no link of the top ones has its QK table and a button"
         s, t, (_, layer, head, _) = chosen
+        assert page.is_disabled("#cl-trace")  # no model in a file: the button says why
+        assert "needs the model" in page.inner_text("#cl-trace-why")
         page.locator(f'#cl-connections button[data-link="{s}>{t}"]').first.click()
         page.wait_for_selector(f'#cl-link .cl-row[data-head="{layer}.{head}"]')
         shown = [line.split() for line in page.inner_text("#cl-link").splitlines()
@@ -327,6 +329,7 @@ NOTEBOOK = [
     "print('SELECTED=' + str(view.selected))",
     "print('STATE=' + json.dumps({'grid': view.grid, 'labels': view.labels, 'supernodes': view.supernodes, "
     "'file': json.loads((Path(folder) / 'labels.json').read_text())}))",
+    "print('TRACED=' + json.dumps(view.traced[-1].metadata['targets']))",
 ]
 
 
@@ -461,6 +464,12 @@ def test_jupyterlab_widget(browser, lab, tmp_path):
         assert state["grid"][0] == 0
         assert state["labels"] == {ids[feature]: "from the <b>widget</b>"} == state["file"]["labels"]
         assert state["supernodes"] == {"Group <i>": [ids[feature]]} == state["file"]["supernodes"]
+        page.locator(".cl-root #cl-trace").first.click()  # trace from this node: a new graph, shown below
+        page.wait_for_selector('.cl-traced #cl-plot[data-ready="1"]', timeout=180_000)
+        assert ids[feature] in page.inner_text(".cl-traced-title")
+        assert json.loads(cell_output(page, 3, "TRACED=")) == [ids[feature]]
+        page.locator(".cl-traced").scroll_into_view_if_needed()
+        page.screenshot(path=str(tmp_path / "traced.png"))
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"))
         print(json.dumps({"screenshot": str(tmp_path / "failure.png"), "errors": errors[-10:]}))

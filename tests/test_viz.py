@@ -305,6 +305,45 @@ def test_neuronpedia_roundtrip(graph, tmp_path):
         from_neuronpedia({"nodes": []})
 
 
+def test_neuronpedia_roundtrip_of_feature_and_inner_logit_targets(tiny_rm, tmp_path):
+    """A feature target and a logit at an inner position: the export writes the logit at its
+    position and the feature as an ordinary feature node, records the targets, and reads
+    back the same nodes, targets and edges; with feature targets only (no logit node), the
+    layer count comes back too."""
+    prompt = "the cat sat"
+    trace = tiny_rm.run(tiny_rm.tokenize(prompt))
+    p, f, _ = trace.features[1]
+    feature = circuitlab.Feature(1, int(p[-1]), int(f[-1]))
+    fid = f"1_{feature.feature}_{feature.pos}"
+    g = circuitlab.attribute(tiny_rm, prompt, targets=[feature, circuitlab.Logit("a", pos=2)],
+                             max_feature_nodes=None, progress=False)
+    logit = g.nodes[g.nodes.kind == "logit"].node_id.tolist()
+    assert set(g.metadata["targets"]) == {fid, *logit} and logit[0].endswith("_2")
+    doc = g.to_neuronpedia(tmp_path / "np.json")
+    by_id = {n["node_id"]: n for n in doc["nodes"]}
+    assert by_id[logit[0]]["ctx_idx"] == 2 and by_id[logit[0]]["is_target_logit"]
+    assert by_id[fid]["feature_type"] == "cross layer transcoder" and by_id[fid]["ctx_idx"] == feature.pos
+    assert doc["metadata"]["circuitlab"]["targets"] == g.metadata["targets"]
+    back = from_neuronpedia(tmp_path / "np.json")
+    cols = ["node_id", "kind", "layer", "pos", "feature", "token"]
+    pd.testing.assert_frame_equal(back.nodes[cols], g.nodes[cols])
+    assert back.metadata["targets"] == g.metadata["targets"]
+    assert torch.equal(back.target_mask, g.target_mask)
+    assert torch.allclose(back.target_weights, g.target_weights)
+    assert torch.allclose(back.adjacency, g.adjacency)
+    pruned = back.prune()
+    assert set(pruned.nodes.node_id) >= {fid, *logit}
+
+    only = circuitlab.attribute(tiny_rm, prompt, targets=[feature], max_feature_nodes=None,
+                                progress=False).prune()
+    doc = only.to_neuronpedia()
+    doc["metadata"]["circuitlab"]["n_layers"] = 7  # a pruned graph may lack the top layer
+    again = from_neuronpedia(doc)
+    assert again.metadata["targets"] == [fid] and again.metadata["n_layers"] == 7
+    del doc["metadata"]["circuitlab"]  # Neuronpedia's own graphs: their logit nodes
+    assert not from_neuronpedia(doc).target_mask.any()
+
+
 def test_static_fallback(graph, monkeypatch):
     from circuitlab.viz import explore as module
 

@@ -19,9 +19,12 @@ from ..errors import CircuitlabError
 from ..prune import scores
 from .card import card_data, fetch
 from ..attention import head_loadings
+from ..attribution import attribute
+from ..graph import Graph
+from ..targets import Feature
 from .heads import HEADS_PER_LINK, link_key, loadings_data, qk_data, qk_key
 from .html import front_end, payload, script_json
-from .state import ViewState
+from .state import ViewState, node_name
 
 #: The widget's module: Plotly (loaded once per page), the viewer, and its anywidget glue.
 ESM = """
@@ -32,25 +35,40 @@ function loadPlotly(source) {  // Plotly's bundle sets globalThis.Plotly (module
 %%VIEWER%%
 function render({ model, el }) {
   loadPlotly(model.get("_plotly"));
-  el.style.height = model.get("height") + "px";
-  const root = document.createElement("div");
-  root.style.height = "100%";
-  el.appendChild(root);
-  const bridge = {
-    changed(s) {
-      for (const [k, v] of Object.entries(s)) model.set(k, v);
-      model.save_changes();
-    },
-    card(request) { model.send({ type: "card", ...request }); },
-    ask(request) { model.send(request); },
-  };
-  const api = circuitlabViewer(root, JSON.parse(model.get("_data")), bridge);
+  const height = model.get("height"), viewers = [];
+  function mount(data, view, title) {  // view 0: the graph; then the graphs traced from its nodes
+    if (title) {
+      const head = document.createElement("div");
+      head.className = "cl-traced-title";
+      head.textContent = title;
+      el.appendChild(head);
+    }
+    const root = document.createElement("div");
+    root.style.height = height + "px";
+    if (view) root.classList.add("cl-traced");
+    el.appendChild(root);
+    const bridge = {
+      changed(s) {
+        if (view) return;  // only the first graph's selection and annotations sync
+        for (const [k, v] of Object.entries(s)) model.set(k, v);
+        model.save_changes();
+      },
+      card(request) { model.send({ type: "card", view, ...request }); },
+      ask(request) { model.send({ view, ...request }); },
+    };
+    viewers[view] = circuitlabViewer(root, data, bridge);
+    return viewers[view];
+  }
+  const api = mount(JSON.parse(model.get("_data")), 0, null);
   const names = ["selected", "pinned", "labels", "supernodes", "grid"];
   const sync = () => api.update(Object.fromEntries(names.map((k) => [k, model.get(k)])));
   names.forEach((k) => model.on("change:" + k, sync));
   model.on("msg:custom", (msg) => {
-    if (msg.type === "card") api.setCard(msg.key, msg.card);
-    else api.answer(msg);
+    const viewer = viewers[msg.view || 0];
+    if (msg.type === "traced") mount(JSON.parse(msg.data), msg.view, msg.title);
+    else if (!viewer) return;
+    else if (msg.type === "card") viewer.setCard(msg.key, msg.card);
+    else viewer.answer(msg);
   });
 }
 export default { render };
@@ -63,7 +81,9 @@ class Explorer(anywidget.AnyWidget):
     Hover a node to draw its links, click it to select it (shift-click pins it), follow
     its connections, read its feature card, search by label, token or id, group pinned
     nodes into supernodes, label nodes and prune with the sliders: the offline HTML
-    viewer, in the notebook. Everything is also available from Python.
+    viewer, in the notebook. With the model, a link's head loadings and a head's QK table
+    are computed when clicked, and "trace from this node" traces a new graph with the
+    selected feature as its target, shown below. Everything is also available from Python.
 
     Attributes:
         selected: the selected node id, or ``None``.
@@ -71,6 +91,7 @@ class Explorer(anywidget.AnyWidget):
         supernodes: supernode name -> node ids (the format interventions take).
         labels: node id -> label.
         grid: ``[node, edge]`` indices of the prune sliders (``set_thresholds`` sets them).
+        traced: the graphs traced from this graph's nodes (``trace_from``), in order.
     """
 
     _esm = traitlets.Unicode(ESM.replace("%%VIEWER%%", front_end("viewer.js"))).tag(sync=True)
@@ -88,6 +109,8 @@ class Explorer(anywidget.AnyWidget):
     def __init__(self, graph, rm=None, *, prune: bool = True, height: int = 640):
         self.state = ViewState(graph, prune, rm)
         self.state.set_thresholds(1.0, 1.0)
+        self._views = [self.state]
+        self.traced: list[Graph] = []
         data = payload(self.state, precompute=False)
         self._thresholds = (data["grid"]["node"], data["grid"]["edge"])
         super().__init__(_plotly=plotly.offline.get_plotlyjs(), _data=script_json(data),
@@ -137,6 +160,46 @@ class Explorer(anywidget.AnyWidget):
         nodes, edges = self._thresholds
         self.grid = [min(range(len(nodes)), key=lambda i: abs(nodes[i] - node_threshold)),
                      min(range(len(edges)), key=lambda j: abs(edges[j] - edge_threshold))]
+
+    def trace_from(self, node_id: str, **options) -> Graph:
+        """Trace a new graph of this prompt whose target is feature node ``node_id`` (why
+        does it fire?), and show it below this one (the "trace from this node" button).
+
+        Args:
+            node_id: a feature node of this graph.
+            **options: for ``circuitlab.attribute`` (default: this graph's node budget).
+
+        Returns:
+            The new graph (also appended to ``traced``).
+
+        Raises:
+            CircuitlabError: without the model, or for a node that is not a feature.
+        """
+        return self._trace(self.state, node_id, **options)
+
+    def _trace(self, s: ViewState, node_id: str, **options) -> Graph:
+        """``trace_from`` a node of the graph of view ``s`` (this graph or a traced one)."""
+        if s.rm is None:
+            raise CircuitlabError("Tracing from a node needs the model: explore the graph with "
+                                  "it (graph.show(rm)).")
+        s.check_ids(node_id)
+        node = s.source.nodes.iloc[s.source.index(node_id)]
+        if node["kind"] != "feature":
+            raise CircuitlabError(f"{node_id!r} is a {node['kind']} node; trace from a feature "
+                                  "(a logit is what the graph already explains).")
+        options = {"max_feature_nodes": s.source.metadata.get("max_feature_nodes", 8192),
+                   "progress": False, **options}
+        target = Feature(int(node["layer"]), int(node["pos"]), int(node["feature"]))
+        graph = attribute(s.rm, s.source.prompt, targets=[target], **options)
+        self.traced.append(graph)
+        state = ViewState(graph, True, s.rm)
+        state.set_thresholds(1.0, 1.0)
+        self._views.append(state)
+        self.send({"type": "traced", "view": len(self._views) - 1,
+                   "title": f"Traced from {node_name(node.to_dict(), s.labels, s.examples)} "
+                            f"({node_id}): what makes it fire",
+                   "data": script_json(payload(state, precompute=False))})
+        return graph
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -199,13 +262,21 @@ class Explorer(anywidget.AnyWidget):
         there is one), a link's head loadings or a head's QK table (on the model)."""
         if not isinstance(content, dict):
             return
-        kind = content.get("type")
+        kind, view = content.get("type"), int(content.get("view", 0))
+        if not 0 <= view < len(self._views):
+            return
+        s = self._views[view]
+        if kind == "trace":
+            try:
+                self._trace(s, content["node"])
+                self.send({"type": "trace", "view": view})
+            except CircuitlabError as err:
+                self.send({"type": "trace", "view": view, "error": str(err)})
         if kind in ("loadings", "qk"):
-            self.send(self._attention(content))
+            self.send({**self._attention(s, content), "view": view})
         if kind != "card":
             return
         layer, feature, node = int(content["layer"]), int(content["feature"]), content["node"]
-        s = self.state
         card = fetch(s.rm, layer, feature, tokens=s.shown.tokens, pos=int(content["pos"]),
                      transcoders=s.shown.metadata.get("transcoders"))
         outputs = s.outputs.get(node, {})
@@ -215,12 +286,11 @@ class Explorer(anywidget.AnyWidget):
         data = card_data(card, vocab)
         data["contexts"] = [[q, [list(vocab)[t] for t in toks], acts]
                             for q, toks, acts in data["contexts"]]
-        self.send({"type": "card", "key": f"{layer}/{feature}", "card": data})
+        self.send({"type": "card", "view": view, "key": f"{layer}/{feature}", "card": data})
 
-    def _attention(self, request: dict) -> dict:
-        """The answer to a request for a link's head loadings or a head's QK table: the
-        data, or an error message the page shows."""
-        s = self.state
+    def _attention(self, s: ViewState, request: dict) -> dict:
+        """The answer to a request for a link's head loadings or a head's QK table (on the
+        graph of view ``s``): the data, or an error message the page shows."""
         if request["type"] == "loadings":
             key = link_key(request["source"], request["target"])
             answer = {"type": "loadings", "key": key}

@@ -71,7 +71,7 @@ def text_rows(state: ViewState) -> np.ndarray:
     nodes = state.shown.nodes
     feats = nodes[nodes["kind"] == "feature"]["influence"].fillna(0)
     top = feats.nlargest(N_TEXT).index
-    return np.flatnonzero(nodes.index.isin(top) | (nodes["kind"] == "logit").to_numpy())
+    return np.flatnonzero(nodes.index.isin(top) | state.shown.target_mask.numpy())
 
 
 def trace_rows(state: ViewState, kind: str) -> np.ndarray:

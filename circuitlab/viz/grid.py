@@ -1,10 +1,10 @@
 """Pruning on a grid of thresholds, precomputed for the offline viewer's sliders.
 
 ``graph.prune(t_node, t_edge)`` keeps features by cumulative influence, then edges by
-cumulative edge influence, then drops nodes without a path to the logits. The viewer
+cumulative edge influence, then drops nodes without a path to the targets. The viewer
 cannot run it, so every ``(node[i], edge[j])`` pruning of the display graph is
 run here once: per edge and node threshold ``i``, the first edge threshold ``j`` that
-keeps it (``len(edge)`` if none); the kept nodes are the logits and the sources of kept
+keeps it (``len(edge)`` if none); the kept nodes are the targets and the sources of kept
 edges. The counts and replacement/completeness scores of every grid point come along.
 """
 

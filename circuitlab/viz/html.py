@@ -91,7 +91,7 @@ def grid_data(state: ViewState) -> tuple[dict, dict]:
     edges (rows, weights, grid codes) of the display graph."""
     base, g = state.shown, prune_grid(state.shown)
     n_layers = int(base.metadata.get("n_layers", base.nodes["layer"].max()))
-    logits = (base.nodes["kind"] == "logit").to_numpy()
+    logits = base.target_mask.numpy()
     layouts = []
     for i in range(len(g.node)):
         shown = logits.copy()
@@ -131,6 +131,7 @@ def payload(state: ViewState, precompute: bool = True) -> dict:
                   "kind": nodes["kind"].tolist(), "layer": nodes["layer"].tolist(),
                   "pos": nodes["pos"].tolist(), "feature": nodes["feature"].tolist(),
                   "place": [place(k, l) for k, l in zip(nodes["kind"], nodes["layer"])],
+                  "target": state.shown.target_mask.int().tolist(),
                   "influence": np.round(nodes["influence"].fillna(0).to_numpy(), 6).tolist(),
                   "activation": np.round(nodes["activation"].fillna(0).to_numpy(), 4).tolist(),
                   "y": rows(nodes, state.layout.n_rows - 2).tolist(),

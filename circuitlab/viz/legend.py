@@ -50,8 +50,8 @@ label beside the marker.<br>
 <b>Links</b>: the {BACKBONE_LINKS} strongest of the shown graph, faintly, and those of the
 hovered, selected and pinned nodes (at most the {MAX_LINKS} strongest by |weight|): green excites the target, purple inhibits it; colour depth and width give
 the link's share of the target's total absolute input: {_bins()}.<br>
-<b>Outlines</b>: black = selected, gold = pinned; the selected node's neighbours take the
-colour of their link to it.<br>
+<b>Outlines</b>: black = selected, gold = pinned, red = a feature the graph explains (a
+target, like the logits); the selected node's neighbours take the colour of their link to it.<br>
 <b>Scores</b>: replacement = share of the influence reaching the logits that starts at token
 embeddings rather than error nodes; completeness = influence-weighted share of node inputs
 not coming from error nodes. Pruning keeps the features carrying the node threshold's share

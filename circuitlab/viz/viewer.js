@@ -18,7 +18,8 @@ var SKELETON = '<header><b id="cl-title"></b>' +
   '<aside><input id="cl-search" placeholder="search a label, token or node id" style="width:95%">' +
   '<div id="cl-search-results"></div><div id="cl-status"></div>' +
   '<div id="cl-selection"></div>' +
-  '<div id="cl-node-tools" hidden><button id="cl-pin">pin / unpin</button>' +
+  '<div id="cl-node-tools" hidden><button id="cl-pin">pin / unpin</button> <button id="cl-trace">trace from this node</button>' +
+  '<span id="cl-trace-why" class="cl-muted"></span><br>' +
   '<input id="cl-label" placeholder="label of the selected node"><button id="cl-set-label">set label</button></div>' +
   '<div id="cl-link"></div><div id="cl-qk"></div>' +
   '<div id="cl-card"></div><div id="cl-connections"></div>' +
@@ -74,7 +75,7 @@ function circuitlabViewer(root, data, bridge) {
   function prune() {
     var shift = 3 * state.i, nodes = 0, feats = 0, edges = 0;
     shown.fill(0); total.fill(0);
-    for (var r = 0; r < n; r++) if (N.kind[r] === "logit") shown[r] = 1;
+    for (var r = 0; r < n; r++) if (N.kind[r] === "logit" || N.target[r]) shown[r] = 1;
     for (var e = 0; e < E; e++) {
       var c = code3[3 * e] | (code3[3 * e + 1] << 8) | (code3[3 * e + 2] << 16);
       kept[e] = ((c >> shift) & 7) <= state.j ? 1 : 0;
@@ -129,8 +130,8 @@ function circuitlabViewer(root, data, bridge) {
         marker: { symbol: data.symbols[k],
           size: rs.map(function (r) { return N.size[r] * Math.min(1, L.room[r] * px[0], 0.9 * px[1] / 20); }),
           color: rs.map(function (r) { return nb[r] || N.fill[r]; }),
-          line: { width: rs.map(function (r) { return r === state.selected || pinned.has(r) ? 3 : 0.5; }),
-                  color: rs.map(function (r) { return r === state.selected ? "#111111" : pinned.has(r) ? "#d4a017" : "#555555"; }) } } };
+          line: { width: rs.map(function (r) { return r === state.selected || pinned.has(r) || (N.target[r] && k === "feature") ? 3 : 0.5; }),
+                  color: rs.map(function (r) { return r === state.selected ? "#111111" : pinned.has(r) ? "#d4a017" : N.target[r] && k === "feature" ? "#c0392b" : "#555555"; }) } } };
     });
     var feats = [];
     for (var r = 0; r < n; r++) if (shown[r] && N.kind[r] === "feature") feats.push(r);
@@ -274,6 +275,10 @@ function circuitlabViewer(root, data, bridge) {
     var sel = $("cl-selection"), r = state.selected;
     sel.replaceChildren();
     $("cl-node-tools").hidden = r === null;
+    var live = !!(bridge && bridge.ask), feature = r !== null && N.kind[r] === "feature";
+    $("cl-trace").disabled = !live || !feature;
+    $("cl-trace-why").textContent = !feature ? "" : live ? "" :
+      " needs the model: open the graph in a notebook with it (graph.show(rm))";
     if (r === null) {
       sel.appendChild(el("i", "hover a node for its links; click to select it (shift-click pins it)"));
       $("cl-connections").replaceChildren(); $("cl-card").replaceChildren();
@@ -358,6 +363,7 @@ function circuitlabViewer(root, data, bridge) {
     });
   }
   function answer(msg) {  // the model's answer to bridge.ask
+    if (msg.type === "trace") { status(msg.error || "", !!msg.error); return; }
     if (msg.type === "loadings") {
       if (msg.error) (H.errors = H.errors || {})[msg.key] = msg.error; else H.loadings[msg.key] = msg.rows;
       if (state.link !== null && N.id[src[state.link]] + ">" + N.id[tgt[state.link]] === msg.key) showLink(state.link);
@@ -535,6 +541,11 @@ function circuitlabViewer(root, data, bridge) {
     $("cl-edge").addEventListener("input", function (ev) { setGrid(state.i, +ev.target.value); });
     $("cl-linktype").addEventListener("change", function (ev) { state.linkType = ev.target.value; drawLinks(); });
     $("cl-pin").addEventListener("click", function () { if (state.selected !== null) togglePin(state.selected); });
+    $("cl-trace").addEventListener("click", function () {
+      if (state.selected === null || !bridge || !bridge.ask) return;
+      status("tracing from " + name(state.selected) + "…");
+      bridge.ask({ type: "trace", node: N.id[state.selected] });
+    });
     $("cl-set-label").addEventListener("click", function () {
       var text = $("cl-label").value.trim(), id = N.id[state.selected];
       act(function () { if (text) state.labels[id] = text; else delete state.labels[id]; });
