@@ -18,7 +18,7 @@ _EXPORTS = {
     "swap": "interventions", "set_to": "interventions", "scale": "interventions",
     "ablate": "interventions", "add": "interventions", "Claims": "claims",
     "plan": "sizing", "trace_many": "batch", "aggregate": "aggregation",
-    "Logit": "targets", "Feature": "targets",
+    "Logit": "targets", "Feature": "targets", "Direction": "targets",
 }
 
 __all__ = ["CircuitlabError", *_EXPORTS]
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .loading import load
     from .replacement import ReplacementModel
     from .sizing import plan
-    from .targets import Feature, Logit
+    from .targets import Direction, Feature, Logit
     from .viz import explore
 
 

@@ -268,6 +268,7 @@ def _target_reads(rm, fb: FrozenBackward, graph: Graph, rows: list[int],
     L, nodes = rm.n_layers, graph.nodes
     directions = graph.metadata.get("logit_directions", [])
     logits = nodes.index[nodes["kind"] == "logit"].tolist()
+    reads, probes = graph.metadata.get("read_directions", []), nodes.index[nodes["kind"] == "direction"].tolist()
     grads, layers, pos = [], [], []
     for r in rows:
         kind, layer, p, f = (nodes[c].iat[r] for c in ("kind", "layer", "pos", "feature"))
@@ -279,9 +280,13 @@ def _target_reads(rm, fb: FrozenBackward, graph: Graph, rows: list[int],
             direction = torch.tensor(directions[logits.index(r)], dtype=dtype)
             grads.append(fb.injection(None, torch.tensor([p]), direction[None])[0])
             layers.append(L)
+        elif kind == "direction":
+            direction = torch.tensor(reads[probes.index(r)], dtype=dtype)
+            grads.append(fb.injection(int(layer), torch.tensor([p]), direction[None])[0])
+            layers.append(int(layer))
         else:
             raise CircuitlabError(f"Node {nodes['node_id'].iat[r]!r} is a {kind} node, not a "
-                                  "target; edges run into features and logits.")
+                                  "target; edges run into features, logits and directions.")
         pos.append(int(p))
     grads = torch.stack(grads).to(dtype)
     layers, pos = torch.tensor(layers), torch.tensor(pos)

@@ -50,7 +50,8 @@ from .precision import default_dtype
 from .prune import annotate_influence
 from .replacement import ReplacementModel, Trace
 from .selection import Rows
-from .targets import completion_targets, feature_targets_of, logit_targets_of, split_targets
+from .targets import (completion_targets, direction_targets_of, feature_targets_of,
+                      logit_targets_of, split_targets)
 
 
 class _Sources:
@@ -176,8 +177,9 @@ def attribute(
             last position.
         targets: instead of ``logit_targets``, targets of any kind and position, mixed:
             what ``logit_targets`` takes, ``circuitlab.Logit(what, pos)`` for a logit at
-            another position, and ``circuitlab.Feature(layer, pos, feature)`` for an active
-            feature's pre-activation (see ``circuitlab.targets``).
+            another position, ``circuitlab.Feature(layer, pos, feature)`` for an active
+            feature's pre-activation and ``circuitlab.Direction(layer, pos, vector)`` for a
+            direction in a layer's MLP input (see ``circuitlab.targets``).
         completion: text that continues ``prompt``; the graph is of ``prompt +
             completion``, teacher-forced, and its logit targets are the completion's tokens,
             each at the position that predicts it (``explain`` picks which).
@@ -203,7 +205,7 @@ def attribute(
         CircuitlabError: for bad prompts or targets, or when the graph would not fit in memory.
     """
     _check_args(max_logits, logit_prob, max_feature_nodes, batch_size, dtype, memory_limit)
-    logit_specs, feature_specs = split_targets(logit_targets, targets)
+    logit_specs, feature_specs, direction_specs = split_targets(logit_targets, targets)
     if completion is not None:
         prompt, logit_specs = completion_targets(rm, prompt, completion, explain, logit_specs)
     tokens = rm.tokenize(prompt)
@@ -212,13 +214,14 @@ def attribute(
     trace = rm.run(tokens)
     targets = logit_targets_of(rm, trace, logit_specs, max_logits, logit_prob)
     features = feature_targets_of(rm, trace, feature_specs)
+    directions = direction_targets_of(rm, trace, direction_specs)
     L, P = rm.n_layers, len(tokens)
     N = sum(len(f[0]) for f in trace.features)
     writes = sum(len(f[0]) * (L - s if rm.clt is not None else 1)
                  for s, f in enumerate(trace.features)) / max(N, 1)
     shape, fwd = replacement_shape(rm)
     parts_at = lambda n, p, k: memory_parts(  # noqa: E731
-        n, p, L, k, len(targets) + len(features), rm.d_model, batch_size, dtype, copied_params(rm),
+        n, p, L, k, len(targets) + len(features) + len(directions), rm.d_model, batch_size, dtype, copied_params(rm),
         rm.cfg.n_heads, writes, trace_bytes(p, n, shape, fwd["itemsize"]))
     parts = parts_at(N, P, max_feature_nodes)
     check_attribution(parts, rm.device, memory_limit, f"{N} active features, {P} tokens",
@@ -227,7 +230,8 @@ def attribute(
     src = _Sources(rm, trace, dtype)
     bw = FrozenBackward(rm, trace, dtype)
     n_keep = N if max_feature_nodes is None else max(min(N, max_feature_nodes), len(features))
-    bar = tqdm(total=len(targets) + n_keep, desc="Attribution", disable=not progress, unit="row")
+    bar = tqdm(total=len(targets) + len(directions) + n_keep, desc="Attribution",
+               disable=not progress, unit="row")
 
     # Every tensor below lives on the model's device; the Graph is assembled on the CPU.
     dev = rm.device
@@ -239,6 +243,13 @@ def attribute(
         grads = bw.injection(None, pos, torch.stack([t.direction for t in batch]))
         _rows(bw, src, trace, torch.full_like(pos, L), pos, grads, logit_rows[i:i + batch_size])
         bar.update(len(grads))
+    # Direction targets' rows: read through the pre-MLP norm of their layer, like features.
+    read_rows = torch.zeros(len(directions), src.n_cols, dtype=dtype, device=dev)
+    for i, d in enumerate(directions):
+        pos = torch.tensor([d.pos], device=dev)
+        _rows(bw, src, trace, torch.tensor([d.layer], device=dev), pos,
+              bw.injection(d.layer, pos, d.vector[None]), read_rows[i:i + 1])
+        bar.update(1)
     # Feature targets' rows: they are visited first, whatever the node budget.
     ids = torch.tensor([int(((src.layer == l) & (src.pos == p) & (src.feature == f)).nonzero()[0, 0])
                         for l, p, f in features], dtype=torch.long, device=dev)
@@ -250,10 +261,10 @@ def attribute(
 
     # Feature rows, visited in order of estimated influence on the targets (all of them if
     # n_keep == N), computed whole a batch at a time and stored over the candidate columns.
-    weights = torch.tensor([t.prob for t in targets] + [0.0] * len(ids), device=dev)
-    if len(ids) or weights.sum() <= 0:  # feature or custom targets: all weigh the same
+    weights = torch.tensor([t.prob for t in targets] + [0.0] * (len(directions) + len(ids)), device=dev)
+    if len(ids) or directions or weights.sum() <= 0:  # feature or custom targets: equal weights
         weights = torch.full_like(weights, 1 / len(weights))
-    direct = (weights / weights.sum()) @ _shares(torch.cat([logit_rows, target_rows]), N).float()
+    direct = (weights / weights.sum()) @ _shares(torch.cat([logit_rows, read_rows, target_rows]), N).float()
     # No feature may fire at all (n_keep = 0): the graph then holds errors, embeddings, logits.
     spare = spare_memory(parts, dev, memory_limit) // 2 // (max(n_keep, 1) * dtype.itemsize)
     rows = Rows(src.layer, src.pos, L, P, n_keep, candidate_slots(N, n_keep, spare), dtype, dev)
@@ -284,8 +295,8 @@ def attribute(
             bar.update(len(ids))
     bar.close()
     del full
-    return _assemble(rm, trace, src, targets, logit_rows, rows, order, prompt, bw, batch_size,
-                     features)
+    return _assemble(rm, trace, src, targets, torch.cat([logit_rows, read_rows]), rows, order,
+                     prompt, bw, batch_size, features, directions)
 
 
 def copied_params(rm) -> int:
@@ -380,7 +391,9 @@ def _complete(rm, bw, src, trace, rows: Rows, kept, order, rank, out, batch_size
 
 
 def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, bw,
-              batch_size, features) -> Graph:
+              batch_size, features, reads) -> Graph:
+    """The ``Graph``: kept features, error and embedding nodes, then the logit and direction
+    targets (whose rows are ``logit_rows``, in that order)."""
     L, P = rm.n_layers, len(trace.tokens)
     kept, rank = torch.sort(order)
     dropped = torch.ones(src.n_features, dtype=torch.bool, device=order.device)
@@ -388,7 +401,7 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
     dropped = dropped.nonzero()[:, 0]
     K = len(kept)
     n_src = K + (L + 1) * P
-    n = n_src + len(targets)
+    n = n_src + len(targets) + len(reads)
     adjacency = torch.zeros(n, n)  # host: the Graph's adjacency
     _columns(stored.values, stored.n_slots, stored.slot, stored.where, kept, dropped,
              adjacency[:K, :n_src], rank)
@@ -418,9 +431,13 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
         inputs[:K] = _feature_inputs(rm, src, kept, trace.mlp_in)
         constants[:K] = _feature_inputs(rm, src, kept, x0)
         final = rm.final_normed(trace, trace.resid_final)[at].float()
-        inputs[n_src:] = ((directions * final).sum(-1) + bias).cpu()
+        inputs[n_src:n_src + len(targets)] = ((directions * final).sum(-1) + bias).cpu()
         final0 = rm.final_normed(trace, resid0)[at].float()
-        constants[n_src:] = ((directions * final0).sum(-1) + bias).cpu()
+        constants[n_src:n_src + len(targets)] = ((directions * final0).sum(-1) + bias).cpu()
+        for i, d in enumerate(reads):
+            j = n_src + len(targets) + i
+            inputs[j] = float(trace.mlp_in[d.layer][d.pos].float() @ d.vector)
+            constants[j] = float(x0[d.layer][d.pos].float() @ d.vector)
 
     token_strs = rm.token_strs(trace.tokens)
     rows = [dict(node_id=f"{l}_{f}_{p}", kind="feature", layer=l, pos=p, feature=f, activation=a,
@@ -438,11 +455,16 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
         feature = t.token if t.token is not None else -2 - i
         rows.append(dict(node_id=f"{L + 1}_{feature}_{t.pos}", kind="logit", layer=L, pos=t.pos,
                          feature=feature, activation=float(inputs[n_src + i]), token=t.label, prob=t.prob))
+    for i, d in enumerate(reads):
+        rows.append(dict(node_id=f"{d.layer}_D{i}_{d.pos}", kind="direction", layer=d.layer,
+                         pos=d.pos, feature=-2 - i, activation=float(inputs[n_src + len(targets) + i]),
+                         token=d.label, prob=math.nan))
     metadata = dict(model=rm.name, transcoders=rm.transcoder_source, n_layers=L,
                     cross_layer=rm.clt is not None,
                     n_active_features=src.n_features, max_feature_nodes=len(kept),
                     recomputed_rows=recomputed,
                     logit_directions=[t.direction.tolist() for t in targets],
+                    read_directions=[d.vector.tolist() for d in reads],
                     targets=[f"{l}_{f}_{p}" for l, p, f in features] + [r["node_id"] for r in rows[n_src:]])
     if len(dropped):  # which features are nodes: the rest are folded into the error nodes
         metadata["kept_features"] = torch.stack(

@@ -29,7 +29,7 @@ GRAPH_FILES = ("graph.json", "graph.safetensors")
 FORMAT = "circuitlab-graph/1"
 
 NODE_COLUMNS = ["node_id", "kind", "layer", "pos", "feature", "activation", "token", "prob", "influence"]
-KINDS = ("feature", "error", "embedding", "logit")
+KINDS = ("feature", "error", "embedding", "logit", "direction")
 #: Columns of head loadings (``Graph.loadings``, ``circuitlab.attention.head_loadings``).
 LOADING_COLUMNS = ["source", "target", "edge", "kind", "layer", "head", "weight", "share"]
 #: The parts an edge splits into (``kind`` of a loading row).

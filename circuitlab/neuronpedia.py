@@ -14,7 +14,8 @@ and what the viewer derives from targets follows the logit nodes alone (the ``in
 each node carries is circuitlab's, over all the graph's targets). The target node ids go in
 ``metadata["circuitlab"]["targets"]`` (with ``n_layers``), a key Neuronpedia ignores, from
 which ``parse`` restores the graph's ``metadata["targets"]``; a document without it (one of
-Neuronpedia's own) has its logit nodes as targets.
+Neuronpedia's own) has its logit nodes as targets. A direction target
+(``circuitlab.Direction``) has no counterpart in the format: it is left out, with its edges.
 """
 
 from __future__ import annotations
@@ -199,7 +200,9 @@ def document(graph: Graph, *, slug: str | None = None, labels: dict | None = Non
     targets = graph.nodes["node_id"][graph.target_mask.numpy()].tolist()
     target_set = set(targets)
     nodes = []
-    for r in graph.nodes.to_dict("records"):
+    records = [r for r in graph.nodes.to_dict("records") if r["kind"] != "direction"]
+    exported = {r["node_id"] for r in records}
+    for r in records:
         layer = {"embedding": "E", "logit": str(n_layers + 1)}.get(r["kind"], str(r["layer"]))
         feature = int(r["feature"])
         if cross_layer and r["kind"] == "feature":  # one index space over a CLT's layers
@@ -214,14 +217,15 @@ def document(graph: Graph, *, slug: str | None = None, labels: dict | None = Non
                         clerp=labels.get(r["node_id"], f'Output "{r["token"]}" (p={r["prob"]:.3f})'))
         nodes.append(node)
     links = [{"source": s, "target": t, "weight": float(w)}
-             for s, t, w in graph.edges().itertuples(index=False)]
+             for s, t, w in graph.edges().itertuples(index=False) if t in exported]
     doc = {
         "metadata": {"slug": slug, "scan": graph.metadata.get("transcoders") or "",
                      "transcoder_list": [], "prompt_tokens": graph.token_strs,
                      "prompt": graph.prompt, "schema_version": 1,
                      "node_threshold": graph.metadata.get("node_threshold"),
                      # Neuronpedia ignores this key; parse() restores the targets from it.
-                     "circuitlab": {"targets": targets, "n_layers": n_layers}},
+                     "circuitlab": {"targets": [t for t in targets if t in exported],
+                                    "n_layers": n_layers}},
         "qParams": {"pinnedIds": list(pinned or []), "supernodes": list(supernodes or []),
                     "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes, "links": links,

@@ -1,8 +1,9 @@
 """Targets: what an attribution graph explains.
 
 A target is a logit at any position (a token, a logit difference or a direction in the
-final-norm output space) or a transcoder feature's pre-activation at ``(layer, pos,
-feature)``. Several, of both kinds, go in one graph. A feature target is an ordinary feature
+final-norm output space), a transcoder feature's pre-activation at ``(layer, pos,
+feature)``, or the projection of a layer's MLP input on a direction (a probe's, say).
+Several, of every kind, go in one graph. A feature target is an ordinary feature
 node of the graph (kept whatever the node budget), so a feature that is a target and also
 feeds another target is one node.
 """
@@ -37,6 +38,19 @@ class Feature:
     layer: int
     pos: int
     feature: int
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A direction target: the projection on ``vector`` (``[d_model]``, e.g. a probe's
+    direction) of the MLP input of layer ``layer`` at position ``pos`` (``-1``: the last),
+    the normalized residual stream that the layer's transcoder reads. It is a node of kind
+    ``"direction"``, named ``label``."""
+
+    layer: int
+    pos: int
+    vector: object
+    label: str = ""
 
 
 @dataclass
@@ -147,9 +161,32 @@ def feature_targets_of(rm, trace, specs) -> list[tuple[int, int, int]]:
     return out
 
 
-def split_targets(logit_targets, targets) -> tuple[list | None, list]:
+def direction_targets_of(rm, trace, specs) -> list[Direction]:
+    """``Direction`` targets with their positions resolved and vectors as float tensors.
+
+    Raises:
+        CircuitlabError: for a layer out of range, a position past the prompt, or a vector
+            that is not a finite ``[d_model]`` tensor.
+    """
+    out = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec.layer, bool) or not isinstance(spec.layer, int) or not 0 <= spec.layer < rm.n_layers:
+            raise CircuitlabError(f"Direction target {i}: layer {spec.layer!r} is not a layer of "
+                                  f"this model (0 to {rm.n_layers - 1}).")
+        pos = check_position(spec.pos, len(trace.tokens), "Direction target position")
+        vec = spec.vector
+        if not (isinstance(vec, torch.Tensor) and vec.shape == (rm.d_model,)
+                and torch.isfinite(vec).all()):
+            raise CircuitlabError(f"Direction target {i}: the vector must be a finite tensor of "
+                                  f"shape ({rm.d_model},), not {getattr(vec, 'shape', vec)!r}.")
+        out.append(Direction(spec.layer, pos, vec.detach().float().to(trace.embed.device),
+                             spec.label or f"direction {i}"))
+    return out
+
+
+def split_targets(logit_targets, targets) -> tuple[list | None, list, list]:
     """``attribute``'s ``logit_targets`` and ``targets`` as logit specs (``None``: the
-    default) and ``Feature`` targets.
+    default), ``Feature`` targets and ``Direction`` targets.
 
     Raises:
         CircuitlabError: for both arguments at once, or anything that is not a list.
@@ -161,9 +198,10 @@ def split_targets(logit_targets, targets) -> tuple[list | None, list]:
                               "targets too (token strings, ids, pairs, directions, "
                               "circuitlab.Logit) beside circuitlab.Feature targets.")
     if targets is None:
-        return logit_targets, []
-    return ([t for t in targets if not isinstance(t, Feature)],
-            [t for t in targets if isinstance(t, Feature)])
+        return logit_targets, [], []
+    return ([t for t in targets if not isinstance(t, (Feature, Direction))],
+            [t for t in targets if isinstance(t, Feature)],
+            [t for t in targets if isinstance(t, Direction)])
 
 
 def check_logit_targets(logit_targets, name: str = "logit_targets") -> None:
@@ -174,7 +212,7 @@ def check_logit_targets(logit_targets, name: str = "logit_targets") -> None:
     """
     if logit_targets is None:
         return
-    if isinstance(logit_targets, (str, int, torch.Tensor, Logit, Feature)) or not isinstance(
+    if isinstance(logit_targets, (str, int, torch.Tensor, Logit, Feature, Direction)) or not isinstance(
             logit_targets, (list, tuple)):
         raise CircuitlabError(
             f"{name} must be a list, e.g. [{logit_targets!r}], not {logit_targets!r}.")

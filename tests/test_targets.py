@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ARCHS, tiny_clt, tiny_model, tiny_transcoders
-from test_attribution import check_edges_brute_force
+from test_attribution import check_edges_brute_force, clean_sources
 
 import circuitlab
-from circuitlab import Feature, Logit
+from circuitlab import Direction, Feature, Logit
 from circuitlab.errors import CircuitlabError
 from circuitlab.replacement import ReplacementModel
 
@@ -66,6 +66,52 @@ def test_feature_and_inner_logit_targets_match_brute_force(model, transcoders):
         check_edges_brute_force(rm, graph, n_sources=6)
         if budget is not None:
             assert (graph.nodes.kind == "feature").sum() == budget
+
+
+@pytest.mark.parametrize("model, transcoders", [("gemma3", "jumprelu_skip_transcoder"),
+                                                 ("gpt2", "skip_transcoder"), ("gemma3", "clt")])
+def test_direction_targets_match_brute_force(model, transcoders, tmp_path):
+    """A direction in a layer's MLP input (a probe's, say) as a target, beside a logit: its
+    edges are the brute-force effects of zeroing each source, its edges + constant equal its
+    projection, its head loadings add up, and it survives prune, save, load, the HTML export
+    and a Neuronpedia export (which leaves it out)."""
+    rm = make_rm(model, transcoders, seed=5)
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randn(rm.d_model, generator=g)
+    graph = circuitlab.attribute(rm, PROMPT, targets=[Direction(2, -2, probe, "my probe"), "c"],
+                                 max_feature_nodes=None, progress=False, dtype=torch.float32)
+    node = graph.nodes[graph.nodes.kind == "direction"].iloc[0]
+    assert (node.layer, node.pos, node.token) == (2, len(graph.tokens) - 2, "my probe")
+    trace = rm.run(rm.tokenize(PROMPT))
+    assert graph.inputs[graph.index(node.node_id)] == pytest.approx(
+        float(trace.mlp_in[2][node.pos] @ probe), rel=1e-5)
+    exact(graph)
+    acts, embed, errors = clean_sources(rm, trace)
+    x, _ = rm.frozen_run(trace, lambda l, x: rm.decode(l, acts, x) + errors[l], embed=embed)
+    for r in (graph.adjacency[graph.index(node.node_id)] != 0).nonzero()[:6, 0].tolist():
+        source = graph.nodes.iloc[r]
+        a, e, err = [t.clone() for t in acts], embed.clone(), errors.clone()
+        if source.kind == "feature":
+            a[source.layer][source.pos, source.feature] = 0
+        elif source.kind == "error":
+            err[source.layer, source.pos] = 0
+        else:
+            e[source.pos] = 0
+        x2, _ = rm.frozen_run(trace, lambda l, x: rm.decode(l, a, x) + err[l], embed=e)
+        delta = float((x[2][node.pos] - x2[2][node.pos]) @ probe)
+        assert delta == pytest.approx(float(graph.adjacency[graph.index(node.node_id), r]), abs=1e-4)
+    loads = graph.head_loadings(rm, [(s, node.node_id) for s in graph.nodes.node_id[
+        (graph.adjacency[graph.index(node.node_id)] != 0).numpy()][:5]])
+    sums = loads.groupby(["source", "target"]).agg(w=("weight", "sum"), e=("edge", "first"))
+    assert (sums.w - sums.e).abs().max() < 1e-4
+    pruned = graph.prune(0.5, 0.9)
+    assert node.node_id in set(pruned.nodes.node_id)
+    back = circuitlab.Graph.load(pruned.save(tmp_path / "g"))
+    assert (back.nodes.kind == "direction").sum() == 1 and back.target_mask.sum() == 2
+    back.to_html(tmp_path / "g.html", prune=False)
+    doc = back.to_neuronpedia()
+    assert node.node_id not in {n["node_id"] for n in doc["nodes"]}
+    assert all(link["target"] != node.node_id for link in doc["links"])
 
 
 @pytest.mark.parametrize("transcoders", ["jumprelu_skip_transcoder", "clt"])
@@ -125,6 +171,8 @@ def test_bad_targets():
         (dict(targets=[Feature(1, 2, 10**6)]), "feature"),
         (dict(targets=["c"], logit_targets=["c"]), "not both"),
         (dict(targets=Feature(1, 2, 0)), "must be a list"),
+        (dict(targets=[Direction(9, 0, torch.zeros(rm.d_model))]), "is not a layer"),
+        (dict(targets=[Direction(1, 0, torch.zeros(3))]), "finite tensor of shape"),
         (dict(completion=" sat", explain=["dog"]), "not a token of the completion"),
         (dict(completion=" sat", logit_targets=["c"]), "explain picks"),
     ]

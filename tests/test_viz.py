@@ -18,6 +18,7 @@ import torch
 import circuitlab
 from circuitlab import CircuitlabError, Graph
 from circuitlab.cards import FeatureCard
+from circuitlab.graph import KINDS
 from circuitlab.prune import scores
 from circuitlab.viz import explore, to_html
 
@@ -353,7 +354,7 @@ def test_static_fallback(graph, monkeypatch):
         fig = module(graph, prune=False)
     assert isinstance(fig, go.Figure) and not isinstance(fig, go.FigureWidget)
     assert "static figure" in fig.layout.title.text
-    assert len(fig.data) == N_BINS + 5
+    assert len(fig.data) == N_BINS + len(KINDS) + 1  # links, one trace per node kind, labels
     assert sum(list(t.x).count(None) for t in fig.data[:N_BINS]) > 0, "its strongest links drawn"
 
 

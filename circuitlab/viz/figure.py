@@ -18,9 +18,10 @@ from .legend import BACKBONE_LINKS, N_TEXT, error_text
 from .links import N_BINS, bin_style, link_bin, segments
 from .state import ViewState
 
-SYMBOLS = {"feature": "circle", "error": "diamond", "embedding": "square", "logit": "square"}
-FILL = {"error": "#b0b0b0", "embedding": "#7f9cc0", "logit": "#e0904a"}
-OPACITY = {"feature": 0.95, "error": 0.45, "embedding": 0.95, "logit": 0.95}
+SYMBOLS = {"feature": "circle", "error": "diamond", "embedding": "square", "logit": "square",
+           "direction": "star"}
+FILL = {"error": "#b0b0b0", "embedding": "#7f9cc0", "logit": "#e0904a", "direction": "#c0392b"}
+OPACITY = {"feature": 0.95, "error": 0.45, "embedding": 0.95, "logit": 0.95, "direction": 0.95}
 MARGIN = {"l": 50, "r": 10, "t": 10, "b": 90}
 
 

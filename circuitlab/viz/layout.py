@@ -18,7 +18,8 @@ import pandas as pd
 MIN_WIDTH = 1.0
 GAP = 0.6
 #: Nominal marker diameters in pixels; one x unit holds ``UNIT`` pixels of diameters.
-FEATURE_SIZE, FIXED_SIZE, UNIT = (6.0, 20.0), {"error": 8.0, "embedding": 12.0, "logit": 12.0}, 12.0
+FEATURE_SIZE, FIXED_SIZE, UNIT = (6.0, 20.0), {"error": 8.0, "embedding": 12.0, "logit": 12.0,
+                                          "direction": 12.0}, 12.0
 VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
 
 

@@ -39,7 +39,8 @@ def _bins() -> str:
 LEGEND = f"""<div class="cl-legend" style="font-size:12px;line-height:1.5">
 <b>Nodes</b>: ● feature (a transcoder feature active at that token) · ◆ error node · 
 <span style="color:#7f9cc0">■</span> token embedding (bottom row) · 
-<span style="color:#e0904a">■</span> output logit (top row, with its token). Columns are
+<span style="color:#e0904a">■</span> output logit (top row, with its token) ·
+<span style="color:#c0392b">★</span> a direction the graph explains in a layer's MLP input. Columns are
 prompt tokens, rows are layers.<br>
 <b>Size</b>: a feature's diameter ∝ √(its influence on the logits), the total weight of
 its paths to the logits (weighted by their probabilities); darker orange = more influence.

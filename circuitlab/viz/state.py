@@ -35,7 +35,8 @@ def node_name(row: dict, labels: dict, examples: Examples | None = None) -> str:
     return {"feature": f"L{row['layer']}/F{row['feature']}",
             "error": f"Error L{row['layer']}",
             "embedding": f"Emb {visible(str(row['token']))}",
-            "logit": f"Logit {visible(str(row['token']))}"}[row["kind"]]
+            "logit": f"Logit {visible(str(row['token']))}",
+            "direction": f"Direction {visible(str(row['token']))}"}[row["kind"]]
 
 
 def place(kind: str, layer: int) -> str:
