@@ -213,8 +213,8 @@ def attribute(
     check_forward(rm, len(tokens), memory_limit)  # before the forward pass: from shapes alone
     trace = rm.run(tokens)
     targets = logit_targets_of(rm, trace, logit_specs, max_logits, logit_prob)
-    features = feature_targets_of(rm, trace, feature_specs)
-    directions = direction_targets_of(rm, trace, direction_specs)
+    features, inactive = feature_targets_of(rm, trace, feature_specs)
+    directions = direction_targets_of(rm, trace, direction_specs) + inactive
     L, P = rm.n_layers, len(tokens)
     N = sum(len(f[0]) for f in trace.features)
     writes = sum(len(f[0]) * (L - s if rm.clt is not None else 1)
@@ -243,7 +243,8 @@ def attribute(
         grads = bw.injection(None, pos, torch.stack([t.direction for t in batch]))
         _rows(bw, src, trace, torch.full_like(pos, L), pos, grads, logit_rows[i:i + batch_size])
         bar.update(len(grads))
-    # Direction targets' rows: read through the pre-MLP norm of their layer, like features.
+    # Direction (and inactive feature) targets' rows: read through the pre-MLP norm of their
+    # layer, like features.
     read_rows = torch.zeros(len(directions), src.n_cols, dtype=dtype, device=dev)
     for i, d in enumerate(directions):
         pos = torch.tensor([d.pos], device=dev)
@@ -436,8 +437,8 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
         constants[n_src:n_src + len(targets)] = ((directions * final0).sum(-1) + bias).cpu()
         for i, d in enumerate(reads):
             j = n_src + len(targets) + i
-            inputs[j] = float(trace.mlp_in[d.layer][d.pos].float() @ d.vector)
-            constants[j] = float(x0[d.layer][d.pos].float() @ d.vector)
+            inputs[j] = float(trace.mlp_in[d.layer][d.pos].float() @ d.vector) + d.bias
+            constants[j] = float(x0[d.layer][d.pos].float() @ d.vector) + d.bias
 
     token_strs = rm.token_strs(trace.tokens)
     rows = [dict(node_id=f"{l}_{f}_{p}", kind="feature", layer=l, pos=p, feature=f, activation=a,
@@ -455,16 +456,17 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
         feature = t.token if t.token is not None else -2 - i
         rows.append(dict(node_id=f"{L + 1}_{feature}_{t.pos}", kind="logit", layer=L, pos=t.pos,
                          feature=feature, activation=float(inputs[n_src + i]), token=t.label, prob=t.prob))
-    for i, d in enumerate(reads):
-        rows.append(dict(node_id=f"{d.layer}_D{i}_{d.pos}", kind="direction", layer=d.layer,
-                         pos=d.pos, feature=-2 - i, activation=float(inputs[n_src + len(targets) + i]),
-                         token=d.label, prob=math.nan))
+    for i, d in enumerate(reads):  # an inactive feature's activation is 0
+        activation = float(inputs[n_src + len(targets) + i]) if d.kind == "direction" else 0.0
+        rows.append(dict(node_id=d.node_id, kind=d.kind, layer=d.layer, pos=d.pos,
+                         feature=d.feature, activation=activation,
+                         token=d.label if d.kind == "direction" else token_strs[d.pos], prob=math.nan))
     metadata = dict(model=rm.name, transcoders=rm.transcoder_source, n_layers=L,
                     cross_layer=rm.clt is not None,
                     n_active_features=src.n_features, max_feature_nodes=len(kept),
                     recomputed_rows=recomputed,
                     logit_directions=[t.direction.tolist() for t in targets],
-                    read_directions=[d.vector.tolist() for d in reads],
+                    read_directions=[d.vector.tolist() for d in reads if d.kind == "direction"],
                     targets=[f"{l}_{f}_{p}" for l, p, f in features] + [r["node_id"] for r in rows[n_src:]])
     if len(dropped):  # which features are nodes: the rest are folded into the error nodes
         metadata["kept_features"] = torch.stack(

@@ -1,10 +1,12 @@
 """The attribution ``Graph``: nodes, a dense adjacency, save/load and exports.
 
 Nodes come in a fixed order: features, error nodes (one per ``(layer, pos)``), token
-embeddings (one per position), logit targets. Node ids follow Neuronpedia's scheme:
+embeddings (one per position), then the targets that feed nothing: logits, directions and
+inactive features (``circuitlab.targets``). Node ids follow Neuronpedia's scheme:
 ``"{layer}_{feature}_{pos}"`` for features, ``"{layer}_-1_{pos}"`` for error nodes,
 ``"E_{token_id}_{pos}"`` for embeddings and ``"{n_layers+1}_{token_id}_{pos}"`` for logits
-(a logit difference or custom direction gets a negative id ``-2 - i``).
+(a logit difference or custom direction gets a negative id ``-2 - i``); a direction target is
+``"{layer}_D{i}_{pos}"``.
 """
 
 from __future__ import annotations

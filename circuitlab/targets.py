@@ -33,11 +33,14 @@ class Logit:
 @dataclass(frozen=True)
 class Feature:
     """A feature target: the pre-activation of transcoder feature ``feature`` of layer
-    ``layer`` at position ``pos`` (``-1``: the last). It must be active there."""
+    ``layer`` at position ``pos`` (``-1``: the last). It must be active there, unless
+    ``inactive=True``: then the graph explains why it stays below its threshold (it is a node
+    that feeds nothing)."""
 
     layer: int
     pos: int
     feature: int
+    inactive: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,21 @@ class Direction:
     pos: int
     vector: object
     label: str = ""
+
+
+@dataclass
+class Read:
+    """A resolved target read from a layer's MLP input: ``vector . mlp_in[layer][pos] +
+    bias``, a ``Direction`` or an inactive ``Feature`` (a node of ``kind`` with ``node_id``)."""
+
+    layer: int
+    pos: int
+    vector: torch.Tensor
+    bias: float
+    kind: str
+    node_id: str
+    feature: int
+    label: str
 
 
 @dataclass
@@ -134,35 +152,45 @@ def check_position(pos, n_positions: int, what: str) -> int:
     return pos % n_positions
 
 
-def feature_targets_of(rm, trace, specs) -> list[tuple[int, int, int]]:
-    """The ``(layer, pos, feature)`` of ``Feature`` targets, checked against ``trace``.
+def feature_targets_of(rm, trace, specs) -> tuple[list[tuple[int, int, int]], list[Read]]:
+    """The ``(layer, pos, feature)`` of the active ``Feature`` targets, checked against
+    ``trace``, and the inactive ones that were asked for as reads of their encoder column.
 
     Raises:
         CircuitlabError: for a layer or feature out of range, a position past the prompt, or
-            a feature that is not active there (naming its pre-activation).
+            a feature that is not active there (naming its pre-activation) without
+            ``inactive=True``.
     """
-    out = []
+    out, reads = [], []
     P = len(trace.tokens)
     for spec in specs:
         rm.check_feature(spec.layer, spec.feature)
         pos = check_position(spec.pos, P, "Feature target position")
         p, f, _ = trace.features[spec.layer]
-        if not ((p == pos) & (f == spec.feature)).any():
+        key = (spec.layer, pos, spec.feature)
+        if key in out or any(r.node_id == f"{spec.layer}_{spec.feature}_{pos}" for r in reads):
+            raise CircuitlabError(f"Feature target {key} is listed twice; list each once.")
+        if ((p == pos) & (f == spec.feature)).any():
+            out.append(key)
+            continue
+        if not spec.inactive:
             pre = float(rm.pre_activations(spec.layer, trace.mlp_in[spec.layer][pos])[spec.feature])
             raise CircuitlabError(
                 f"Feature {spec.feature} of layer {spec.layer} is not active at position {pos} "
-                f"({rm.token_str(int(trace.tokens[pos]))!r}; pre-activation {pre:.3g}): a graph "
-                "explains what a node's input is made of, and an inactive feature is no node. "
-                "Pick an active one (rm.features_for(prompt, pos=...)).")
-        key = (spec.layer, pos, spec.feature)
-        if key in out:
-            raise CircuitlabError(f"Feature target {key} is listed twice; list each once.")
-        out.append(key)
-    return out
+                f"({rm.token_str(int(trace.tokens[pos]))!r}; pre-activation {pre:.3g}). Pick an "
+                "active one (rm.features_for(prompt, pos=...)), or pass Feature(..., "
+                "inactive=True) to explain why it stays off.")
+        W_enc, b_enc = rm.encoder(spec.layer)
+        reads.append(Read(spec.layer, pos, W_enc.detach()[:, spec.feature].float(),
+                          float(b_enc.detach()[spec.feature]), "feature",
+                          f"{spec.layer}_{spec.feature}_{pos}", spec.feature,
+                          f"L{spec.layer}/F{spec.feature} (inactive)"))
+    return out, reads
 
 
-def direction_targets_of(rm, trace, specs) -> list[Direction]:
-    """``Direction`` targets with their positions resolved and vectors as float tensors.
+def direction_targets_of(rm, trace, specs) -> list[Read]:
+    """``Direction`` targets as reads, with their positions resolved and vectors as float
+    tensors (nodes ``"{layer}_D{i}_{pos}"`` of kind ``"direction"``).
 
     Raises:
         CircuitlabError: for a layer out of range, a position past the prompt, or a vector
@@ -179,8 +207,9 @@ def direction_targets_of(rm, trace, specs) -> list[Direction]:
                 and torch.isfinite(vec).all()):
             raise CircuitlabError(f"Direction target {i}: the vector must be a finite tensor of "
                                   f"shape ({rm.d_model},), not {getattr(vec, 'shape', vec)!r}.")
-        out.append(Direction(spec.layer, pos, vec.detach().float().to(trace.embed.device),
-                             spec.label or f"direction {i}"))
+        out.append(Read(spec.layer, pos, vec.detach().float().to(trace.embed.device), 0.0,
+                        "direction", f"{spec.layer}_D{i}_{pos}", -2 - i,
+                        spec.label or f"direction {i}"))
     return out
 
 

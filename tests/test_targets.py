@@ -115,6 +115,26 @@ def test_direction_targets_match_brute_force(model, transcoders, tmp_path):
 
 
 @pytest.mark.parametrize("transcoders", ["jumprelu_skip_transcoder", "clt"])
+def test_an_inactive_feature_asked_for_explicitly(transcoders):
+    """``Feature(..., inactive=True)``: why a feature stays off. Its pre-activation (below
+    threshold) is its edges plus constant, each edge the brute-force effect of its source,
+    and the node feeds nothing."""
+    rm = make_rm("gemma3", transcoders, seed=6)
+    trace = rm.run(rm.tokenize(PROMPT))
+    p, f, _ = trace.features[2]
+    off = next(i for i in range(rm.d_sae(2)) if i not in set(f[p == 5].tolist()))
+    graph = circuitlab.attribute(rm, PROMPT, targets=[Feature(2, 5, off, inactive=True)],
+                                 max_feature_nodes=None, progress=False, dtype=torch.float32)
+    row = graph.index(f"2_{off}_5")
+    node = graph.nodes.iloc[row]
+    assert (node.kind, node.activation) == ("feature", 0.0) and not graph.adjacency[:, row].any()
+    pre = float(rm.pre_activations(2, trace.mlp_in[2][5])[off])
+    assert graph.inputs[row] == pytest.approx(pre, rel=1e-5, abs=1e-6)
+    exact(graph)
+    check_edges_brute_force(rm, graph, n_sources=5)
+
+
+@pytest.mark.parametrize("transcoders", ["jumprelu_skip_transcoder", "clt"])
 def test_a_feature_target_is_its_row_of_the_full_graph(transcoders):
     """Targeting a feature at the last position gives, edge for edge, that feature's row in
     a graph of the logits that visited every feature."""
@@ -166,7 +186,7 @@ def test_bad_targets():
     cases = [
         (dict(targets=[Feature(1, 40, 0)]), "not a position of this prompt"),
         (dict(targets=[Logit("c", pos=-40)]), "not a position of this prompt"),
-        (dict(targets=[Feature(1, 2, inactive)]), "is not active at position 2"),
+        (dict(targets=[Feature(1, 2, inactive)]), "is not active at position 2.*inactive=True"),
         (dict(targets=[Feature(9, 2, 0)]), "layer"),
         (dict(targets=[Feature(1, 2, 10**6)]), "feature"),
         (dict(targets=["c"], logit_targets=["c"]), "not both"),
