@@ -40,6 +40,11 @@ from .frozen import FrozenBackward
 from .errors import CircuitlabError
 from .graph import LOADING_COLUMNS as COLUMNS, Graph
 
+#: Target-source pairs up to which each head's dot products are one matmul (a dense
+#: ``[targets, sources]`` product per head); past it, edges in batches of ``CHUNK``.
+DENSE = 2 ** 25
+CHUNK = 16384
+
 
 def head_loadings(rm, graph: Graph, edges=None, *, top: int | None = None,
                   dtype: torch.dtype = torch.float32, store: bool = False) -> pd.DataFrame:
@@ -86,11 +91,26 @@ def head_loadings(rm, graph: Graph, edges=None, *, top: int | None = None,
     q = torch.tensor(nodes["pos"].to_numpy())[t_rows]
     read_layer = _read_layer(nodes, t_rows, L)
     # Direct: the target's read vector applied to the source's residual-only state there.
-    at_read = states[src_index, read_layer]
-    direct = (reads[tgt_index, read_layer] * at_read).sum(-1) * (p == q)
+    direct = torch.zeros(len(t_rows), dtype=dtype)
+    same = (p == q).nonzero()[:, 0]  # no head: only within a position
+    direct[same] = (reads[tgt_index[same], read_layer[same]]
+                    * states[src_index[same], read_layer[same]]).sum(-1)
     heads = torch.zeros(len(t_rows), L, rm.cfg.n_heads, dtype=dtype)
-    for j in range(L):
-        heads[:, j] = _one_head(fb, j, states[src_index, j], reads[tgt_index, j], p, q)
+    src_pos = torch.tensor(nodes["pos"].to_numpy())[src_ids]
+    tgt_pos = torch.tensor(nodes["pos"].to_numpy())[tgt_ids]
+    for j in range(L):  # per unique source and target, then one dot product per edge and head
+        values = _values(fb, j, states[:, j], src_pos)           # [S, H, dh]
+        outputs = _outputs(fb, j, reads[:, j], tgt_pos)          # [T, H, dh]
+        pattern = fb.layers[j]["patternT"]                        # [H, Pk, Pq]
+        if len(tgt_ids) * len(src_ids) <= DENSE:  # every target-source pair by matmul
+            for h in range(heads.shape[2]):
+                dots = outputs[:, h] @ values[:, h].T
+                heads[:, j, h] = pattern[h, p, q] * dots[tgt_index, src_index]
+            continue
+        for c in range(0, len(t_rows), CHUNK):
+            e = slice(c, c + CHUNK)
+            dots = (values[src_index[e]] * outputs[tgt_index[e]]).sum(-1)   # [chunk, H]
+            heads[e, j] = pattern[:, p[e], q[e]].T * dots
     edge = graph.adjacency[t_rows, s_rows].to(dtype)
     remainder = edge - direct - heads.sum((1, 2))
     table = _table(graph, t_rows, s_rows, edge, direct, heads, remainder, top)
@@ -312,27 +332,28 @@ def _skip_backward(fb: FrozenBackward, l: int, g: torch.Tensor, pos: torch.Tenso
     return y
 
 
-def _one_head(fb: FrozenBackward, j: int, x: torch.Tensor, g: torch.Tensor, p: torch.Tensor,
-              q: torch.Tensor) -> torch.Tensor:
-    """``[E, H]``: per edge, the part through exactly head ``(j, h)``, for source states
-    ``x [E, d]`` entering layer ``j`` at key ``p`` and target reads ``g [E, d]`` at the
-    output of attention ``j`` at query ``q``."""
+def _values(fb: FrozenBackward, j: int, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``[S, H, dh]``: what head ``h`` of layer ``j`` reads from source states ``x [S, d]``
+    entering the layer at key positions ``p`` (frozen pre-attention norm, then ``W_V``)."""
     layer = fb.layers[j]
     a = x - x.mean(-1, keepdim=True) if fb.center else x
     a = a * layer["ln1"][p]
+    H, n_kv = layer["patternT"].shape[0], layer["n_kv"]
+    dh = layer["W_OT"].shape[1] // H
+    v = (a @ layer["W_VT"].T).view(len(x), n_kv, dh)                # [S, n_kv, dh]
+    return v[:, torch.arange(H) * n_kv // H]                        # each head's kv group
+
+
+def _outputs(fb: FrozenBackward, j: int, g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``[T, H, dh]``: target reads ``g [T, d]`` at the output of attention ``j`` at query
+    positions ``q``, brought back through the frozen post-attention norm and ``W_O`` of
+    each head."""
+    layer = fb.layers[j]
     if layer["ln1_post"] is not None:  # the post-attention norm at the query, transposed
         g = g * layer["ln1_post"][q]
         g = g - g.mean(-1, keepdim=True) if fb.center else g
-    pattern = layer["patternT"]  # [H, Pk, Pq]
-    H, n_kv = pattern.shape[0], layer["n_kv"]
-    dh = layer["W_OT"].shape[1] // H
-    out = torch.zeros(len(x), H, dtype=x.dtype)
-    for h in range(H):
-        kv = h * n_kv // H
-        v = a @ layer["W_VT"][kv * dh:(kv + 1) * dh].T              # [E, dh]
-        o = g @ layer["W_OT"][:, h * dh:(h + 1) * dh]               # [E, dh]
-        out[:, h] = pattern[h, p, q] * (v * o).sum(-1)
-    return out
+    H = layer["patternT"].shape[0]
+    return (g @ layer["W_OT"]).view(len(g), H, -1)
 
 
 def _table(graph: Graph, t_rows, s_rows, edge, direct, heads, remainder,

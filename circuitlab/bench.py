@@ -228,7 +228,8 @@ def run_tools(dtype: str, source) -> dict:
     out["explorer state of the pruned graph"] = _timed(lambda: ViewState(pruned, rm=rm))
     with tempfile.TemporaryDirectory() as tmp:
         out["to_html of the pruned graph"] = _timed(lambda: pruned.to_html(f"{tmp}/g.html", rm))
-    out["head loadings of every edge of the pruned graph"] = _timed(lambda: pruned.head_loadings(rm))
+    out["head loadings of every edge of the pruned graph (6 heads each)"] = _timed(
+        lambda: pruned.head_loadings(rm, top=6))
     out["QK table of one head (last layer, head 0, last query, first key)"] = _timed(
         lambda: rm.qk(prompt, rm.n_layers - 1, 0, -1, 0))
     return out
