@@ -205,19 +205,21 @@ def test_bad_targets():
 @pytest.mark.slow
 def test_targets_on_the_embedded_model(gemma):
     """The embedded model: a Texas feature's graph and the answer inside a completion are
-    exact (edges + constant = input); a completion that glues onto the prompt's last token is
+    exact (edges + constant = input, sampled edges = brute-force ablations); a completion that glues onto the prompt's last token is
     refused, naming the token that moved."""
     prompt = "Dallas is a city in the state of"
     (texas,) = [f for f in [Feature(*k) for k in _top_active(gemma, prompt)]]
     graph = circuitlab.attribute(gemma, prompt, targets=[texas], max_feature_nodes=200,
                                  progress=False, dtype=torch.float32)
     exact(graph)
+    check_edges_brute_force(gemma, graph, n_sources=4)
     answer = circuitlab.attribute(gemma, "The capital of Texas is", completion=" the city of Austin",
                                   explain=[" Austin"], max_feature_nodes=200, progress=False,
                                   dtype=torch.float32)
     (logit,) = answer.nodes[answer.nodes.kind == "logit"].itertuples()
     assert answer.token_strs[logit.pos + 1] == " Austin" and logit.pos < len(answer.tokens) - 1
     exact(answer)
+    check_edges_brute_force(gemma, answer, n_sources=4)
     with pytest.raises(CircuitlabError, match="changes how the prompt tokenizes: token"):
         circuitlab.attribute(gemma, "The capital of Texas is Aus", completion="tin", progress=False)
 
