@@ -105,7 +105,7 @@ def grid_data(state: ViewState) -> tuple[dict, dict]:
     codes = sum(g.codes[:, i].astype(np.uint32) << (3 * i) for i in range(len(g.node)))
     w = base.adjacency[g.targets, g.sources].numpy().astype("<f4")
     grid = {"node": g.node, "edge": g.edge, "default": g.default, "counts": g.counts.tolist(),
-            "scores": np.round(g.scores, 4).tolist(), "layouts": layouts}
+            "scores": np.round(g.scores, 6).tolist(), "layouts": layouts}
     edges = {"offsets": np.searchsorted(g.targets, np.arange(len(base.nodes) + 1)).tolist(),
              "src": b64(g.sources.astype("<u2" if len(base.nodes) < 2 ** 16 else "<u4")),
              "src_bytes": 2 if len(base.nodes) < 2 ** 16 else 4, "w": b64(w),
