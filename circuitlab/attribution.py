@@ -424,9 +424,11 @@ def _assemble(rm, trace, src, targets, logit_rows, stored: Rows, order, prompt, 
     zero = torch.zeros_like(trace.embed)
     x0, resid0 = rm.frozen_run(
         trace, lambda l, x: rm.decode(l, [None] * L, x), embed=zero)
-    directions = torch.stack([t.direction for t in targets]) if targets else torch.zeros(0, rm.d_model)
+    dev = trace.embed.device
+    directions = (torch.stack([t.direction for t in targets]) if targets
+                  else torch.zeros(0, rm.d_model, device=dev))
     bias = torch.tensor([t.bias for t in targets], device=directions.device)
-    at = torch.tensor([t.pos for t in targets], dtype=torch.long)
+    at = torch.tensor([t.pos for t in targets], dtype=torch.long, device=dev)
     inputs, constants = torch.zeros(n), torch.zeros(n)  # host: the Graph's
     with torch.no_grad():
         inputs[:K] = _feature_inputs(rm, src, kept, trace.mlp_in)
