@@ -36,7 +36,7 @@ def node_name(row: dict, labels: dict, examples: Examples | None = None) -> str:
             "error": f"Error L{row['layer']}",
             "embedding": f"Emb {visible(str(row['token']))}",
             "logit": f"Logit {visible(str(row['token']))}",
-            "direction": f"Direction {visible(str(row['token']))}"}[row["kind"]]
+            "direction": f"Direction {row['token']}"}[row["kind"]]
 
 
 def place(kind: str, layer: int) -> str:

@@ -137,7 +137,7 @@ function circuitlabViewer(root, data, bridge) {
     for (var r = 0; r < n; r++) if (shown[r] && N.kind[r] === "feature") feats.push(r);
     feats.sort(function (a, b) { return N.influence[b] - N.influence[a]; });
     var text = feats.slice(0, data.n_text);
-    for (r = 0; r < n; r++) if (shown[r] && N.kind[r] === "logit") text.push(r);
+    for (r = 0; r < n; r++) if (shown[r] && (N.kind[r] === "logit" || (N.target[r] && text.indexOf(r) < 0))) text.push(r);
     var nLogit = 0;  // logits sit side by side: their tokens alternate above and below
     var where = text.map(function (r) { return N.kind[r] === "logit" && nLogit++ % 2 ? "bottom center" : "top center"; });
     out.push({ type: "scatter", mode: "text", hoverinfo: "skip", name: "labels", textposition: where,
