@@ -226,11 +226,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-layer", action="store_true",
                    help="also the CE increase of splicing each layer alone (slower)")
 
-    p = command("quantize", "quantize", "store a folder of SAE-Lens transcoders in 8 bits: "
+    p = command("quantize", "quantize", "store a folder of transcoders in 8 bits: "
                 "8-bit float matrices with one float32 scale per feature, half the bytes of bfloat16 "
                 "(circuitlab.load reads both)")
     p.add_argument("transcoders", help="folder of SAE-Lens transcoders (layer_XX/cfg.json and "
-                   "sae_weights.safetensors), e.g. what `circuitlab train` writes")
+                   "sae_weights.safetensors) or a cross-layer transcoder's folder, e.g. what "
+                   "`circuitlab train` (or `train --clt`) writes")
     p.add_argument("--out", required=True, help="new folder for the 8-bit transcoders")
 
     p = command("cards", "cards", "precompute feature cards and automatic labels over held-out text")

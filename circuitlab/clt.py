@@ -27,6 +27,10 @@ extension of the layout) the features of ``s`` write into layers ``s .. s + w - 
 ``W_dec_{s}`` holds ``min(w, L - s)`` of them; ``decoders`` pads the rest with zeros, so
 everything downstream sees the full layout.
 
+A CLT saved with ``eight_bit=True`` (``circuitlab quantize``) stores its matrices as 8-bit
+floats with float32 scales (``circuitlab.float8``; circuitlab's extension too); loading
+multiplies them back into float32.
+
 With ``lazy=True`` the decoders stay on disk and are read (memory-mapped) when used; each
 read first checks that its file is still the one loaded (``fingerprint``), so a folder replaced
 meanwhile never pairs the encoders in memory with another CLT's decoders.
@@ -48,6 +52,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import float8
 from .errors import CircuitlabError
 from .files import atomic_dir, atomic_file
 
@@ -151,7 +156,7 @@ class CrossLayerTranscoder(torch.nn.Module):
         file = self.lazy_folder / f"W_dec_{source}.safetensors"
         self._check_unchanged(source, file)
         with open_weights(file, self.b_enc.device) as f:
-            W = f.get_tensor(f"W_dec_{source}")
+            W = float8.read(f, f"W_dec_{source}")
         return check_finite(W, f"W_dec_{source}", file).to(self.b_enc.dtype)
 
     def keep_on_disk(self, folder: Path) -> None:
@@ -188,8 +193,19 @@ class CrossLayerTranscoder(torch.nn.Module):
 
     # ------------------------------------------------------------------ files
 
-    def save(self, folder) -> Path:
-        """Write the CLT to ``folder`` (atomically) in the format of the module docstring."""
+    def save(self, folder, eight_bit: bool = False) -> Path:
+        """Write the CLT to ``folder`` (atomically) in the format of the module docstring;
+        with ``eight_bit``, its matrices in ``float8``'s layout (one scale per feature for
+        ``W_enc``, per feature and target layer for ``W_dec``, per row for ``W_skip``)."""
+        def write(file, tensors):
+            tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            if eight_bit:
+                tensors = {k: w for n, v in tensors.items()
+                           for k, w in (float8.encode(n, v, axis=-1) if v.ndim >= 2
+                                        else {n: v.float()}).items()}
+            with atomic_file(file) as out:
+                save_file(tensors, out, metadata=float8.FORMAT if eight_bit else None)
+
         with atomic_dir(folder) as tmp:
             config = dict(model_kind=MODEL_KIND, model_name=self.model_name,
                           feature_input_hook=self.hook_in, feature_output_hook=self.hook_out,
@@ -204,10 +220,8 @@ class CrossLayerTranscoder(torch.nn.Module):
                     enc[f"threshold_{s}"] = self.threshold[s]
                 if self.W_skip is not None:
                     enc[f"W_skip_{s}"] = self.W_skip[s].T
-                with atomic_file(tmp / f"W_enc_{s}.safetensors") as file:
-                    save_file({k: v.detach().contiguous().cpu() for k, v in enc.items()}, file)
-                with atomic_file(tmp / f"W_dec_{s}.safetensors") as file:
-                    save_file({f"W_dec_{s}": self.stored_decoders(s).detach().contiguous().cpu()}, file)
+                write(tmp / f"W_enc_{s}.safetensors", enc)
+                write(tmp / f"W_dec_{s}.safetensors", {f"W_dec_{s}": self.stored_decoders(s)})
         return Path(folder)
 
 
@@ -366,7 +380,7 @@ def _read_encoders(folder: Path, s: int, device) -> dict[str, torch.Tensor]:
         if missing:
             raise CircuitlabError(f"{file} lacks {missing} (it holds {sorted(keys)}); every "
                                   f"layer's W_enc file holds W_enc_{s}, b_enc_{s} and b_dec_{s}.")
-        return {name: check_finite(f.get_tensor(f"{name}_{s}"), f"{name}_{s}", file)
+        return {name: check_finite(float8.read(f, f"{name}_{s}"), f"{name}_{s}", file)
                 for name in REQUIRED + OPTIONAL if f"{name}_{s}" in keys}
 
 
@@ -420,4 +434,4 @@ def _read_decoders(clt: CrossLayerTranscoder, file: Path, s: int, device,
         want = (clt.d_sae, clt.n_out(s), clt.d_model)
         if shape != want:
             raise CircuitlabError(f"{file} holds W_dec_{s} of shape {shape}; expected {want}.")
-        return None if lazy else check_finite(f.get_tensor(f"W_dec_{s}"), f"W_dec_{s}", file)
+        return None if lazy else check_finite(float8.read(f, f"W_dec_{s}"), f"W_dec_{s}", file)

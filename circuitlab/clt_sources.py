@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from . import clt as clt_format
 from .errors import CircuitlabError
-from .files import atomic_dir, cache_dir
+from .files import atomic_dir, cache_dir, verify_manifest
+from .quantize import manifest_fix
 from .hooks import MLP_IN_HOOKS, MLP_OUT_HOOKS, RESID_MID_HOOKS
 from .presets import CLT_PRESETS
 
@@ -82,6 +83,9 @@ class CltSource:
             CircuitlabError: for a missing, inconsistent or unreadable file, naming it.
         """
         if self.kind == "folder":
+            if self.folder is not None and (self.folder / "manifest.json").exists():
+                verify_manifest(self.folder, f"the cross-layer transcoder in {self.folder}",
+                                manifest_fix(self.folder))
             folder = self.folder or _snapshot(self.repo, ["*.safetensors"])
             return clt_format.load(folder, device=device, dtype=dtype, lazy=lazy,
                                    config=self.settings)

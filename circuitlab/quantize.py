@@ -4,22 +4,23 @@ A folder of SAE-Lens transcoders (``layer_XX/cfg.json`` and ``sae_weights.safete
 an 8-bit twin with the same ``cfg.json`` files and, in place of each weights file,
 ``sae_weights_float8.safetensors``:
 
-* every matrix ``M`` (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``W_skip [d_out,
-  d_in]``) is stored as ``M`` in 8-bit floating point (``F8_E4M3``: 4 exponent and 3
-  mantissa bits, at most 448; torch's ``float8_e4m3fn``) and ``M_scale`` (float32): one
-  scale per feature for the encoder (shape ``[1, d_sae]``) and one per row for the others
-  (``[rows, 1]``). The weight is ``M * M_scale``; each scale is its slice's largest
-  magnitude / 448, and values are rounded to the nearest 8-bit float;
+* every matrix (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``W_skip [d_out,
+  d_in]``) is stored in ``float8``'s layout: 8-bit floats and float32 scales, one scale per
+  feature for the encoder (shape ``[1, d_sae]``) and one per row for the others
+  (``[rows, 1]``);
 * vectors (``b_enc``, ``b_dec``, ``threshold``) are stored as float32, unchanged;
-* the file's metadata holds ``{"format": "circuitlab-float8", "version": "1"}``.
+* the file's metadata holds ``float8.FORMAT``.
 
-A floating-point format keeps every weight to within about 6% of its own size (half a step
-of a 3-bit mantissa), small ones included. Measured on the bundle, evenly spaced int8 steps
-sized per feature changed its matrices less (in norm), yet cost about 0.1 nat of spliced-in
-loss, where float8 costs about 0.01 (``data/README.md``).
+A cross-layer transcoder's folder (``circuitlab.clt``) has an 8-bit twin in its own layout:
+the same file names, each matrix 8-bit with scales per feature (``W_enc_<s>``), per feature
+and target layer (``W_dec_<s>``) and per row (``W_skip_<s>``).
+
+Measured on the bundle, evenly spaced int8 steps sized per feature changed its matrices
+less (in norm), yet cost about 0.1 nat of spliced-in loss, where float8 costs about 0.01
+(``data/README.md``).
 
 Any safetensors reader with 8-bit floats (torch's, for one) opens these files.
-``circuitlab.load`` reads both kinds of folder, and ``circuitlab quantize SRC --out DST``
+``circuitlab.load`` reads every kind of folder, and ``circuitlab quantize SRC --out DST``
 (``quantize_folder``) writes the 8-bit twin of a folder, with a sha256 manifest. A layer
 folder holding both weights files is refused (which one is meant cannot be known), and so
 are weights with NaN or infinite values.
@@ -39,6 +40,8 @@ from sae_lens.util import str_to_dtype
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from . import clt as clt_format
+from . import float8
 from .clt import check_all_finite, read_tensors, unreadable
 from .errors import CircuitlabError
 from .files import atomic_dir, sha256, verify_manifest
@@ -46,44 +49,20 @@ from .files import atomic_dir, sha256, verify_manifest
 #: The weights file of an 8-bit layer folder (SAE-Lens' own is ``sae_weights.safetensors``).
 FLOAT8_WEIGHTS = "sae_weights_float8.safetensors"
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"
-FORMAT = {"format": "circuitlab-float8", "version": "1"}
 #: The SAE-Lens architectures circuitlab reads from a layer folder's ``cfg.json``.
 TRANSCODER_ARCHITECTURES = tuple(sorted(a for a in SAE_CLASS_REGISTRY if "transcoder" in a))
-FLOAT8 = torch.float8_e4m3fn
-FLOAT8_MAX = 448.0
 
 
 def quantize_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An SAE-Lens state dict in this module's 8-bit layout (float8 matrices with scales)."""
     out = {}
     for name, value in state.items():
-        value = value.detach().float().cpu()
         if value.ndim != 2:
-            out[name] = value.contiguous()
+            out[name] = value.detach().float().cpu().contiguous()
             continue
-        axis = 0 if name == "W_enc" else 1  # the scale runs along the feature axis
-        scale = value.abs().amax(dim=axis, keepdim=True) / FLOAT8_MAX
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        out[name] = (value / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8).contiguous()
-        out[f"{name}_scale"] = scale.contiguous()
+        # the scale runs along the feature axis
+        out.update(float8.encode(name, value, axis=0 if name == "W_enc" else 1))
     return out
-
-
-def dequantize_tensors(tensors: dict[str, torch.Tensor],
-                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The state dict an 8-bit file holds (``quantize_tensors``'s inverse up to rounding)."""
-    state = {}
-    for name, value in tensors.items():
-        if name.endswith("_scale") and name[:-6] in tensors:
-            continue
-        if value.dtype == FLOAT8:
-            if f"{name}_scale" not in tensors:
-                raise CircuitlabError(f"The 8-bit matrix {name} has no {name}_scale tensor; "
-                                      "the file is not in circuitlab's float8 layout. Re-create "
-                                      "it with `circuitlab quantize`.")
-            value = value.float() * tensors[f"{name}_scale"].float()
-        state[name] = value.to(dtype)
-    return state
 
 
 def is_float8(folder: Path) -> bool:
@@ -116,7 +95,7 @@ def float8_disk_loader(path, device: str = "cpu", cfg_overrides: dict | None = N
     layer folder: its ``cfg.json`` and dequantized weights, in the cfg's dtype."""
     cfg = get_sae_lens_config_from_disk(path, device, cfg_overrides)
     tensors = read_tensors(Path(path) / FLOAT8_WEIGHTS, device)
-    return cfg, dequantize_tensors(tensors, str_to_dtype(cfg.get("dtype", "float32")))
+    return cfg, float8.decode(tensors, str_to_dtype(cfg.get("dtype", "float32")))
 
 
 def load_sae(folder: Path, device: str = "cpu") -> SAE:
@@ -143,7 +122,8 @@ def load_sae(folder: Path, device: str = "cpu") -> SAE:
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The float32 state dict of one layer folder, 8-bit or SAE-Lens' own (CPU), checked
     finite."""
-    return check_all_finite(dequantize_tensors(read_tensors(weights_file(folder))), folder)
+    return check_all_finite(float8.decode(read_tensors(weights_file(folder)), torch.float32),
+                            folder)
 
 
 def _layer_folders(src: Path) -> list[Path]:
@@ -236,7 +216,7 @@ def _check_out(src: Path, out: Path) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     try:
-        ours = json.loads((out / "manifest.json").read_text())["storage"]["format"] == FORMAT["format"]
+        ours = json.loads((out / "manifest.json").read_text())["storage"]["format"] == float8.FORMAT["format"]
     except (OSError, ValueError, KeyError, TypeError):
         ours = False
     if not ours:
@@ -245,7 +225,8 @@ def _check_out(src: Path, out: Path) -> None:
 
 
 def quantize_folder(src, out, command: str | None = None) -> dict:
-    """Write the 8-bit twin of a folder of SAE-Lens transcoders.
+    """Write the 8-bit twin of a folder of SAE-Lens transcoders, or of a cross-layer
+    transcoder's folder (``_quantize_clt``).
 
     ``out`` gets each layer's ``cfg.json`` and ``FLOAT8_WEIGHTS``, and a ``manifest.json``
     holding their sha256, the source manifest's record (training commands, tokens, times)
@@ -270,11 +251,13 @@ def quantize_folder(src, out, command: str | None = None) -> dict:
     if not src.is_dir():
         raise CircuitlabError(f"{src} is not a folder of transcoders: `circuitlab quantize` takes "
                               "the folder of layer folders (layer_XX/cfg.json and "
-                              f"{SAE_LENS_WEIGHTS}).")
+                              f"{SAE_LENS_WEIGHTS}) or a cross-layer transcoder's folder.")
     manifest = {}
     if (src / "manifest.json").exists():
         verify_manifest(src, f"the transcoders in {src}", manifest_fix(src))
         manifest = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+    if clt_format.is_clt_folder(src):
+        return _quantize_clt(src, out, manifest, command)
     folders = _layer_folders(src)
     _check_out(src, out)
     report, digests = {}, {}
@@ -283,10 +266,10 @@ def quantize_folder(src, out, command: str | None = None) -> dict:
             state = read_weights(folder)
             _check_matrices(folder, state)
             tensors = quantize_tensors(state)
-            back = dequantize_tensors(tensors)
+            back = float8.decode(tensors)
             (tmp / folder.name).mkdir()
             (tmp / folder.name / "cfg.json").write_bytes((folder / "cfg.json").read_bytes())
-            save_file(tensors, tmp / folder.name / FLOAT8_WEIGHTS, metadata=FORMAT)
+            save_file(tensors, tmp / folder.name / FLOAT8_WEIGHTS, metadata=float8.FORMAT)
             for f in ("cfg.json", FLOAT8_WEIGHTS):
                 digests[f"{folder.name}/{f}"] = sha256(tmp / folder.name / f)
             report[folder.name] = {
@@ -294,12 +277,46 @@ def quantize_folder(src, out, command: str | None = None) -> dict:
                 "bytes_after": (tmp / folder.name / FLOAT8_WEIGHTS).stat().st_size,
                 "relative_error": max(float((back[n] - v).norm() / v.norm().clamp_min(1e-30))
                                       for n, v in state.items() if v.ndim == 2)}
-        record = {k: v for k, v in manifest.items() if k != "sha256"}
-        record["storage"] = {**FORMAT, "source": str(src), "command": command,
-                             "source_manifest_sha256": sha256(src / "manifest.json")
-                             if manifest else None}
-        (tmp / "manifest.json").write_text(json.dumps({"sha256": digests, **record}, indent=1),
-                                           encoding="utf-8")
+        _write_manifest(tmp, src, manifest, digests, command)
+    return report
+
+
+def _write_manifest(tmp: Path, src: Path, manifest: dict, digests: dict, command) -> None:
+    """The 8-bit folder's ``manifest.json``: its files' sha256 and the source's record."""
+    record = {k: v for k, v in manifest.items() if k != "sha256"}
+    record["storage"] = {**float8.FORMAT, "source": str(src), "command": command,
+                         "source_manifest_sha256": sha256(src / "manifest.json")
+                         if manifest else None}
+    (tmp / "manifest.json").write_text(json.dumps({"sha256": digests, **record}, indent=1),
+                                       encoding="utf-8")
+
+
+def _quantize_clt(src: Path, out: Path, manifest: dict, command) -> dict:
+    """``quantize_folder`` for a cross-layer transcoder: the same folder layout, each
+    ``W_enc_<s>`` and ``W_dec_<s>`` file with 8-bit matrices (``CrossLayerTranscoder.save``
+    with ``eight_bit``). Reported per source layer (``layer_XX``: both files)."""
+    clt = clt_format.load(src)
+    _check_out(src, out)
+    report, digests = {}, {}
+    with atomic_dir(out, "nothing was written.") as tmp:
+        clt.save(tmp / ".clt", eight_bit=True)
+        for f in sorted((tmp / ".clt").iterdir()):
+            os.replace(f, tmp / f.name)
+        (tmp / ".clt").rmdir()
+        back = clt_format.load(tmp, dtype=torch.float32)
+        for name in sorted(p.name for p in tmp.iterdir()):
+            digests[name] = sha256(tmp / name)
+        for s in range(clt.n_layers):
+            files = (f"W_enc_{s}.safetensors", f"W_dec_{s}.safetensors")
+            pairs = [(back.W_enc[s], clt.W_enc[s]), (back.W_dec[s], clt.W_dec[s])]
+            if clt.W_skip is not None:
+                pairs.append((back.W_skip[s], clt.W_skip[s]))
+            report[f"layer_{s:02d}"] = {
+                "bytes_before": sum((src / f).stat().st_size for f in files),
+                "bytes_after": sum((tmp / f).stat().st_size for f in files),
+                "relative_error": max(float((a - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+                                      for a, b in pairs)}
+        _write_manifest(tmp, src, manifest, digests, command)
     return report
 
 

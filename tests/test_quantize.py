@@ -126,3 +126,52 @@ def test_bad_input_leaves_user_files_alone(model, tmp_path, capsys):
     with pytest.raises(CircuitlabError, match="fails its checksum"):
         quantize_folder(src, tmp_path / "q9")
     assert not (tmp_path / "q9").exists()
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_clt_folder_in_8_bits(model, window, tmp_path, capsys):
+    """`circuitlab quantize` on a cross-layer transcoder: the same layout with 8-bit matrices
+    (one scale per feature, per feature and target layer, per skip row), each weight within
+    float8's rounding of its slice's largest one; the thresholds and biases exact; skips and
+    the write window kept; the manifest checked on load, eager and lazy alike."""
+    from conftest import tiny_clt
+
+    from circuitlab import clt as clt_module
+    from circuitlab.replacement import ReplacementModel
+
+    clt = tiny_clt(model, "jumprelu", skip=True, window=window)
+    src = clt.save(tmp_path / "clt")
+    files = sorted(p.name for p in src.iterdir())
+    (src / "manifest.json").write_text(json.dumps(
+        {"sha256": {f: sha256(src / f) for f in files}, "tokens_seen": 99}))
+    out = tmp_path / "clt8"
+    assert cli.main(["quantize", str(src), "--out", str(out)]) == 0
+    assert "Wrote 3 layers" in capsys.readouterr().out
+    verify_manifest(out, "8-bit CLT", "requantize")
+    assert json.loads((out / "manifest.json").read_text())["tokens_seen"] == 99
+    assert sum(f.stat().st_size for f in out.glob("W_*")) < 0.4 * sum(
+        f.stat().st_size for f in src.glob("W_*"))
+    with safe_open(out / "W_dec_0.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "circuitlab-float8", "version": "1"}
+        assert f.get_slice("W_dec_0").get_dtype() == "F8_E4M3"
+    for lazy in (False, True):
+        loaded = circuitlab.load(model, out, lazy=lazy).clt if lazy else clt_module.load(out)
+        assert loaded.window == clt.window and loaded.W_skip is not None
+        for s in range(3):
+            pairs = [(loaded.W_enc[s].T, clt.W_enc[s].T), (loaded.decoders(s), clt.decoders(s)),
+                     (loaded.W_skip[s].T, clt.W_skip[s].T)]
+            for got, want in pairs:  # per slice along the last axis: within 1/16 of its max
+                step = want.abs().amax(-1, keepdim=True) / 16
+                assert ((got - want).abs() <= step + 1e-12).all()
+                assert not torch.equal(got, want)  # really rounded
+            assert torch.equal(loaded.threshold[s], clt.threshold[s])
+            assert torch.equal(loaded.b_enc[s], clt.b_enc[s])
+    rm8 = ReplacementModel(model, clt_module.load(out), name="tiny")
+    rm = ReplacementModel(model, clt, name="tiny")
+    tokens = rm.tokenize("the cat sat on the mat.")
+    # the replacement without error terms: close, not equal
+    a, b = rm.forward(tokens), rm8.forward(tokens)
+    assert torch.allclose(a, b, atol=0.05 * float(a.abs().max()))
+    (out / "W_dec_1.safetensors").write_bytes(b"x" + (out / "W_dec_1.safetensors").read_bytes()[1:])
+    with pytest.raises(CircuitlabError, match="W_dec_1.safetensors fails its checksum"):
+        circuitlab.load(model, out)
