@@ -303,3 +303,30 @@ def test_per_layer_transcoders_reading_the_residual_are_exact():
     tcs[0].cfg.metadata.hook_name = "blocks.0.hook_mlp_in"
     with pytest.raises(CircuitlabError, match="one kind"):
         ReplacementModel(m, tcs)
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_silent_tokens_and_skip_weights_survive_a_round_trip(tmp_path, eight_bit):
+    """Two regressions other CLT tools have had: on a token where no feature fires the
+    replacement is the skip path plus ``b_dec`` exactly, and an affine (skip) CLT keeps its
+    skip weights through save and load (8-bit: to float8's rounding)."""
+    rm = clt_rm(("jumprelu", True))
+    loaded = clt_module.load(rm.clt.save(tmp_path / "clt", eight_bit=eight_bit))
+    assert loaded.W_skip is not None
+    for s in range(rm.clt.n_layers):
+        want = rm.clt.W_skip[s]
+        if eight_bit:
+            assert torch.allclose(loaded.W_skip[s], want, atol=float(want.abs().max()) / 16)
+            assert not torch.equal(loaded.W_skip[s], want)
+        else:
+            assert torch.equal(loaded.W_skip[s], want)
+    with torch.no_grad():
+        loaded.b_enc.fill_(-1e4)  # nothing fires anywhere
+    silent = ReplacementModel(rm.model, loaded, name="tiny")
+    trace = silent.run(silent.tokenize(PROMPT))
+    assert all(float(silent.encode(t, trace.mlp_in[t]).abs().max()) == 0 for t in range(3))
+    recon = trace.mlp_out - trace.errors
+    for t in range(3):
+        want = loaded.b_dec[t] + trace.mlp_in[t] @ loaded.W_skip[t].T
+        assert torch.allclose(recon[t], want, atol=1e-5)
+        assert float(recon[t].abs().max()) > 0
