@@ -15,6 +15,7 @@ transcoders, or random JumpReLU skip transcoders of the same shape (calibrated t
 
     python -m circuitlab.bench [--dtype auto|float32|bfloat16] [--random | --transcoders SOURCE]
     python -m circuitlab.bench --memory
+    python -m circuitlab.bench --training
 """
 
 from __future__ import annotations
@@ -235,6 +236,36 @@ def run_tools(dtype: str, source) -> dict:
     return out
 
 
+def run_training(steps: int = 3) -> list[dict]:
+    """Seconds of one CLT training step (the median of ``steps`` after a warm-up) at the shape
+    of the default CLT run on the embedded model: 18 layers, d_model 640, 1536 features per
+    layer writing into 6 layers, k 32, 4,096 tokens a step, random activations."""
+    from .train.clt_trainer import TopKCLT
+
+    L, d, width, window, k, batch = 18, 640, 1536, 6, 32, 4096
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(L, batch, d, generator=g), torch.randn(L, batch, d, generator=g)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        state = TopKCLT.init(x[:, :1024], y[:, :1024], width, k, 1e-3, seed=0, window=window)
+        times = []
+        for _ in range(steps + 1):
+            times.append(_timed(lambda: state.step(x, y, k, 64, 50_000, 1e-3, dtype)))
+        rows.append({"dtype": str(dtype).split(".")[-1],
+                     "decoder products": "sparse" if dtype == torch.float32 else "dense",
+                     "seconds per step": round(sorted(times[1:])[len(times[1:]) // 2], 2),
+                     "tokens/s": round(batch / sorted(times[1:])[len(times[1:]) // 2])})
+        del state
+    return rows
+
+
+def _print_training() -> None:
+    print("| CLT training step (18 layers x 1536 features, window 6, k 32, 4,096 tokens) "
+          "| decoder products | seconds per step | tokens/s |\n|---|---|---|---|")
+    for r in run_training():
+        print(f"| {r['dtype']} | {r['decoder products']} | {r['seconds per step']} | {r['tokens/s']} |")
+
+
 def _model(source):
     """``source``: ``True`` for random transcoders, ``False`` for the bundle, or a source for ``load``."""
     if source is not True:
@@ -256,6 +287,8 @@ def main(argv=None) -> None:
     parser.add_argument("--memory", action="store_true",
                         help="measured peak memory against the estimates, instead")
     parser.add_argument("--memory-one", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--training", action="store_true",
+                        help="only the cross-layer transcoder training step")
     args = parser.parse_args(argv)
     source = args.random or args.transcoders or not (
         BUNDLE_DIR / DEFAULT_BUNDLE["gemma-3-270m"]).exists()
@@ -275,6 +308,11 @@ def main(argv=None) -> None:
     if args.memory:
         run_memory(source, flags + ["--dtype", args.dtype])
         return
+    if args.training:
+        print(f"machine: {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+        _print_training()
+        return
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, dtype {args.dtype}")
     print("| tokens | max_feature_nodes | active features | feature nodes | edges | rows recomputed "
@@ -293,6 +331,8 @@ def main(argv=None) -> None:
     print("| on a 10-token prompt | seconds |\n|---|---|")
     for name, seconds in tools.items():
         print(f"| {name} | {seconds} |")
+    print()
+    _print_training()
 
 
 if __name__ == "__main__":
