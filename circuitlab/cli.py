@@ -200,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip rebuilding the model from the pack to compare it with the cache")
 
     p = command("finetune", "finetune", "fine-tune transcoder decoders on the spliced-in KL")
-    p.add_argument("transcoders", help="folder of layer_XX/ SAE-Lens transcoders")
+    p.add_argument("transcoders", help="folder of layer_XX/ SAE-Lens transcoders, or a "
+                   "cross-layer transcoder's folder (what `train --clt` writes)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--corpus", default=None, help=corpus_help)
     model_options(p)

@@ -4,14 +4,17 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import SMALL, tiny_model
 from sae_lens import SAE
 from test_train import weights_sha
 
+from circuitlab.clt import is_clt_folder
+from circuitlab.clt import load as load_clt
 from circuitlab.errors import CircuitlabError
-from circuitlab.files import verify_manifest
+from circuitlab.files import sha256, verify_manifest
 from circuitlab.loading import load_transcoders
 from circuitlab.train import finetune
+from circuitlab.train.clt_trainer import train_clt
 from circuitlab.train.evaluate import evaluate_transcoders
 from circuitlab.train.finetune import finetune_transcoders
 
@@ -50,6 +53,53 @@ def test_finetune_lowers_the_kl_and_keeps_the_encoders(model, corpus, trained, h
     assert after.l0.tolist() == before.l0.tolist()
 
 
+@pytest.fixture(scope="module")
+def clt(model, corpus, tmp_path_factory):
+    """A CLT trained on ``corpus`` for 10k tokens, its features writing into 2 layers."""
+    return train_clt(model, corpus, tmp_path_factory.mktemp("clt") / "clt", tokens=10_000,
+                     window=2, **SMALL)
+
+
+def test_finetune_a_clt_lowers_the_kl_and_keeps_the_encoders(model, corpus, clt, heldout,
+                                                            tmp_path):
+    out = finetune_transcoders(model, clt, corpus, tmp_path / "ft", tokens=20_000, **FT)
+    verify_manifest(out, "fine-tuned CLT", "fine-tune again")
+    assert is_clt_folder(out) and (out / "checkpoint").is_dir()
+    manifest = json.loads((out / "manifest.json").read_text())
+    first = json.loads((clt / "manifest.json").read_text())
+    assert manifest["stopped"] == "tokens" and manifest["init_from"]["command"] == first["command"]
+    assert manifest["tokens_read"] == first["tokens_read"] + manifest["tokens_seen"]
+    old, new = load_clt(clt), load_clt(out)
+    assert new.window == old.window == 2 and new.activation == old.activation
+    for name in ("W_enc", "b_enc", "threshold"):  # every feature fires where it did
+        assert torch.equal(getattr(old, name), getattr(new, name))
+    for name in ("b_dec", "W_skip"):
+        assert not torch.equal(getattr(old, name), getattr(new, name))
+    for s in range(3):  # every decoder that is stored trains, and stays in its window
+        assert new.W_dec[s].shape == old.W_dec[s].shape
+        for t in range(old.W_dec[s].shape[1]):
+            assert not torch.equal(old.W_dec[s][:, t], new.W_dec[s][:, t]), (s, t)
+    before, after = (evaluate_transcoders(model, c, heldout, tokens=3_000, context=64)
+                     for c in (old, new))
+    assert after.attrs["kl"] < 0.85 * before.attrs["kl"]
+    assert (after.fvu < before.fvu + 0.05).all()
+    assert after.l0.tolist() == before.l0.tolist()
+
+
+def test_clt_decoders_decode_as_the_clt_does(clt):
+    # What fine-tuning trains is the CLT's own map: before a step, the trained parameters
+    # reconstruct every layer exactly as the loaded CLT does, cross-layer writes included.
+    c = load_clt(clt)
+    decoders = finetune._CLTDecoders(load_clt(clt))
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(2, 5, 32, generator=g) for _ in range(3)]
+    acts = [c.encode(s, x[s]) for s in range(3)]
+    assert all((a > 0).any() for a in acts)
+    for t in range(3):
+        torch.testing.assert_close(decoders.decode(t, acts, x[t]), c.decode(t, acts, x[t]),
+                                   rtol=0, atol=1e-6)
+
+
 def test_straight_through_rounding_is_what_gets_saved():
     w = torch.randn(8, 8, requires_grad=True)
     rounded = finetune.bf16_straight_through(w)
@@ -58,7 +108,13 @@ def test_straight_through_rounding_is_what_gets_saved():
     assert torch.equal(w.grad, torch.ones(8, 8))
 
 
-def test_finetune_resumes_exactly(model, corpus, trained, tmp_path, monkeypatch):
+def clt_sha(out):
+    return {p.name: sha256(p) for p in sorted(out.glob("W_*.safetensors"))}
+
+
+@pytest.mark.parametrize("kind", ["trained", "clt"])
+def test_finetune_resumes_exactly(model, corpus, kind, request, tmp_path, monkeypatch):
+    trained, weights = request.getfixturevalue(kind), {"trained": weights_sha, "clt": clt_sha}[kind]
     straight = finetune_transcoders(model, trained, corpus, tmp_path / "a", tokens=3_000, **FT)
     step, calls = finetune._Finetune.step, []
 
@@ -76,7 +132,7 @@ def test_finetune_resumes_exactly(model, corpus, trained, tmp_path, monkeypatch)
     counters = json.loads((tmp_path / "b" / "checkpoint" / "settings.json").read_text())
     assert counters["steps"] == 3
     resumed = finetune_transcoders(model, trained, corpus, tmp_path / "b", tokens=3_000, **FT)
-    assert weights_sha(resumed) == weights_sha(straight)
+    assert weights(resumed) == weights(straight) and weights(straight)
     with pytest.raises(CircuitlabError, match=r"other settings \(lr: checkpoint 0.01, now 0.1"):
         finetune_transcoders(model, trained, corpus, tmp_path / "b", tokens=6_000,
                              **{**FT, "lr": 1e-1})

@@ -45,9 +45,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -55,9 +53,9 @@ import torch.nn.functional as F
 
 from circuitlab.clt import CrossLayerTranscoder
 from circuitlab.errors import CircuitlabError
-from circuitlab.files import atomic_dir, sha256
 from circuitlab.precision import fast_bf16
 from circuitlab.train import CLT_K, CLT_WIDTH
+from circuitlab.train.export import export_clt
 from circuitlab.train.sparse import (Active, decode, gather_dot, jump_active,
                                      matching_thresholds, scatter_rows, topk_active)
 from circuitlab.train.topk import AUX_COEF, TopKTranscoders, ridge, scales
@@ -393,23 +391,13 @@ class _CLTRun(Run):
         (other entries, such as the checkpoint folder, are carried over)."""
         s, c = self.s, self.counters
         clt, stats = self.state.to_clt(*self.sample, s.k, s.model_name)
-        names = {"config.yaml", "manifest.json"} | {
-            f"W_{kind}_{l}.safetensors" for kind in ("enc", "dec") for l in range(s.n_layers)}
-        with atomic_dir(self.out_dir, "the previous export is intact.", carry_except=names) as tmp:
-            clt.save(tmp / ".clt")
-            for f in sorted((tmp / ".clt").iterdir()):
-                os.replace(f, tmp / f.name)
-            (tmp / ".clt").rmdir()
-            manifest = {
-                "sha256": {n: sha256(tmp / n) for n in sorted(names - {"manifest.json"})},
-                "command": self.command, "tokens_seen": c["tokens_seen"],
-                "tokens_read": c.get("tokens_read", 0), "steps": c["steps"],
-                "seconds": round(c["seconds"], 1),
-                "tokens_per_second": round(c["tokens_seen"] / max(c["seconds"], 1e-9), 1),
-                "stopped": self.stopped, "settings": dataclasses.asdict(s),
-                "calibration": {str(l): v for l, v in stats.items()}}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-
+        export_clt(clt, self.out_dir, {
+            "command": self.command, "tokens_seen": c["tokens_seen"],
+            "tokens_read": c.get("tokens_read", 0), "steps": c["steps"],
+            "seconds": round(c["seconds"], 1),
+            "tokens_per_second": round(c["tokens_seen"] / max(c["seconds"], 1e-9), 1),
+            "stopped": self.stopped, "settings": dataclasses.asdict(s),
+            "calibration": {str(l): v for l, v in stats.items()}})
 
 def train_clt(model, corpus, out_dir, *, width: int = CLT_WIDTH, k: int = CLT_K,
               tokens: int = 2_000_000, time_budget: float | None = None, context: int = 128,

@@ -6,16 +6,19 @@ tokens as the TopK selected ``f`` (per-feature quantile matching). Folders
 ``out_dir/layer_XX/`` hold ``cfg.json`` and ``sae_weights.safetensors`` (matrices in
 bfloat16, vectors in float32; SAE-Lens casts to the cfg's float32 on load), and
 ``out_dir/manifest.json`` lists their sha256; the whole set is swapped in at once.
+``export_clt`` does the same for a cross-layer transcoder's folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from sae_lens import SAE
 
+from circuitlab.clt import CrossLayerTranscoder
 from circuitlab.files import atomic_dir, sha256
 from circuitlab.train.sparse import Active, decode, jump_active, matching_thresholds
 from circuitlab.train.topk import TopKTranscoders
@@ -90,5 +93,21 @@ def export_layers(saes: dict[int, SAE], out_dir: Path, manifest: dict) -> None:
             save_transcoder(sae, folder)
             for f in sorted(folder.iterdir()):
                 files[f"{folder.name}/{f.name}"] = sha256(f)
+        (tmp / "manifest.json").write_text(json.dumps({"sha256": files, **manifest}, indent=1),
+                                           encoding="utf-8")
+
+
+def export_clt(clt: CrossLayerTranscoder, out_dir: Path, manifest: dict) -> None:
+    """Write ``clt`` to ``out_dir`` (``CrossLayerTranscoder.save``) and ``manifest`` (plus the
+    files' sha256 under ``"sha256"``) to ``out_dir/manifest.json``, all swapped in at once, as
+    ``export_layers`` does. Other entries of ``out_dir`` (the checkpoint folder) are kept."""
+    names = {"config.yaml", "manifest.json"} | {
+        f"W_{kind}_{l}.safetensors" for kind in ("enc", "dec") for l in range(clt.n_layers)}
+    with atomic_dir(out_dir, "the previous export is intact.", carry_except=names) as tmp:
+        clt.save(tmp / ".clt")
+        for f in sorted((tmp / ".clt").iterdir()):
+            os.replace(f, tmp / f.name)
+        (tmp / ".clt").rmdir()
+        files = {n: sha256(tmp / n) for n in sorted(names - {"manifest.json"})}
         (tmp / "manifest.json").write_text(json.dumps({"sha256": files, **manifest}, indent=1),
                                            encoding="utf-8")

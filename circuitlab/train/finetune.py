@@ -16,10 +16,17 @@ the decoders of all layers at once on::
 
 Only ``W_dec``, ``W_skip`` and ``b_dec`` train. Encoders and thresholds stay as they are,
 so every feature fires exactly where it did (its feature-card examples still hold) and
-only what it writes moves. Matrices are saved in bfloat16, and the forward pass already
-uses their bfloat16 roundings (straight-through gradients into float32 master weights),
-so the export is exactly the model that was trained. This is the decoder-only variant of
-end-to-end SAE training (Braun et al., 2024), run briefly after layer-wise training.
+only what it writes moves. This is the decoder-only variant of end-to-end SAE training
+(Braun et al., 2024), run briefly after layer-wise training.
+
+Two kinds of folder are fine-tuned:
+
+- one SAE-Lens transcoder per layer (``layer_XX/``): matrices are saved in bfloat16, and
+  the forward pass already uses their bfloat16 roundings (straight-through gradients into
+  float32 master weights), so the export is exactly the model that was trained;
+- a cross-layer transcoder (``circuitlab.clt``): every decoder ``W_dec[s][:, t - s]`` from
+  layer ``s``'s features into layer ``t`` trains, with ``b_dec`` and ``W_skip``; it is saved in
+  float32, as trained.
 
 Example::
 
@@ -44,14 +51,17 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
+from circuitlab import clt_sources
+from circuitlab.clt import CrossLayerTranscoder, is_clt_folder
 from circuitlab.errors import CircuitlabError
 from circuitlab.loading import load_transcoders
-from circuitlab.hooks import layer_of, mlp_hooks
+from circuitlab.hooks import layer_of, mlp_hooks, reads_of
 from circuitlab.presets import is_pack
+from circuitlab.splice import check_splice
 from circuitlab.train.checkpoints import (CHECKPOINT_FILE, adam_tensors, load_checkpoint,
                                           restore_adam, save_checkpoint)
 from circuitlab.train.data import TokenRows
-from circuitlab.train.export import HISTORY, export_layers
+from circuitlab.train.export import HISTORY, export_clt, export_layers
 from circuitlab.train.schedule import Budgets, lr_at
 
 DECODER = ("W_dec", "W_skip", "b_dec")
@@ -95,12 +105,15 @@ def finetune_transcoders(
     progress: bool = True,
     command: str | None = None,
 ) -> Path:
-    """Fine-tune the decoders of one transcoder per layer on the spliced-in KL and the FVU.
+    """Fine-tune the decoders of a replacement model's transcoders on the spliced-in KL and
+    the FVU.
 
     Args:
         model: the HookedTransformer, on ``device`` (left unchanged).
         transcoders: a folder of ``layer_XX/`` SAE-Lens transcoders, one per layer of the
-            model (the bundle, a ``train_transcoders`` output, an earlier fine-tune).
+            model (the bundle, a ``train_transcoders`` output, an earlier fine-tune), or a
+            cross-layer transcoder's folder over all the model's layers (a ``train_clt``
+            output, 8-bit ones included; the fine-tuned one is written in float32).
         corpus: text for ``iter_documents`` (the train split of a built corpus). If the
             folder's ``manifest.json`` says how many tokens its training read from this
             corpus with this ``context``, fine-tuning reads on from there.
@@ -134,8 +147,15 @@ def finetune_transcoders(
             "next-token distribution the fine-tuning matches is not there. Fine-tune with the "
             "full model and a corpus (the default: circuitlab.load_model() and the built corpus).")
     folder = Path(transcoders).expanduser().resolve()
-    tcs = load_transcoders(folder, model.cfg.model_name, model.cfg.n_layers, device=device)
-    _check_args(model, tcs, folder, tokens, context, batch_rows, kl_positions, lr, fvu_coef)
+    if is_clt_folder(folder):
+        clt = clt_sources.resolve(folder, model.cfg.model_name).load(device=device,
+                                                                     dtype=torch.float32)
+        check_splice(model, clt)
+        decoders = _CLTDecoders(clt)
+    else:
+        decoders = _LayerDecoders(load_transcoders(folder, model.cfg.model_name,
+                                                   model.cfg.n_layers, device=device))
+    _check_args(model, decoders, folder, tokens, context, batch_rows, kl_positions, lr, fvu_coef)
     settings = FinetuneSettings(
         model_name=model.cfg.model_name, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
         init_from=str(folder), corpus=str(Path(corpus).expanduser().resolve()), context=context,
@@ -148,7 +168,7 @@ def finetune_transcoders(
         f"fvu_coef={fvu_coef}, seed={seed})")
     manifest = folder / "manifest.json"
     earlier = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    run = _Finetune(model, tcs, settings, out_dir, device, tokens, time_budget, command, earlier)
+    run = _Finetune(model, decoders, settings, out_dir, device, tokens, time_budget, command, earlier)
     ckpt = out_dir / "checkpoint"
     if resume and (ckpt / CHECKPOINT_FILE).exists():
         run.restore(*load_checkpoint(ckpt, settings))
@@ -158,17 +178,16 @@ def finetune_transcoders(
     return run.train(progress, checkpoint_every)
 
 
-def _check_args(model, tcs: list[SAE], folder: Path, tokens: int, context: int, batch_rows: int,
+def _check_args(model, decoders, folder: Path, tokens: int, context: int, batch_rows: int,
                 kl_positions: int, lr: float, fvu_coef: float) -> None:
     n, d = model.cfg.n_layers, model.cfg.d_model
     problems = []
-    if [layer_of(tc.cfg.metadata.hook_name) for tc in tcs] != list(range(n)):
-        problems.append(f"{folder} holds transcoders for layers {[layer_of(tc.cfg.metadata.hook_name) for tc in tcs]}, "
+    if decoders.layers != list(range(n)):
+        problems.append(f"{folder} holds transcoders for layers {decoders.layers}, "
                         f"not one for each of the model's {n} layers")
-    shapes = {(tc.cfg.d_in, tc.cfg.d_out) for tc in tcs}
-    if shapes - {(d, d)}:
-        problems.append(f"the transcoders map d_in, d_out = {sorted(shapes)}, the model's "
-                        f"d_model is {d}")
+    if decoders.shapes - {(d, d)}:
+        problems.append(f"the transcoders map d_in, d_out = {sorted(decoders.shapes)}, the "
+                        f"model's d_model is {d}")
     if tokens < 1:
         problems.append(f"tokens={tokens} must be >= 1")
     if not 2 <= context <= model.cfg.n_ctx:
@@ -188,6 +207,11 @@ def bf16_straight_through(w: torch.Tensor) -> torch.Tensor:
     return w + (w.to(torch.bfloat16).to(w.dtype) - w).detach()
 
 
+def _fvu(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error of ``pred`` over the variance of ``y [B, P, d]`` around its mean."""
+    return (pred - y).pow(2).sum() / (y - y.mean((0, 1))).pow(2).sum()
+
+
 @contextmanager
 def _frozen(model: HookedTransformer):
     """No gradients for the model's own parameters (restored afterwards)."""
@@ -200,29 +224,108 @@ def _frozen(model: HookedTransformer):
             p.requires_grad_(flag)
 
 
-class _Finetune(Budgets):
-    """One fine-tuning run: decoder parameters, Adam, data, budgets and exports."""
+class _LayerDecoders:
+    """The trained decoders of one SAE-Lens transcoder per layer."""
 
-    def __init__(self, model, tcs: list[SAE], settings: FinetuneSettings, out_dir: Path,
-                 device: str, tokens: int, time_budget, command: str, earlier: dict):
-        self.model, self.tcs, self.s, self.device = model, tcs, settings, device
-        self.out_dir, self.command, self.earlier = out_dir, command, earlier
-        self.tokens, self.time_budget = tokens, time_budget
+    def __init__(self, tcs: list[SAE]):
+        self.tcs = tcs
+        self.layers = [layer_of(tc.cfg.metadata.hook_name) for tc in tcs]
+        self.shapes = {(tc.cfg.d_in, tc.cfg.d_out) for tc in tcs}
+        self.dtype, self.reads = tcs[0].W_enc.dtype, "mlp_in"
         for tc in tcs:
             tc.requires_grad_(False)
         self.params = {f"{name}.{l}": torch.nn.Parameter(getattr(tc, name).detach().float().clone())
                        for l, tc in enumerate(tcs) for name in self._trained(tc)}
-        self.opt = torch.optim.Adam(self.params.values(), lr=settings.lr)
-        self.counters = {"tokens_seen": 0, "tokens_read": 0, "steps": 0, "seconds": 0.0,
-                         "docs_done": 0, "pending": [], "kl": None, "fvu": None}
-        self.rows = TokenRows(model.tokenizer, settings.corpus, settings.context)
-        self.started, self.seconds_before, self.stopped = time.monotonic(), 0.0, None
 
     @staticmethod
     def _trained(tc: SAE) -> list[str]:
         """The decoder parameters of ``tc`` to train (``b_dec`` not where the encoder reads it)."""
         names = [n for n in DECODER if getattr(tc, n, None) is not None]
         return [n for n in names if not (n == "b_dec" and tc.cfg.apply_b_dec_to_input)]
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The (fixed) feature activations of ``layer`` for MLP inputs ``x``."""
+        return self.tcs[layer].encode(x)
+
+    def decode(self, layer: int, acts: list, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s output from its activations ``acts[layer]`` and inputs ``x``."""
+        tc = self.tcs[layer]
+        p = {n: self.params.get(f"{n}.{layer}") for n in DECODER}
+        b_dec = tc.b_dec if p["b_dec"] is None else p["b_dec"]
+        out = acts[layer] @ bf16_straight_through(p["W_dec"]) + b_dec
+        if p["W_skip"] is not None:
+            out = out + x @ bf16_straight_through(p["W_skip"]).T
+        return out
+
+    def export(self, out_dir: Path, manifest: dict) -> None:
+        """Write the trained decoders into the transcoders and export them with ``manifest``."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                n, layer = name.rsplit(".", 1)
+                getattr(self.tcs[int(layer)], n).copy_(p)
+        for tc in self.tcs:
+            tc.cfg.metadata.finetune = {"trainer": "circuitlab decoder KL fine-tuning",
+                                        "tokens_seen": manifest["tokens_seen"],
+                                        **manifest["finetune"]}
+        export_layers(dict(enumerate(self.tcs)), out_dir, manifest)
+
+
+class _CLTDecoders:
+    """The trained decoders of a cross-layer transcoder: ``W_dec.{s}`` (as stored: the
+    layers of ``s``'s write window), ``b_dec`` and ``W_skip`` (all layers)."""
+
+    def __init__(self, clt: CrossLayerTranscoder):
+        self.clt = clt
+        self.layers = list(range(clt.n_layers))
+        self.shapes = {(clt.d_model, clt.d_model)}
+        self.dtype, self.reads = clt.W_enc.dtype, reads_of(clt.hook_in)
+        clt.requires_grad_(False)
+        params = {f"W_dec.{s}": clt.stored_decoders(s) for s in self.layers}
+        params["b_dec"] = clt.b_dec
+        if clt.W_skip is not None:
+            params["W_skip"] = clt.W_skip
+        self.params = {n: torch.nn.Parameter(w.detach().float().clone()) for n, w in params.items()}
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The (fixed) feature activations of ``layer`` for MLP inputs ``x``."""
+        return self.clt.encode(layer, x)
+
+    def decode(self, layer: int, acts: list, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s output from the activations ``acts[s]`` of every ``s <= layer``
+        and its inputs ``x``."""
+        out = self.params["b_dec"][layer]
+        for s in range(layer + 1):
+            if layer - s < self.clt.n_out(s):
+                out = out + acts[s] @ self.params[f"W_dec.{s}"][:, layer - s]
+        if "W_skip" in self.params:
+            out = out + x @ self.params["W_skip"][layer].T
+        return out
+
+    def export(self, out_dir: Path, manifest: dict) -> None:
+        """Write the trained decoders into the CLT and export it with ``manifest``."""
+        with torch.no_grad():
+            for s in self.layers:
+                self.clt.W_dec[s].copy_(self.params[f"W_dec.{s}"])
+            self.clt.b_dec.copy_(self.params["b_dec"])
+            if self.clt.W_skip is not None:
+                self.clt.W_skip.copy_(self.params["W_skip"])
+        export_clt(self.clt, out_dir, manifest)
+
+
+class _Finetune(Budgets):
+    """One fine-tuning run: decoder parameters, Adam, data, budgets and exports."""
+
+    def __init__(self, model, decoders, settings: FinetuneSettings, out_dir: Path,
+                 device: str, tokens: int, time_budget, command: str, earlier: dict):
+        self.model, self.decoders, self.s, self.device = model, decoders, settings, device
+        self.out_dir, self.command, self.earlier = out_dir, command, earlier
+        self.tokens, self.time_budget = tokens, time_budget
+        self.params = decoders.params
+        self.opt = torch.optim.Adam(self.params.values(), lr=settings.lr)
+        self.counters = {"tokens_seen": 0, "tokens_read": 0, "steps": 0, "seconds": 0.0,
+                         "docs_done": 0, "pending": [], "kl": None, "fvu": None}
+        self.rows = TokenRows(model.tokenizer, settings.corpus, settings.context)
+        self.started, self.seconds_before, self.stopped = time.monotonic(), 0.0, None
 
     def read_on(self, tokens_read: int) -> None:
         """Skip the rows that ``tokens_read`` training tokens came from."""
@@ -289,22 +392,27 @@ class _Finetune(Budgets):
         pos = torch.rand(tokens.shape[0], tokens.shape[1] - 1, generator=gen).argsort(-1)
         pos = (pos[:, :s.kl_positions] + 1).to(tokens.device)
         xs, ys = {}, {}
+        dec, n_layers = self.decoders, len(self.decoders.layers)
 
         def keep(layer, x, out):
-            xs[layer], ys[layer] = x, out
+            xs[layer], ys[layer] = x[:, 1:].to(dec.dtype), out[:, 1:].to(dec.dtype)
 
         with torch.no_grad():
             resid = m.run_with_hooks(tokens, stop_at_layer=m.cfg.n_layers,
-                                     fwd_hooks=mlp_hooks(m, keep))
+                                     fwd_hooks=mlp_hooks(m, keep, read=dec.reads))
             logp = self._log_probs(resid, pos)
-        fvu = torch.stack([self._fvu(l, xs[l][:, 1:], ys[l][:, 1:]) for l in range(len(self.tcs))])
+            acts = [dec.encode(l, xs[l]) for l in range(n_layers)]
+        fvu = torch.stack([_fvu(dec.decode(l, acts, xs[l]), ys[l]) for l in range(n_layers)])
+        acts = [None] * n_layers
 
         def splice(layer, x, act):
-            out = self._transcode(layer, x[:, 1:]).to(act.dtype)
+            x = x[:, 1:].to(dec.dtype)
+            acts[layer] = dec.encode(layer, x)
+            out = dec.decode(layer, acts, x).to(act.dtype)
             return torch.cat([act[:, :1], out], dim=1)
 
         resid = m.run_with_hooks(tokens, stop_at_layer=m.cfg.n_layers,
-                                 fwd_hooks=mlp_hooks(m, splice))
+                                 fwd_hooks=mlp_hooks(m, splice, read=dec.reads))
         logq = self._log_probs(resid, pos)
         kl = (logp.exp() * (logp - logq)).sum(-1).mean()
         loss = kl + s.fvu_coef * fvu.mean()
@@ -323,37 +431,13 @@ class _Finetune(Budgets):
         logits = apply_softcap(m.unembed(m.ln_final(picked)), m.cfg.output_logits_soft_cap)
         return logits.float().log_softmax(-1)
 
-    def _transcode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer ``layer``'s output for MLP inputs ``x``: fixed encoder, trained decoder."""
-        tc = self.tcs[layer]
-        x = x.to(tc.W_enc.dtype)
-        p = {n: self.params.get(f"{n}.{layer}") for n in DECODER}
-        W_dec = bf16_straight_through(p["W_dec"])
-        b_dec = tc.b_dec if p["b_dec"] is None else p["b_dec"]
-        out = tc.encode(x) @ W_dec + b_dec
-        if p["W_skip"] is not None:
-            out = out + x @ bf16_straight_through(p["W_skip"]).T
-        return out
-
-    def _fvu(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y = y.to(self.tcs[layer].W_enc.dtype)
-        return (self._transcode(layer, x) - y).pow(2).sum() / (y - y.mean((0, 1))).pow(2).sum()
-
     # ------------------------------------------------------------------ saving
 
     def save(self) -> None:
         """Export the folders and the manifest, then write the checkpoint."""
         c = self.counters
         c["seconds"] = self.seconds()
-        with torch.no_grad():
-            for name, p in self.params.items():
-                n, layer = name.rsplit(".", 1)
-                getattr(self.tcs[int(layer)], n).copy_(p)
         s = self.s
-        for tc in self.tcs:
-            tc.cfg.metadata.finetune = {"trainer": "circuitlab decoder KL fine-tuning",
-                                        "tokens_seen": c["tokens_seen"], "kl": c["kl"],
-                                        "fvu": c["fvu"]}
         manifest = {
             "command": self.command, "tokens_seen": c["tokens_seen"],
             "tokens_read": c["tokens_read"], "steps": c["steps"], "seconds": round(c["seconds"], 1),
@@ -363,5 +447,5 @@ class _Finetune(Budgets):
             "init_from": {"path": s.init_from,
                           **{n: self.earlier[n] for n in HISTORY if n in self.earlier}},
         }
-        export_layers(dict(enumerate(self.tcs)), self.out_dir, manifest)
+        self.decoders.export(self.out_dir, manifest)
         save_checkpoint(self.out_dir / "checkpoint", adam_tensors(self.opt, self.params), s, c)
