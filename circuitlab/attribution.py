@@ -217,7 +217,7 @@ def attribute(
     directions = direction_targets_of(rm, trace, direction_specs) + inactive
     L, P = rm.n_layers, len(tokens)
     N = sum(len(f[0]) for f in trace.features)
-    writes = sum(len(f[0]) * (L - s if rm.clt is not None else 1)
+    writes = sum(len(f[0]) * (rm.clt.n_out(s) if rm.clt is not None else 1)
                  for s, f in enumerate(trace.features)) / max(N, 1)
     shape, fwd = replacement_shape(rm)
     parts_at = lambda n, p, k: memory_parts(  # noqa: E731

@@ -166,16 +166,17 @@ class ReplacementModel:
 
     def decoders(self, layer: int) -> torch.Tensor:
         """``[d_sae, n, d]``: the writes of ``layer``'s features into the MLP outputs of layers
-        ``layer, ..., layer + n - 1`` (``n = 1`` for per-layer transcoders)."""
+        ``layer, ..., layer + n - 1`` (``n = 1`` for per-layer transcoders; for a CLT, the
+        layers of its write window)."""
         if self.clt is not None:
-            return self.clt.decoders(layer)
+            return self.clt.stored_decoders(layer)
         return self.transcoders[layer].W_dec[:, None]
 
     def decoder(self, layer: int) -> torch.Tensor:
         """``[d_sae, d]``: each feature's total write into the residual stream (the sum of its
         writes into every layer), which sets its direct effect on the logits."""
         if self.clt is not None:
-            return self.clt.decoders(layer).sum(1)
+            return self.clt.stored_decoders(layer).sum(1)
         return self.transcoders[layer].W_dec
 
     def __repr__(self) -> str:
@@ -249,7 +250,7 @@ class ReplacementModel:
         reads only ``acts[layer]``, a cross-layer one every ``s <= layer``."""
         out = 0.0
         for s in range(layer + 1) if self.clt is not None else [layer]:
-            if acts[s] is not None:
+            if acts[s] is not None and (self.clt is None or layer - s < self.clt.n_out(s)):
                 out = out + acts[s] @ self.decoders(s)[:, layer - s]
         return out
 

@@ -3,7 +3,10 @@ notebooks' prompts, for one transcoder set: how much of each graph the transcode
 (see the README's glossary). Used to compare a retrained bundle, or a cross-layer
 transcoder, with the bundle.
 
-    python scripts/graph_scores.py [--transcoders FOLDER] [--set untuned] [--json FILE]
+    python scripts/graph_scores.py [--transcoders FOLDER] [--set untuned] [--max-nodes N] [--json FILE]
+
+Each graph is traced at its notebook's node budget unless ``--max-nodes`` sets one for all
+(``attribute``'s default is 8192, more than the active features of most of these prompts).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--set", default="notebooks", choices=sorted(SETS),
                         help="the demo and notebook prompts, or prompts nothing was tuned on")
+    parser.add_argument("--max-nodes", type=int, default=None,
+                        help="feature node budget of every graph (default: each prompt's own)")
     args = parser.parse_args()
     rm = circuitlab.load("gemma-3-270m", args.transcoders)
     rows = []
@@ -59,6 +64,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, prompt, max_nodes in SETS[args.set]:
         t0 = time.perf_counter()
+        max_nodes = args.max_nodes or max_nodes
         graph = attribute(rm, prompt, max_feature_nodes=max_nodes, progress=False)
         full, pruned = graph.scores(), graph.prune().scores()
         row = {"graph": name, "prompt": prompt, "max_feature_nodes": max_nodes,
