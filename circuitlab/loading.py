@@ -12,8 +12,11 @@ Models:
     * A folder written by ``circuitlab pack`` (compact training inputs for a machine
       with no registries, see ``circuitlab.train.pack``) loads with ``load_pack``.
 
+The embedded model's default transcoders are the bundled cross-layer transcoder in
+``data/transcoders/`` (``presets.DEFAULT_BUNDLE``); a bundled set also loads by its name,
+and a retired one (``presets.RETIRED_BUNDLES``) says how to restore it from git history.
+
 Transcoders (one SAE-Lens transcoder per layer) come from:
-    * the bundle in ``data/transcoders/`` (the default for the embedded model);
     * an SAE-Lens release name (``presets.TRANSCODER_PRESETS``), fetched from the hub;
     * a directory of SAE-Lens ``save_model`` folders (optionally with a sha256 manifest), or
       of their 8-bit twins (``circuitlab.quantize``);
@@ -60,8 +63,8 @@ from .errors import CircuitlabError
 from .files import atomic_dir, cache_dir, sha256, verify_manifest
 from .hooks import layer_of
 from .precision import check_device, check_dtype
-from .presets import (BUNDLE_DIR, DEFAULT_BUNDLE, EMBEDDED_MODEL, MODEL_PRESETS, PACK_FILE,
-                      TRANSCODER_PRESETS, is_pack)
+from .presets import (DEFAULT_BUNDLE, EMBEDDED_MODEL, MODEL_PRESETS, PACK_FILE, RETIRED_BUNDLES,
+                      TRANSCODER_PRESETS, bundle_folder, is_pack, restore_command)
 from .quantize import check_transcoder_source, layer_folders, load_sae, manifest_fix
 from .replacement import ReplacementModel
 from .sizing import check_load
@@ -75,8 +78,9 @@ def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, d
         model: a preset name (``"gemma-3-270m"`` works offline), a TransformerLens/HF model
             name, or a ``HookedTransformer`` (moved to ``device`` and cast to ``dtype`` in
             place when they are given and differ).
-        transcoders: ``None`` for the bundled set of the embedded model; an SAE-Lens release
-            name; a directory (SAE-Lens folders, circuit-tracer ``config.yaml``, a CLT folder);
+        transcoders: ``None`` for the bundled set of the embedded model; a bundled set's
+            name (``"gemma-3-270m-skip-jumprelu"``: the earlier per-layer default, once
+            restored from git history); an SAE-Lens release name; a directory (SAE-Lens folders, circuit-tracer ``config.yaml``, a CLT folder);
             a CLT preset (``CLT_PRESETS``) or circuit-tracer hub reference
             ``org/repo[/subfolder][@revision]``; a list of SAE-Lens transcoders, one per
             layer; or a ``CrossLayerTranscoder``.
@@ -103,22 +107,22 @@ def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, d
     tc_dtype = check_dtype(dtype, device)
     model_dtype = weight.dtype if given and dtype is None else tc_dtype
     name = model.cfg.model_name if given else model
-    if clt_sources.resolve(transcoders, None if given else MODEL_PRESETS.get(name, name)) is None:
-        check_transcoder_source(transcoders)
-    check_load(model, DEFAULT_BUNDLE.get(name) if transcoders is None else transcoders, device,
-               tc_dtype, model_dtype, lazy)
+    source = DEFAULT_BUNDLE.get(name) if transcoders is None else transcoders
+    weights = bundled(source)
+    if clt_sources.resolve(weights, None if given else MODEL_PRESETS.get(name, name)) is None:
+        check_transcoder_source(weights)
+    check_load(model, weights, device, tc_dtype, model_dtype, lazy)
     if given:
         hooked = model
         if (weight.device, weight.dtype) != (torch.device(device), model_dtype):
             hooked = model.to(device, print_details=False).to(model_dtype, print_details=False)
     else:
         hooked = load_model(model, device=device, dtype=model_dtype, rebuild=rebuild)
-    source = transcoders if isinstance(transcoders, (str, type(None))) else (
-        "custom" if isinstance(transcoders, (list, tuple, CrossLayerTranscoder)) else str(transcoders))
-    tcs = load_transcoders(transcoders, name, hooked.cfg.n_layers, device=device, dtype=tc_dtype,
+    tcs = load_transcoders(weights, name, hooked.cfg.n_layers, device=device, dtype=tc_dtype,
                            lazy=lazy)
-    return ReplacementModel(hooked, tcs, name=name,
-                            transcoder_source=source or DEFAULT_BUNDLE.get(name))
+    if not isinstance(source, (str, type(None))):
+        source = "custom" if isinstance(source, (list, tuple, CrossLayerTranscoder)) else str(source)
+    return ReplacementModel(hooked, tcs, name=name, transcoder_source=source)
 
 
 # --------------------------------------------------------------------------- models
@@ -323,6 +327,7 @@ def load_transcoders(
     list or CLT given is moved in place). ``lazy`` keeps a CLT's decoders on disk."""
     if isinstance(source, CrossLayerTranscoder):
         return source.to(device=device, dtype=dtype)
+    source = bundled(DEFAULT_BUNDLE.get(model_name) if source is None else source)
     clt = clt_sources.resolve(source)
     if clt is not None:
         return clt.load(device=device, dtype=dtype, lazy=lazy)
@@ -330,19 +335,31 @@ def load_transcoders(
     return saes if dtype is None else [sae.to(device=device, dtype=dtype) for sae in saes]
 
 
+def bundled(source):
+    """The folder of the bundled set ``source`` names, or ``source`` itself when it names none.
+
+    Raises:
+        CircuitlabError: when the set's files are missing, saying how to get them back.
+    """
+    folder = bundle_folder(source)
+    if folder is None or folder.is_dir():
+        return source if folder is None else folder
+    if source in RETIRED_BUNDLES:
+        raise CircuitlabError(
+            f"The transcoder set {source!r} is no longer bundled (the default is now "
+            f"{DEFAULT_BUNDLE[EMBEDDED_MODEL]!r}). Restore its files from the repository's history, "
+            f"in a clone of circuitlab: `{restore_command(source)}`, then load it by name again.")
+    raise CircuitlabError(
+        f"The bundled transcoders {folder} are missing. Rebuild them as data/README.md says "
+        "(`circuitlab train`, `circuitlab finetune`, `circuitlab quantize`) or pass transcoders=...")
+
+
 def _load_transcoders(source, model_name: str | None, n_layers: int, device: str) -> list[SAE]:
     if source is None:
-        if model_name not in DEFAULT_BUNDLE:
-            raise CircuitlabError(
-                f"No bundled transcoders for model {model_name!r}. Pass transcoders= a release "
-                f"({', '.join(TRANSCODER_PRESETS)}), a directory, or a list of SAE-Lens transcoders."
-            )
-        source = BUNDLE_DIR / DEFAULT_BUNDLE[model_name]
-        if not source.exists():
-            raise CircuitlabError(
-                f"The bundled transcoders {source} are missing. Train them with "
-                "`circuitlab train` (see data/README.md) or pass transcoders=..."
-            )
+        raise CircuitlabError(
+            f"No bundled transcoders for model {model_name!r}. Pass transcoders= a release "
+            f"({', '.join(TRANSCODER_PRESETS)}), a directory, or a list of SAE-Lens transcoders."
+        )
     if isinstance(source, (list, tuple)):
         return list(source)
     if isinstance(source, str) and source in TRANSCODER_PRESETS:

@@ -56,8 +56,13 @@ CLT_PRESETS = {
     "google/gemma-scope-2-1b-pt/clt/width_262k_l0_medium_affine": "google/gemma-3-1b-pt",
 }
 
-#: Default bundled transcoder set per embedded model.
-DEFAULT_BUNDLE = {"gemma-3-270m": "gemma-3-270m-skip-jumprelu"}
+#: Default bundled transcoder set per embedded model: a cross-layer transcoder (see
+#: data/README.md).
+DEFAULT_BUNDLE = {"gemma-3-270m": "gemma-3-270m-clt-skip-jumprelu"}
+
+#: Bundled sets whose files have left the package: name -> the last commit of the
+#: repository that holds them. They still load by name once restored into ``BUNDLE_DIR``.
+RETIRED_BUNDLES = {"gemma-3-270m-skip-jumprelu": "314b98c"}
 
 #: The description file of a ``circuitlab pack`` folder.
 PACK_FILE = "pack.json"
@@ -69,11 +74,25 @@ def is_pack(path) -> bool:
 
 
 def is_bundled(source) -> bool:
-    """Whether a transcoder source is a bundled set: its name (``DEFAULT_BUNDLE``) or the
-    path of a folder in ``BUNDLE_DIR``."""
+    """Whether a transcoder source is a bundled set: its name (``DEFAULT_BUNDLE`` or
+    ``RETIRED_BUNDLES``) or the path of a folder in ``BUNDLE_DIR``."""
     if source is None:
         return False
-    return source in DEFAULT_BUNDLE.values() or Path(source).parent.resolve() == BUNDLE_DIR.resolve()
+    return bundle_folder(source) is not None or Path(source).parent.resolve() == BUNDLE_DIR.resolve()
+
+
+def bundle_folder(source) -> Path | None:
+    """The folder of the bundled set ``source`` names (it may be missing for a retired
+    set), or ``None`` when ``source`` is no bundled set's name."""
+    if isinstance(source, str) and (source in DEFAULT_BUNDLE.values() or source in RETIRED_BUNDLES):
+        return BUNDLE_DIR / source
+    return None
+
+
+def restore_command(name: str) -> str:
+    """The git command that brings the retired bundled set ``name`` back from history."""
+    files = f"data/transcoders/{name} data/transcoders/{name}-cards.safetensors"
+    return f"git checkout {RETIRED_BUNDLES[name]} -- {files}"
 
 
 # --------------------------------------------------------------------------- shapes
@@ -138,7 +157,8 @@ MODEL_SHAPES = {
 class TranscoderShape:
     """Transcoders of ``width`` features per layer (``cross_layer``: one CLT), a ``d x d`` skip
     matrix or not, a JumpReLU threshold or not, and ``l0``, the typical number of active
-    features per token and layer that sizes an attribution."""
+    features per token and layer that sizes an attribution. A CLT's features write into
+    ``window`` layers from their own on (``None``: every later layer)."""
 
     width: int
     skip: bool
@@ -146,14 +166,17 @@ class TranscoderShape:
     l0: float
     label: str
     cross_layer: bool = False
+    window: int | None = None
 
     def n_params(self, d_model: int, n_layers: int = 1, lazy: bool = False) -> int:
         """Parameters over ``n_layers`` layers: per layer W_enc, b_enc, b_dec, threshold, W_skip;
-        a decoder per layer, or for a CLT per layer and later or equal one (``L (L + 1) / 2``,
-        none when ``lazy``: they stay on disk)."""
+        a decoder per layer, or for a CLT per layer and each later or equal one it writes into
+        (``L (L + 1) / 2`` without a window; none when ``lazy``: they stay on disk)."""
         per_layer = (d_model * self.width + self.width + d_model + (self.width if self.jumprelu else 0)
                      + (d_model * d_model if self.skip else 0))
-        decoders = (0 if lazy else n_layers * (n_layers + 1) // 2) if self.cross_layer else n_layers
+        span = self.window or n_layers
+        decoders = (0 if lazy else sum(min(span, n_layers - s) for s in range(n_layers))) \
+            if self.cross_layer else n_layers
         return n_layers * per_layer + decoders * self.width * d_model
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .clt import CrossLayerTranscoder, open_weights
+from .clt import CrossLayerTranscoder, open_weights, read_config
 from .errors import CircuitlabError
 from .memory import (FREE_SHARE, NAMED_SHARE, forward_parts, free_memory, memory_parts,
                      model_shape, pools, trace_bytes)
@@ -54,8 +54,10 @@ def _folder_shape(path: Path) -> TranscoderShape:
                 names = set(f.keys())
                 width = f.get_slice(enc).get_shape()[axis]
             jumprelu = bool(names & {"threshold", "threshold_0", "activation_function.threshold"})
+            window = read_config(path / "config.yaml").get("window") if cross else None
             return TranscoderShape(width, skip in names, jumprelu, ASSUMED_L0, f"{path.name}, "
-                                   f"{'CLT, ' if cross else ''}{width:,} wide", cross_layer=cross)
+                                   f"{'CLT, ' if cross else ''}{width:,} wide", cross_layer=cross,
+                                   window=window)
     raise CircuitlabError(f"Cannot size the transcoders in {path}: it holds neither SAE-Lens "
                           "folders (*/cfg.json) nor a circuit-tracer config.yaml with local "
                           "safetensors. Pass transcoders=<features per layer> to plan.")
@@ -73,7 +75,8 @@ def transcoder_shape(source) -> TranscoderShape:
         return TranscoderShape(source, False, False, ASSUMED_L0, f"{source:,} wide")
     if isinstance(source, CrossLayerTranscoder):
         return TranscoderShape(source.d_sae, source.W_skip is not None, source.threshold is not None,
-                               ASSUMED_L0, f"CLT, {source.d_sae:,} wide", cross_layer=True)
+                               ASSUMED_L0, f"CLT, {source.d_sae:,} wide", cross_layer=True,
+                               window=source.window)
     if isinstance(source, (list, tuple)):
         if not source:
             raise CircuitlabError("transcoders=[] holds no transcoder.")
@@ -275,7 +278,7 @@ def table(models=TABLE_MODELS, devices=TABLE_DEVICES, tokens: int = 30,
     ``devices``, each in ``load``'s default dtype for its kind, followed by its assumptions."""
     plans = {(m, d): plan(m, tokens=tokens, max_feature_nodes=max_feature_nodes, device=d)
              for m in models for d in devices}
-    head = ["model", "transcoders (per layer)"]
+    head = ["model", "transcoders"]
     for d in devices:
         p = plans[models[0], d]
         head.append(f"{d} ({DEVICE_SIZES[d][0] / GiB:.0f} GiB, "

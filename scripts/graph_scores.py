@@ -1,7 +1,7 @@
 """Replacement and completeness scores and mean path lengths of the demo graph and the
 notebooks' prompts, for one transcoder set: how much of each graph the transcoders explain
-(see the README's glossary). Used to compare a retrained bundle, or a cross-layer
-transcoder, with the bundle.
+(see the README's glossary). Used to compare a newly trained set with the bundled one, or
+with a set named by its folder or bundled name.
 
     python scripts/graph_scores.py [--transcoders FOLDER] [--set untuned] [--max-nodes N] [--json FILE]
 
@@ -49,8 +49,8 @@ SETS = {"notebooks": PROMPTS, "untuned": UNTUNED}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transcoders", default=None, help="folder of per-layer transcoders or of a cross-layer transcoder "
-                        "(default: the bundled set)")
+    parser.add_argument("--transcoders", default=None, help="folder of per-layer transcoders or of a cross-layer transcoder, "
+                        "or a bundled set's name (default: the bundled default)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--set", default="notebooks", choices=sorted(SETS),
                         help="the demo and notebook prompts, or prompts nothing was tuned on")

@@ -244,6 +244,11 @@ def test_clt_sizes(tiny, tmp_path):
     numel = sum(p.numel() for p in clt.parameters())
     assert shape.n_params(32, 3) == numel
     assert shape.n_params(32, 3, lazy=True) == numel - sum(d.numel() for d in clt.W_dec)
+    windowed = tiny_clt(tiny, seed=6, window=2)  # each feature writes into 2 layers at most
+    for shape in (sizing.transcoder_shape(windowed),
+                  sizing.transcoder_shape(windowed.save(tmp_path / "w"))):
+        assert shape.window == 2
+        assert shape.n_params(32, 3) == sum(p.numel() for p in windowed.parameters()) < numel
     for name in presets.CLT_PRESETS:
         assert presets.TRANSCODER_SHAPES[name].cross_layer, name
     p = sizing.plan("llama-3.2-1b", "mntss/clt-llama-3.2-1b-524k", device="h100")

@@ -27,7 +27,9 @@ def tiny_rm(dtype=None, arch="jumprelu_skip_transcoder", seed=1):
 
 
 def weight_dtypes(rm) -> set:
-    tensors = [*rm.model.parameters(), *(p for tc in rm.transcoders for p in tc.parameters())]
+    """The dtypes of the model's and the transcoders' weights (a list per layer, or a CLT)."""
+    sets = [rm.clt] if rm.clt is not None else rm.transcoders
+    tensors = [*rm.model.parameters(), *(p for tc in sets for p in tc.parameters())]
     return {t.dtype for t in tensors}
 
 

@@ -14,7 +14,7 @@ from conftest import tiny_model, tiny_transcoders
 from safetensors.torch import save_file
 
 import circuitlab
-from circuitlab import CircuitlabError, loading
+from circuitlab import CircuitlabError, loading, presets
 from circuitlab.replacement import ReplacementModel
 
 PROMPT = "the cat sat on the mat."
@@ -210,11 +210,53 @@ def test_unknown_model_and_preset():
 
 
 def test_missing_bundle(monkeypatch, tmp_path):
-    monkeypatch.setattr(loading, "BUNDLE_DIR", tmp_path)
+    monkeypatch.setattr(presets, "BUNDLE_DIR", tmp_path)
     with pytest.raises(CircuitlabError, match="circuitlab train"):
         loading.load_transcoders(None, "gemma-3-270m", 18)
     with pytest.raises(CircuitlabError, match="No bundled transcoders"):
         loading.load_transcoders(None, "gpt2", 12)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_retired_bundle_says_how_to_restore_it():
+    """The per-layer set that was the default loads by name no more until restored; the
+    error gives the git command, and that command's commit holds the set and its cards."""
+    import subprocess
+
+    name = "gemma-3-270m-skip-jumprelu"
+    assert not (presets.BUNDLE_DIR / name).exists()
+    with pytest.raises(CircuitlabError, match=r"git checkout [0-9a-f]{7,} -- data/transcoders/"):
+        circuitlab.load(tiny_model("gemma3"), transcoders=name)
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: the restore command cannot be checked here")
+    commit = presets.RETIRED_BUNDLES[name]
+    for path in presets.restore_command(name).split(" -- ")[1].split():
+        subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}:{path}"], check=True)
+
+
+@pytest.mark.slow
+def test_retired_bundle_loads_by_name_once_restored(monkeypatch, tmp_path):
+    """Restored from history (``git archive`` of the command's commit and paths), the
+    per-layer set loads by its name beside the default CLT, and graphs name it."""
+    import subprocess
+    import tarfile
+
+    name = "gemma-3-270m-skip-jumprelu"
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: nothing to restore from")
+    paths = presets.restore_command(name).split(" -- ")[1].split()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", presets.RETIRED_BUNDLES[name],
+                              *paths], check=True, capture_output=True).stdout
+    (tmp_path / "a.tar").write_bytes(archive)
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        tar.extractall(tmp_path, filter="data")
+    monkeypatch.setattr(presets, "BUNDLE_DIR", tmp_path / "data" / "transcoders")
+    rm = circuitlab.load("gemma-3-270m", transcoders=name)
+    assert rm.clt is None and len(rm.transcoders) == 18 and rm.transcoder_source == name
+    graph = circuitlab.attribute(rm, "The capital of Texas is", max_feature_nodes=50)
+    assert graph.metadata["transcoders"] == name
 
 
 def test_mismatched_transcoders():

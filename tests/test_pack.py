@@ -79,7 +79,7 @@ def test_pack_bad_input(pack, corpus, tmp_path, gemma):
     with pytest.raises(CircuitlabError, match="training documents only"):
         TokenRows(None, pack, 64, split="heldout").take(1)
     with pytest.raises(CircuitlabError, match="is a pack"):
-        finetune_transcoders(gemma, "data/transcoders/gemma-3-270m-skip-jumprelu", pack, tmp_path)
+        finetune_transcoders(gemma, "data/transcoders/gemma-3-270m-clt-skip-jumprelu", pack, tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in pack.iterdir():

@@ -83,19 +83,21 @@ def test_transcoder_shapes_match_sae_lens_directory():
     assert set(presets.PLAN_TRANSCODERS) == set(MODEL_SHAPES) == set(presets.MODEL_PRESETS)
 
 
-def test_bundle_shape_comes_from_its_cfg_files():
+def test_bundle_shape_comes_from_its_files():
+    """The bundled CLT is sized from one header and its config (a write window of 6), and
+    the plan's weight bytes are those of its stored tensors in float32 (8-bit scales aside)."""
     shape = sizing.transcoder_shape(presets.DEFAULT_BUNDLE["gemma-3-270m"])
-    assert (shape.width, shape.skip, shape.jumprelu) == (1536, True, True)
-    assert 30 < shape.l0 < 90  # the bundle's calibrated JumpReLU L0
+    assert (shape.width, shape.skip, shape.jumprelu, shape.cross_layer, shape.window) == (
+        1536, True, True, True, 6)
     assert presets.PLAN_TRANSCODERS["gemma-3-270m"] == presets.DEFAULT_BUNDLE["gemma-3-270m"]
     p = plan("gemma-3-270m", device="cpu24")
     from safetensors import safe_open
 
     numel = 0
-    for file in (presets.BUNDLE_DIR / presets.DEFAULT_BUNDLE["gemma-3-270m"]).glob(
-            "*/sae_weights.safetensors"):
+    for file in (presets.BUNDLE_DIR / presets.DEFAULT_BUNDLE["gemma-3-270m"]).glob("W_*.safetensors"):
         with safe_open(file, "pt") as f:
-            numel += sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+            numel += sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys()
+                         if not k.endswith("_scale"))
     assert p.transcoder_bytes == 4 * numel  # float32 on a CPU
 
 

@@ -32,7 +32,7 @@ Example::
 
     from circuitlab.loading import load_model
     from circuitlab.train.finetune import finetune_transcoders
-    finetune_transcoders(load_model("gemma-3-270m"), "data/transcoders/gemma-3-270m-skip-jumprelu",
+    finetune_transcoders(load_model("gemma-3-270m"), "data/transcoders/gemma-3-270m-clt-skip-jumprelu",
                          "~/.cache/circuitlab/corpus", "out", tokens=100_000)
 """
 
