@@ -80,8 +80,9 @@ def load(model="gemma-3-270m", transcoders=None, *, device: str | None = None, d
             place when they are given and differ).
         transcoders: ``None`` for the bundled set of the embedded model; a bundled set's
             name (``"gemma-3-270m-skip-jumprelu"``: the earlier per-layer default, once
-            restored from git history); an SAE-Lens release name; a directory (SAE-Lens folders, circuit-tracer ``config.yaml``, a CLT folder);
-            a CLT preset (``CLT_PRESETS``) or circuit-tracer hub reference
+            restored from git history); an SAE-Lens release name; a directory (SAE-Lens
+            folders, circuit-tracer ``config.yaml``, a CLT folder); a CLT preset
+            (``CLT_PRESETS``) or circuit-tracer hub reference
             ``org/repo[/subfolder][@revision]``; a list of SAE-Lens transcoders, one per
             layer; or a ``CrossLayerTranscoder``.
         device: torch device; default ``"cpu"``, or a given model's own device.
